@@ -1,0 +1,479 @@
+"""DemoStore: the Zarr v3 demonstration store (format "robodit.demos", version 1).
+
+Layout (see DESIGN.md, "Demonstration store"): ``data/<key>`` time-major arrays chunked along time only;
+``meta/episode_*`` per-episode arrays; the task table in the ``meta`` group's attrs.
+
+Crash safety rests on two facts. (1) zarr's LocalStore writes every object (a chunk or a zarr.json) to a
+temp file and ``os.replace``s it into place, so any single object is either old or new, never torn; a chunk
+that also holds committed frames is rewritten whole, with those frames unchanged. (2) The number of committed
+episodes lives in ``meta/episode_ends``'s attrs (``committed``) and is written LAST by every append. An
+append killed at any instant therefore leaves at most uncommitted rows (and ``*.partial`` temp files), which
+readers ignore and the next writer truncates. Resize + chunk writes are separate objects, so array shapes
+are never trusted as counts. No fsync: this survives a killed process, not a power cut.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.storage import LocalStore
+
+FORMAT = "robodit.demos"
+VERSION = 1
+LOCK_NAME = "writer.lock"
+_KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
+_META = {  # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
+    "episode_task": np.dtype(np.int32),
+    "episode_instruction": np.dtype(np.int32),
+    "episode_has_language": np.dtype(bool),
+    "episode_has_actions": np.dtype(bool),
+    "episode_ends": np.dtype(np.int64),
+}
+_META_CHUNK = 4096
+_CHUNK_TARGET_BYTES = 1 << 20
+_RESERVED_ATTRS = {"format", "version", "keys"}
+
+
+class StoreError(Exception):
+    """The store is missing, not a robodit store, corrupt, too new, or locked by another writer."""
+
+
+def chunk_frames(shape: tuple[int, ...], dtype) -> int:
+    """Frames per chunk: the largest power of two with <= 1 MiB uncompressed, clamped to 16..2048.
+
+    ~1 MiB keeps zstd efficient and the files few; not much more, because a sampler reading a 2-16 frame
+    window decompresses whole chunks (84x84x3 uint8 -> 32 frames, small float vectors -> 2048).
+    """
+    frame = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+    n = 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_TARGET_BYTES // frame)))))
+    return int(min(2048, max(16, n)))
+
+
+def _compressor(dtype: np.dtype):
+    """zstd for all keys. 1-byte data (images): plain ZstdCodec, since a byte shuffle is a no-op there and
+    plain zstd compressed rendered frames slightly better and faster than Blosc. Wider types (float states,
+    actions): Blosc-zstd with byte shuffle, which groups the slowly-varying exponent bytes (~12% smaller)."""
+    if dtype.itemsize == 1:
+        return ZstdCodec(level=3)
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _norm_keys(keys: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    out = {}
+    for name, spec in keys.items():
+        if not isinstance(name, str) or not _KEY_RE.match(name):
+            raise ValueError(f"key name {name!r} must match [A-Za-z0-9_]+")
+        shape, dtype = spec
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        if any(s <= 0 for s in shape) or dtype.kind not in "biuf":
+            raise ValueError(f"key {name!r}: bad spec shape={shape} dtype={dtype} (positive dims, numeric)")
+        out[name] = (shape, dtype)
+    if "action" not in out:
+        raise ValueError(f"keys must include 'action', got {sorted(out)}")
+    return out
+
+
+def _read_root_attrs(path: Path) -> dict:
+    """Check that `path` is a robodit store of a version we can read, with a clear message if not."""
+    if not path.exists():
+        raise StoreError(f"{path}: no such store (path does not exist)")
+    meta = path / "zarr.json"
+    if not path.is_dir() or not meta.is_file():
+        raise StoreError(f"{path}: not a robodit demonstration store (no zarr.json; expected a NAME.zarr dir)")
+    try:
+        doc = json.loads(meta.read_text())
+        attrs = doc.get("attributes", {}) if doc.get("node_type") == "group" else None
+    except (ValueError, OSError, AttributeError) as exc:
+        raise StoreError(f"{path}: corrupt store metadata {meta.name}: {exc}") from None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a robodit demonstration store (root attrs lack format={FORMAT!r})")
+    version = attrs.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise StoreError(f"{path}: corrupt store metadata: bad format version {version!r}")
+    if version > VERSION:
+        raise StoreError(f"{path}: store format version {version} is newer than this robodit reads "
+                         f"(<= {VERSION}); upgrade robodit")
+    return attrs
+
+
+def _lock(path: Path) -> int:
+    """Exclusive non-blocking flock: one writer; the kernel drops it if the writer dies (no stale locks)."""
+    lock_path = path / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"{path} is being written by another process (lock {lock_path} is held)") from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+class DemoStore:
+    """A demonstration store opened for reading ("r") or appending ("a", holds the writer lock).
+
+    Meta arrays and zarr array handles are loaded once on open, so `read`/`episode` cost one zarr slice per
+    key. A reader sees the episodes committed when it opened (reopen to see later ones).
+    """
+
+    def __init__(self, path: Path, mode: str, lock_fd: int | None):
+        self.path, self.mode, self._lock_fd = path, mode, lock_fd
+        self._load()
+
+    # ------------------------------------------------------------------ opening / creating
+    @classmethod
+    def create(cls, path, keys, *, fps: float, robot: str, env: dict | None = None,
+               overwrite: bool = False) -> DemoStore:
+        """Create an empty store and return it opened for append. A new store is built in a temp dir and
+        renamed into place, so a killed `create` never leaves a half-made store at `path`."""
+        path = Path(path)
+        keys = _norm_keys(keys)
+        fps = float(fps)
+        if not (math.isfinite(fps) and fps > 0) or not isinstance(robot, str) or not robot:
+            raise ValueError(f"fps must be > 0 and robot a non-empty string, got fps={fps}, robot={robot!r}")
+        env = dict(env or {})
+        json.dumps(env)  # TypeError early if not JSON-serialisable
+        if path.exists():
+            if not overwrite:
+                raise StoreError(f"{path} already exists (use overwrite=True, or open it with mode='a')")
+            if any(p.name != LOCK_NAME for p in path.iterdir()):
+                _read_root_attrs(path)  # refuse to wipe something that is not a robodit store
+            fd = _lock(path)
+            try:
+                for p in path.iterdir():
+                    if p.name != LOCK_NAME:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                cls._build(path, keys, fps, robot, env)
+            except BaseException:
+                _unlock(fd)
+                raise
+            return cls(path, "a", fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        fd = _lock(tmp)  # the fd follows the inode through the rename
+        try:
+            cls._build(tmp, keys, fps, robot, env)
+            os.rename(tmp, path)
+        except OSError as exc:
+            _unlock(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if path.exists():
+                raise StoreError(f"{path} already exists (created concurrently)") from None
+            raise StoreError(f"{path}: cannot create store: {exc}") from None
+        except BaseException:
+            _unlock(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, "a", fd)
+
+    @staticmethod
+    def _build(root: Path, keys, fps, robot, env) -> None:
+        keys_attr = {k: {"shape": list(s), "dtype": d.name, "chunk_frames": chunk_frames(s, d)}
+                     for k, (s, d) in keys.items()}
+        attrs = {"format": FORMAT, "version": VERSION, "fps": fps, "robot": robot, "env": env, "keys": keys_attr}
+        g = zarr.create_group(store=LocalStore(root), zarr_format=3, attributes=attrs)
+        data = g.create_group("data")
+        for k, (shape, dtype) in keys.items():
+            data.create_array(k, shape=(0, *shape), chunks=(keys_attr[k]["chunk_frames"], *shape),
+                              dtype=dtype, fill_value=0, compressors=_compressor(dtype))
+        meta = g.create_group("meta", attributes={"tasks": []})
+        for name, dtype in _META.items():
+            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=0,
+                              compressors=ZstdCodec(level=3),
+                              attributes={"committed": 0} if name == "episode_ends" else None)
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> DemoStore:
+        """Open read-only ("r", no lock) or for append ("a": takes the writer lock, drops uncommitted rows)."""
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = Path(path)
+        _read_root_attrs(path)
+        fd = _lock(path) if mode == "a" else None
+        try:
+            return cls(path, mode, fd)
+        except BaseException:
+            _unlock(fd)
+            raise
+
+    @classmethod
+    def open_or_create(cls, path, keys, *, fps, robot, env=None) -> DemoStore:
+        """For `collect`: append to an existing store if its keys, fps and robot match, else create it.
+        An existing store's env is kept (use `set_attr("env", ...)` to change it)."""
+        path = Path(path)
+        if not path.exists():
+            try:
+                return cls.create(path, keys, fps=fps, robot=robot, env=env)
+            except StoreError:
+                if not (path / "zarr.json").exists():
+                    raise
+        store = cls.open(path, "a")
+        want = _norm_keys(keys)
+        problems = []
+        if want != store.keys:
+            problems.append(f"keys {_fmt_keys(store.keys)} != requested {_fmt_keys(want)}")
+        if float(fps) != store.fps or robot != store.robot:
+            problems.append(f"fps/robot {store.fps}/{store.robot!r} != requested {float(fps)}/{robot!r}")
+        if problems:
+            store.close()
+            raise StoreError(f"{path}: existing store does not match: " + "; ".join(problems))
+        return store
+
+    def _load(self) -> None:
+        try:
+            self._group = zarr.open_group(store=LocalStore(self.path, read_only=self.mode == "r"),
+                                          mode="r" if self.mode == "r" else "r+", use_consolidated=False)
+            self.attrs = dict(self._group.attrs)
+            self.keys = {k: (tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in self.attrs["keys"].items()}
+            self.fps, self.robot = float(self.attrs["fps"]), str(self.attrs["robot"])
+            self.env = dict(self.attrs.get("env") or {})
+            # episode_ends first: entries below its committed count were written before it in every array.
+            self._marr = {"episode_ends": self._group["meta/episode_ends"]}
+            committed = int(self._marr["episode_ends"].attrs["committed"])
+            self._marr.update({n: self._group[f"meta/{n}"] for n in _META if n != "episode_ends"})
+            self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
+            self._meta_group = self._group["meta"]
+            tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
+                     for t in self._meta_group.attrs.get("tasks", [])]
+            self._data = {k: self._group[f"data/{k}"] for k in self.keys}
+        except StoreError:
+            raise
+        except Exception as exc:  # missing arrays/attrs, bad JSON, zarr errors
+            raise StoreError(f"{self.path}: corrupt or incomplete store ({type(exc).__name__}: {exc})") from None
+        ends = self._meta["episode_ends"]
+        n = int(ends[-1]) if committed else 0
+        bad = [n for n, a in self._meta.items() if len(a) != committed]
+        bad += [k for k, a in self._data.items() if a.shape[0] < n or tuple(a.shape[1:]) != self.keys[k][0]
+                or a.dtype != self.keys[k][1]]
+        if bad or (committed and (ends[0] <= 0 or np.any(np.diff(ends) <= 0))):
+            raise StoreError(f"{self.path}: corrupt store: inconsistent arrays {bad or ['meta/episode_ends']}")
+        # Entries no committed episode uses can only come from an append killed before its commit: drop them.
+        ti, ii = self._meta["episode_task"], self._meta["episode_instruction"]
+        if committed and (ti.min() < 0 or ti.max() >= len(tasks)):
+            raise StoreError(f"{self.path}: corrupt store: episode_task out of range of the task table")
+        tasks = tasks[: int(ti.max()) + 1 if committed else 0]
+        for t, task in enumerate(tasks):
+            task["instructions"] = task["instructions"][: int(ii[ti == t].max(initial=-1)) + 1]
+        self._tasks, self._num_frames = tasks, n
+        if self.mode == "a":
+            self._truncate()
+
+    def _truncate(self) -> None:
+        """Writer-side recovery: drop rows past the commit point and leftover temp files of a killed write."""
+        for k, a in self._data.items():
+            if a.shape[0] != self._num_frames:
+                a.resize((self._num_frames, *a.shape[1:]))
+        for n, a in self._marr.items():
+            if a.shape[0] != len(self):
+                a.resize((len(self),))
+        if self._meta_group.attrs.get("tasks", []) != self._tasks:
+            self._meta_group.update_attributes({"tasks": self._tasks})
+        for dirpath, _, files in os.walk(self.path):
+            for f in files:
+                if f.endswith(".partial"):
+                    os.unlink(os.path.join(dirpath, f))
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self._meta["episode_ends"])
+
+    num_frames = property(lambda self: self._num_frames, doc="committed frames")
+    episode_ends = property(lambda self: self._meta["episode_ends"])
+    episode_task = property(lambda self: self._meta["episode_task"])
+    episode_instruction = property(lambda self: self._meta["episode_instruction"])
+    episode_has_language = property(lambda self: self._meta["episode_has_language"])
+    episode_has_actions = property(lambda self: self._meta["episode_has_actions"])
+    tasks = property(lambda self: [dict(t, instructions=list(t["instructions"])) for t in self._tasks])
+    task_names = property(lambda self: [t["name"] for t in self._tasks])
+
+    @property
+    def episode_starts(self) -> np.ndarray:
+        ends = self._meta["episode_ends"]
+        return _ro(np.concatenate([np.zeros(1, np.int64), ends[:-1]]) if len(ends) else ends.copy())
+
+    def _index(self, i: int) -> int:
+        j = int(i) + len(self) if int(i) < 0 else int(i)
+        if not 0 <= j < len(self):
+            raise IndexError(f"episode index {i} out of range for {len(self)} episodes")
+        return j
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        i = self._index(i)
+        return (int(self._meta["episode_ends"][i - 1]) if i else 0), int(self._meta["episode_ends"][i])
+
+    def episode(self, i: int) -> dict[str, np.ndarray]:
+        start, end = self._bounds(i)
+        return {k: a[start:end] for k, a in self._data.items()}
+
+    def episode_info(self, i: int) -> dict:
+        j = self._index(i)
+        start, end = self._bounds(j)
+        t, ins = int(self._meta["episode_task"][j]), int(self._meta["episode_instruction"][j])
+        return {"index": j, "start": start, "end": end, "length": end - start, "task": self._tasks[t]["name"],
+                "instruction": self._tasks[t]["instructions"][ins] if ins >= 0 else None,
+                "has_language": bool(self._meta["episode_has_language"][j]),
+                "has_actions": bool(self._meta["episode_has_actions"][j])}
+
+    def read(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Frames [start, stop) of one key; only committed frames may be read."""
+        if key not in self._data:
+            raise KeyError(f"unknown key {key!r}; the store has {sorted(self._data)}")
+        if not 0 <= start <= stop <= self._num_frames:
+            raise IndexError(f"frame range [{start}, {stop}) outside the committed [0, {self._num_frames})")
+        return self._data[key][start:stop]
+
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array of `key` (rows at or past `num_frames` are not data)."""
+        return self._data[key]
+
+    def nbytes_stored(self) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(self.path) for f in fs
+                   if f != LOCK_NAME)
+
+    def nbytes_uncompressed(self) -> int:
+        data = sum(self._num_frames * math.prod(s) * d.itemsize for s, d in self.keys.values())
+        return data + sum(a.nbytes for a in self._meta.values())
+
+    # ------------------------------------------------------------------ writing
+    def _writer(self) -> None:
+        if self.mode != "a" or self._lock_fd is None:
+            raise StoreError(f"{self.path} is not open for writing (mode={self.mode!r}); use mode='a'")
+
+    def _validate(self, arrays: Mapping, has_actions: bool) -> dict[str, np.ndarray]:
+        """Float keys accept any float dtype (simulators return float64; it is rounded to the stored
+        float32); every other key (uint8 images, ints, bools) needs its exact dtype, so nothing is silently
+        wrapped or truncated. Values must be finite."""
+        if not isinstance(arrays, Mapping):
+            raise ValueError(f"episode must be a dict of arrays, got {type(arrays).__name__}")
+        given, want = set(arrays), set(self.keys)
+        optional = set() if has_actions else {"action"}
+        if want - given - optional:
+            raise ValueError(f"episode is missing key(s) {sorted(want - given - optional)}; store keys: {sorted(want)}")
+        if given - want:
+            raise ValueError(f"episode has unknown key(s) {sorted(given - want)}; store keys: {sorted(want)}")
+        out = {}
+        for k in sorted(given):
+            shape, dtype = self.keys[k]
+            a = np.asarray(arrays[k])
+            if a.ndim != len(shape) + 1 or a.shape[1:] != shape:
+                raise ValueError(f"key {k!r}: expected time-major shape [T, *{shape}], got {a.shape}")
+            if a.dtype != dtype and not (dtype.kind == "f" and a.dtype.kind == "f"):
+                raise ValueError(f"key {k!r}: expected dtype {dtype}, got {a.dtype}")
+            if dtype.kind == "f":
+                with np.errstate(over="ignore"):
+                    a = a.astype(dtype, copy=False)
+                if not np.isfinite(a).all():
+                    frame = int(np.argwhere(~np.isfinite(a.reshape(len(a), -1)))[0, 0])
+                    raise ValueError(f"key {k!r}: non-finite value (NaN/inf, or too large for {dtype}) "
+                                     f"at frame {frame}")
+            out[k] = np.ascontiguousarray(a)
+        lengths = {k: len(a) for k, a in out.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"keys have different lengths (frames): {lengths}")
+        T = next(iter(lengths.values()))
+        if T == 0:
+            raise ValueError(f"zero-length episode (keys {sorted(lengths)} have 0 frames)")
+        if not has_actions:
+            if "action" in out and out["action"].any():
+                raise ValueError("key 'action': has_actions=False but the actions are not all zero")
+            out["action"] = np.zeros((T, *self.keys["action"][0]), self.keys["action"][1])
+        return out
+
+    def append_episode(self, arrays: dict[str, np.ndarray], task: str, instruction: str | None = None,
+                       has_actions: bool = True) -> int:
+        """Append one episode and commit it; returns its index. Everything is validated before anything is
+        written. Order: task table, data, meta rows, then the commit count (one atomic zarr.json write).
+        With has_actions=False "action" may be omitted (stored as zeros: action-free video)."""
+        self._writer()
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task must be a non-empty string, got {task!r}")
+        if instruction is not None and (not isinstance(instruction, str) or not instruction):
+            raise ValueError(f"instruction must be a non-empty string or None, got {instruction!r}")
+        arrays = self._validate(arrays, bool(has_actions))
+        tasks = self.tasks
+        names = [t["name"] for t in tasks]
+        if task not in names:
+            tasks.append({"name": task, "instructions": []})
+        t = names.index(task) if task in names else len(tasks) - 1
+        ins = -1
+        if instruction is not None:
+            if instruction not in tasks[t]["instructions"]:
+                tasks[t]["instructions"].append(instruction)
+            ins = tasks[t]["instructions"].index(instruction)
+        if tasks != self._tasks:
+            self._meta_group.update_attributes({"tasks": tasks})
+        n, e = self._num_frames, len(self)
+        T = len(arrays["action"])
+        for k, a in arrays.items():  # chunks holding committed frames are rewritten whole, atomically
+            arr = self._data[k]
+            arr.resize((n + T, *arr.shape[1:]))
+            arr[n:n + T] = a
+        row = {"episode_task": t, "episode_instruction": ins, "episode_has_language": instruction is not None,
+               "episode_has_actions": bool(has_actions), "episode_ends": n + T}
+        for name, arr in self._marr.items():
+            arr.resize((e + 1,))
+            arr[e:e + 1] = np.asarray([row[name]], _META[name])
+        self._marr["episode_ends"] = self._marr["episode_ends"].update_attributes({"committed": e + 1})  # COMMIT
+        self._meta = {name: _ro(np.append(a, np.asarray([row[name]], _META[name]))) for name, a in self._meta.items()}
+        self._tasks, self._num_frames = tasks, n + T
+        return e
+
+    def set_attr(self, name: str, value) -> None:
+        """Update one root attr (e.g. env) in one atomic zarr.json write. format/version/keys are fixed."""
+        self._writer()
+        if name in _RESERVED_ATTRS:
+            raise ValueError(f"root attr {name!r} is fixed at creation")
+        json.dumps(value)
+        self._group.update_attributes({name: value})
+        self.attrs[name] = value
+        if name == "env":
+            self.env = dict(value)
+        elif name in ("fps", "robot"):
+            self.fps, self.robot = float(self.attrs["fps"]), str(self.attrs["robot"])
+
+    def close(self) -> None:
+        """Release the writer lock (reads keep working)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        _unlock(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> DemoStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"DemoStore({str(self.path)!r}, mode={self.mode!r}, episodes={len(self)}, "
+                f"frames={self._num_frames}, keys={_fmt_keys(self.keys)})")
+
+
+def _fmt_keys(keys) -> str:
+    return "{" + ", ".join(f"{k}: {list(s)} {d}" for k, (s, d) in sorted(keys.items())) + "}"

@@ -1,0 +1,1 @@
+"""robodit.diffusion."""

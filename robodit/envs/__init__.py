@@ -1,0 +1,52 @@
+"""robodit.envs: simulators behind one `ControlInterface`, built by name with `make_env("SIM/TASK")`.
+
+The registry maps a simulator prefix to "module:Class" so that importing this package stays cheap: a
+simulator's module (and its heavy dependencies) is only imported when an env of it is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first `import mujoco` anywhere
+
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec  # noqa: E402
+
+# prefix -> (module:Class taking (task, **kwargs), module:function validating a task name)
+SIMULATORS: dict[str, tuple[str, str]] = {
+    "metaworld": ("robodit.envs.metaworld:MetaWorldEnv", "robodit.envs.metaworld:check_task"),
+}
+
+
+def register_simulator(prefix: str, env_class: str, check_task: str) -> None:
+    """Add a simulator: `env_class` and `check_task` are "module:attr" paths, imported on first use."""
+    SIMULATORS[prefix] = (env_class, check_task)
+
+
+def _load(path: str):
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """Split "SIM/TASK" and validate both parts (ValueError with close matches) without building anything."""
+    sim, sep, task = name.partition("/")
+    if sim not in SIMULATORS:
+        close = difflib.get_close_matches(sim, list(SIMULATORS), n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known simulators: {', '.join(SIMULATORS)}"
+        raise ValueError(f"unknown simulator {sim!r} in {name!r}; {hint} (expected SIMULATOR/TASK)")
+    if not sep or not task:
+        raise ValueError(f"{name!r} names no task; expected {sim}/TASK, e.g. metaworld/reach-v3")
+    _load(SIMULATORS[sim][1])(task)
+    return sim, task
+
+
+def make_env(name: str, **kwargs) -> ControlInterface:
+    """Build the env "SIM/TASK", e.g. `make_env("metaworld/reach-v3", image_size=84)`."""
+    sim, task = parse_env_name(name)
+    return _load(SIMULATORS[sim][0])(task, **kwargs)
+
+
+__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "SIMULATORS", "make_env", "parse_env_name", "register_simulator"]

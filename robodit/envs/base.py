@@ -1,0 +1,63 @@
+"""The one control interface every simulator, real robot and remote client speaks.
+
+The Runner (evaluation, deployment) drives any `ControlInterface`; policies never see simulator APIs.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What a controller needs to know about an embodiment before the first step."""
+
+    observation: dict[str, ArraySpec]  # e.g. {"state": (39,) float32, "image_corner2": (84, 84, 3) uint8}
+    action_dim: int
+    action_low: np.ndarray
+    action_high: np.ndarray
+    control_hz: float
+    robot: str  # embodiment name, e.g. "metaworld_sawyer"
+    max_episode_steps: int
+    unified_slots: tuple[int, ...] = ()  # indices in the unified 128-d action space (RDT), if mapped
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ControlInterface(abc.ABC):
+    """`reset -> obs`, `step(action) -> (obs, success, done, info)`, `close()`; obs is a dict of numpy arrays."""
+
+    spec: EnvSpec
+
+    @abc.abstractmethod
+    def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Start an episode (optionally of another task of the same family) and return the first observation."""
+
+    @abc.abstractmethod
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool, bool, dict[str, Any]]:
+        """Apply one action in the robot's native units; `success` is the simulator's own check."""
+
+    def render(self) -> np.ndarray | None:
+        """An upright RGB frame for videos (None when the interface has no camera)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release simulator / hardware resources."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

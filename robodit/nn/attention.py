@@ -1,0 +1,138 @@
+"""Transformer blocks shared by the policy families: RMSNorm, QK-norm attention, AdaLN-Zero modulation.
+
+Attention goes through `F.scaled_dot_product_attention` so CUDA gets flash/memory-efficient kernels and the
+CPU gets its fused path; masks follow SDPA's convention (bool True = may attend).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+        return out * self.weight if self.weight is not None else out
+
+
+def make_norm(kind: str, dim: int, affine: bool = True) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, affine=affine)
+    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention with optional QK-norm (stabilises training at any width)."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, qk_norm: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        kv_dim = kv_dim or dim
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(hidden, out or dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN: per-sample shift/scale ([B, D]) applied to normalised tokens ([B, N, D])."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLNZeroBlock(nn.Module):
+    """DiT block with AdaLN-Zero noise conditioning and optional cross-attention to condition tokens.
+
+    self-attention → cross-attention → MLP, each residual branch gated by a conditioning-dependent scalar that
+    starts at zero, so a fresh network is the identity (the DiT paper's best-performing conditioning).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = True,
+                 context_dim: int | None = None, qk_norm: bool = True, dropout: float = 0.0,
+                 norm: str = "layernorm"):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim, affine=False)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm, dropout=dropout)
+        self.cross = None
+        if cross_attention:
+            self.norm_x = make_norm(norm, dim)
+            self.cross = Attention(dim, heads, kv_dim=context_dim or dim, qk_norm=qk_norm, dropout=dropout)
+        self.norm2 = make_norm(norm, dim, affine=False)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), mask=mask)
+        if self.cross is not None and context is not None:
+            x = x + self.cross(self.norm_x(x), context, mask=context_mask)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class AdaLNFinal(nn.Module):
+    """Last AdaLN + zero-initialised projection: the denoiser starts by predicting zeros."""
+
+    def __init__(self, dim: int, out_dim: int, norm: str = "layernorm"):
+        super().__init__()
+        self.norm = make_norm(norm, dim, affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.proj = nn.Linear(dim, out_dim)
+        for layer in (self.ada[-1], self.proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(cond).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Pre-norm non-causal self-attention block (for observation / goal encoders)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 dropout: float = 0.0, norm: str = "layernorm"):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, heads, qk_norm=qk_norm, dropout=dropout)
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,110 @@
+"""Observation encoders written here (no torchvision: see shared/notes/simulators.md).
+
+`ObservationEncoder` turns a dict of observation histories into tokens, one per key per time step, so any
+transformer policy can attend over cameras, proprioception and time uniformly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels // 4) or 1, channels)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = _group_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = _group_norm(cout)
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _group_norm(cout)))
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        return self.act(self.norm2(self.conv2(y)) + self.skip(x))
+
+
+class ResNetImageEncoder(nn.Module):
+    """A small ResNet with GroupNorm (BatchNorm misbehaves with EMA and small batches in BC).
+
+    uint8 HWC or float CHW in, one `out_dim` vector per image out; global average pooling keeps it
+    resolution-agnostic (64–128 px all work).
+    """
+
+    def __init__(self, out_dim: int, channels: tuple[int, ...] = (32, 64, 128, 256), in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
+                                  _group_norm(channels[0]), nn.SiLU())
+        blocks, cin = [], channels[0]
+        for c in channels:
+            blocks.append(ResidualBlock(cin, c, stride=2))
+            cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, out_dim)
+
+    @staticmethod
+    def to_float(images: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., H, W, C] or [..., C, H, W] → float [..., C, H, W] in [-1, 1]."""
+        if images.dtype == torch.uint8:
+            if images.shape[-1] in (1, 3, 4) and images.shape[-3] not in (1, 3, 4):
+                images = images.movedim(-1, -3)
+            return images.float().div(127.5).sub(1.0)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.to_float(images).to(self.head.weight.dtype)
+        lead = x.shape[:-3]
+        x = self.blocks(self.stem(x.reshape(-1, *x.shape[-3:])))
+        return self.head(x.mean(dim=(-2, -1))).reshape(*lead, -1)
+
+
+def is_image_key(shape: tuple[int, ...], dtype: str) -> bool:
+    return len(shape) == 3 and str(dtype) == "uint8"
+
+
+class ObservationEncoder(nn.Module):
+    """obs dict {key: [B, To, ...]} → tokens [B, To * num_keys, dim] with learned time/key embeddings."""
+
+    def __init__(self, obs_shapes: dict[str, tuple[tuple[int, ...], str]], dim: int, obs_horizon: int,
+                 image_channels: tuple[int, ...] = (32, 64, 128, 256), state_hidden: int = 256):
+        super().__init__()
+        if not obs_shapes:
+            raise ValueError("the policy needs at least one observation key")
+        self.keys = sorted(obs_shapes)
+        self.obs_horizon = obs_horizon
+        self.encoders = nn.ModuleDict()
+        for key in self.keys:
+            shape, dtype = obs_shapes[key]
+            if is_image_key(tuple(shape), dtype):
+                self.encoders[key] = ResNetImageEncoder(dim, image_channels, in_channels=shape[-1])
+            elif len(shape) == 1:
+                self.encoders[key] = nn.Sequential(nn.Linear(shape[0], state_hidden), nn.SiLU(),
+                                                   nn.Linear(state_hidden, dim))
+            else:
+                raise ValueError(f"observation key {key!r}: unsupported shape {tuple(shape)} / dtype {dtype} "
+                                 "(expected a vector, or a uint8 H×W×C image)")
+        self.pos = nn.Parameter(torch.zeros(1, obs_horizon * len(self.keys), dim))
+        nn.init.normal_(self.pos, std=0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.obs_horizon * len(self.keys)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = [k for k in self.keys if k not in obs]
+        if missing:
+            raise KeyError(f"observation is missing key(s) {missing}; the policy expects {self.keys}")
+        tokens = []
+        for key in self.keys:
+            x = obs[key]
+            if x.shape[1] != self.obs_horizon:
+                raise ValueError(f"observation {key!r} has {x.shape[1]} time steps; the policy expects "
+                                 f"obs_horizon={self.obs_horizon} (shape [B, To, ...])")
+            tokens.append(self.encoders[key](x))  # [B, To, D]
+        return torch.stack(tokens, dim=2).flatten(1, 2) + self.pos  # [B, To*K, D]

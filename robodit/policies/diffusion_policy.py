@@ -1,0 +1,68 @@
+"""What every diffusion policy shares: normalise → encode condition once → denoise an action chunk.
+
+A family subclasses `DiffusionPolicy` and supplies `encode(obs, goal, batch)` (condition, computed once per
+chunk) and `denoise(x_in, noise_cond, cond, step_index)` (one network evaluation); the diffusion core
+(`robodit.diffusion`) owns noise levels, targets, weighting and samplers.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from robodit.datasets.normalizer import Normalizer
+from robodit.diffusion import make_formulation
+from robodit.policies.base import Policy
+
+
+class DiffusionPolicy(Policy):
+    def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
+                 action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | None = None,
+                 sampler: str = "ddim", num_inference_steps: int = 10):
+        super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps)
+        self.formulation_cfg = dict(formulation or {"name": "ddpm", "prediction": "epsilon"})
+        self.formulation = make_formulation(self.formulation_cfg)
+        if sampler not in self.formulation.samplers:
+            raise ValueError(f"sampler {sampler!r} is not available for formulation "
+                             f"{self.formulation_cfg.get('name')!r}; choose one of {self.formulation.samplers}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        self.sampler, self.num_inference_steps = sampler, num_inference_steps
+
+    @abc.abstractmethod
+    def encode(self, obs: dict[str, torch.Tensor], goal: dict[str, torch.Tensor] | None) -> Any:
+        """Condition for the denoiser from normalised observations (run once per chunk)."""
+
+    @abc.abstractmethod
+    def denoise(self, x_in: torch.Tensor, noise_cond: torch.Tensor, cond: Any,
+                step_index: int | None = None) -> torch.Tensor:
+        """One denoiser evaluation on the noisy normalised action chunk [B, Tp, A]."""
+
+    def goal_from_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        goal = self.split_batch(batch, "goal")
+        if "task_id" in batch:
+            goal["task_id"] = batch["task_id"]
+        return goal
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        obs = self.normalize_obs(self.split_batch(batch, "obs"))
+        cond = self.encode(obs, self.goal_from_batch(batch))
+        actions = self.normalizer.normalize("action", batch["action"].float())
+        mask = (~batch["action_is_pad"]).unsqueeze(-1).expand_as(actions).float()
+        per_sample = self.formulation.loss(lambda x, c: self.denoise(x, c, cond), actions, mask=mask)
+        loss = per_sample.mean()
+        return {"loss": loss, "diffusion_loss": loss.detach()}
+
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        obs_t = self.normalize_obs(self.prepare_obs(obs))
+        batch_size = next(iter(obs_t.values())).shape[0]
+        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
+        cond = self.encode(obs_t, goal_t)
+        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
+                                    (batch_size, self.action_horizon, self.action_dim), sampler=self.sampler,
+                                    steps=self.num_inference_steps, generator=generator, device=self.device)
+        return self.normalizer.unnormalize("action", x.float())

@@ -1,0 +1,71 @@
+"""DiT baseline policy.
+
+Action tokens (one per future step) self-attend, cross-attend to observation tokens (state MLP / ResNet
+image tokens per time step, plus a task token when the store holds several tasks), and take the noise level
+through AdaLN-Zero. Condition tokens are computed once per chunk and reused at every denoising step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from robodit.datasets.normalizer import Normalizer
+from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock, TransformerEncoderBlock
+from robodit.nn.embeddings import SinusoidalEmbedding
+from robodit.nn.encoders import ObservationEncoder
+from robodit.policies.base import register_policy
+from robodit.policies.diffusion_policy import DiffusionPolicy
+
+SIZES = {
+    # name: (width, decoder depth, heads, obs-encoder depth, image channels)
+    "tiny": (64, 2, 2, 1, (8, 16, 32, 32)),
+    "base": (256, 6, 4, 2, (32, 64, 128, 256)),
+    "large": (512, 12, 8, 4, (64, 128, 256, 512)),
+}
+
+
+@register_policy("dit")
+class DiTPolicy(DiffusionPolicy):
+    def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
+                 obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
+                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
+                 width: int | None = None, depth: int | None = None, heads: int | None = None,
+                 dropout: float = 0.0, noise_cond_scale: float | None = None):
+        super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps, formulation,
+                         sampler, num_inference_steps)
+        if size not in SIZES:
+            raise ValueError(f"unknown dit size {size!r}; choose one of {sorted(SIZES)}")
+        w, d, h, enc_depth, channels = SIZES[size]
+        w, d, h = width or w, depth or d, heads or h
+        self.size = size
+        self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
+        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
+        self.context_encoder = nn.ModuleList(TransformerEncoderBlock(w, h, dropout=dropout) for _ in range(enc_depth))
+        # EDM feeds log(σ)/4 (≈ -2..1): spread it like DDPM's 0..999 timesteps so one embedding fits all.
+        if noise_cond_scale is None:
+            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") == "edm" else 1.0
+        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.action_in = nn.Linear(self.action_dim, w)
+        self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(w, h, dropout=dropout) for _ in range(d))
+        self.head = AdaLNFinal(w, self.action_dim)
+
+    def encode(self, obs, goal):
+        tokens = self.obs_encoder(obs)
+        if self.task_embedding is not None:
+            task = (goal or {}).get("task_id")
+            if task is None:
+                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+            task = torch.as_tensor(task, device=tokens.device).long().reshape(-1)
+            tokens = torch.cat([self.task_embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
+        for block in self.context_encoder:
+            tokens = block(tokens)
+        return tokens
+
+    def denoise(self, x_in, noise_cond, cond, step_index=None):
+        c = self.noise_embedding(noise_cond.reshape(-1).expand(x_in.shape[0]))
+        x = self.action_in(x_in) + self.action_pos
+        for block in self.blocks:
+            x = block(x, c, context=cond)
+        return self.head(x, c)

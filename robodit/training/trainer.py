@@ -1,0 +1,291 @@
+"""The one training loop every policy family uses (train.py is a thin Hydra wrapper around `train`).
+
+AdamW, linear warmup + cosine decay, grad clipping, EMA (evaluation uses it), bf16 autocast on CUDA, DDP
+under torchrun, atomic checkpoints, exact resume (data order, RNG, optimizer, EMA and step all restored),
+wall-clock budget, fine-tuning from another checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from robodit.datasets.normalizer import Normalizer, compute_stats
+from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
+from robodit.datasets.store import DemoStore
+from robodit.training import checkpoint as ckpt_io
+from robodit.training.distributed import DistInfo, setup_distributed
+from robodit.training.logging import RunLogger
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def shape_meta_from_store(store: DemoStore, obs_keys: tuple[str, ...]) -> dict:
+    return {"obs": {k: {"shape": list(store.keys[k][0]), "dtype": str(np.dtype(store.keys[k][1]))} for k in obs_keys},
+            "action": {"shape": list(store.keys["action"][0])},
+            "num_tasks": max(1, len(store.tasks))}
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig | dict):
+        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.dist: DistInfo = setup_distributed(self.cfg.train.get("device", "auto"))
+        self.device = self.dist.device
+        self.out_dir = Path(self.cfg.out_dir).expanduser().resolve()
+        self.tc = self.cfg.train
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _build_data(self):
+        dc = self.cfg.dataset
+        store_path = Path(dc.path).expanduser()
+        store = DemoStore.open(store_path)
+        self.store_record = {"path": str(store_path.resolve()), "env": store.env, "robot": store.robot,
+                             "fps": store.fps, "tasks": store.task_names, "episodes": len(store)}
+        policy_cfg = self.cfg.policy
+        wcfg = WindowConfig(obs_horizon=policy_cfg.obs_horizon, action_horizon=policy_cfg.action_horizon,
+                            obs_keys=tuple(dc.obs_keys) if dc.get("obs_keys") else None,
+                            image_shift=dc.get("image_shift", 4), cache=dc.get("cache", True))
+        train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
+        self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
+        self.val_set = WindowDataset(store_path, wcfg, val_eps, train=False) if len(val_eps) else None
+        self.shape_meta = shape_meta_from_store(store, self.train_set.obs_keys)
+        norm_keys = [k for k in self.train_set.obs_keys if len(store.keys[k][0]) == 1] + ["action"]
+        stats = compute_stats(store, norm_keys)
+        modes = dict(dc.get("normalizer_modes") or {})
+        self.normalizer = Normalizer(stats, modes=modes)
+        store.close()
+
+    def _build_loader(self, start_step: int) -> DataLoader:
+        sampler = ResumableBatchSampler(len(self.train_set), self.tc.batch_size, seed=self.tc.seed,
+                                        start_batch=start_step, rank=self.dist.rank, world_size=self.dist.world_size)
+        workers = self.cfg.dataset.get("num_workers", 0)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                          prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+
+    def _policy_config(self) -> dict:
+        return OmegaConf.to_container(self.cfg.policy, resolve=True)
+
+    def _build_policy(self):
+        return ckpt_io.build_policy(self._policy_config(), self.shape_meta, self.normalizer)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        tc, dist = self.tc, self.dist
+        _seed_everything(tc.seed)
+        self._build_data()
+        policy = self._build_policy().to(self.device)
+        if tc.get("init_from"):
+            self._init_from(policy, tc.init_from)
+        decay, no_decay = [], []
+        for name, p in policy.named_parameters():
+            (no_decay if p.ndim < 2 or "embedding" in name or "pos" in name.split(".")[-1] else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
+                                      betas=tuple(tc.get("betas", (0.9, 0.999))))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(tc.warmup_steps, tc.steps, tc.get("min_lr_ratio", 0.0)))
+        ema = EMAModel(policy.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.get("ema_power", 0.75))
+        step, elapsed_before = 0, 0.0
+        resume_from = self._find_resume() if tc.get("resume") else None
+        if resume_from is not None:
+            step, elapsed_before = self._restore(resume_from, policy, optimizer, scheduler, ema)
+        model = policy
+        if dist.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                policy, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if tc.get("compile"):
+            model = torch.compile(model)
+        config_record = self._config_record()
+        logger = RunLogger(self.out_dir, kind=self.cfg.logger.get("kind", "none"),
+                           project=self.cfg.logger.get("project", "robodit"), mode=self.cfg.logger.get("mode", "offline"),
+                           config=config_record, enabled=dist.is_main)
+        if dist.is_main:
+            n_params = sum(p.numel() for p in policy.parameters())
+            print(f"[robodit] {self.cfg.policy._target_.rsplit('.', 1)[-1]} {n_params / 1e6:.2f}M params | "
+                  f"{len(self.train_set)} train windows | device {self.device} x{dist.world_size} | "
+                  f"out_dir {self.out_dir}" + (f" | resumed at step {step}" if resume_from else ""), flush=True)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if self.device.type == "cuda" and tc.get("bf16", True) else nullcontext())
+        loader = iter(self._build_loader(step))
+        t0 = time.monotonic()
+        deadline = None if tc.get("max_minutes") in (None, 0) else t0 + 60 * float(tc.max_minutes) - elapsed_before
+        bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main or not tc.get("progress", True),
+                   dynamic_ncols=True, desc="train")
+        last_saved, stop_reason = None, "steps"
+        policy.train()
+        while step < tc.steps:
+            batch = _to_device(next(loader), self.device)
+            with autocast:
+                out = model(batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            ema.step(policy.parameters())
+            policy.on_weights_changed()
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                metrics = {f"train/{k}": v.item() for k, v in out.items()}
+                metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
+                                "train/ema_decay": ema.cur_decay_value or 0.0})
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                logger.log(metrics, step)
+            if self.val_set is not None and tc.get("val_every") and step % tc.val_every == 0:
+                logger.log({"val/loss": self.validate(policy)}, step)
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if dist.world_size > 1 and deadline is not None:  # every rank must stop at the same step
+                flag = torch.tensor(float(out_of_time), device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
+                last_saved = self._save(step, policy, optimizer, scheduler, ema, config_record,
+                                        elapsed_before + time.monotonic() - t0)
+            if out_of_time:
+                stop_reason = "max_minutes"
+                break
+        bar.close()
+        if dist.is_main:
+            rate = (step - (bar.initial or 0)) / max(1e-9, time.monotonic() - t0)
+            print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; "
+                  f"checkpoint {last_saved}", flush=True)
+        logger.close()
+        return last_saved
+
+    @torch.no_grad()
+    def validate(self, policy, max_batches: int = 8) -> float:
+        """Denoising loss on held-out episodes with fixed noise (comparable across steps)."""
+        policy.eval()
+        loader = DataLoader(self.val_set, batch_size=self.tc.batch_size, shuffle=False)
+        total, n = 0.0, 0
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(12345)
+            for i, batch in enumerate(loader):
+                if i >= max_batches:
+                    break
+                total += policy.compute_loss(_to_device(batch, self.device))["loss"].item()
+                n += 1
+        policy.train()
+        return total / max(1, n)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _config_record(self) -> dict:
+        return {"policy": self._policy_config(), "shape_meta": self.shape_meta, "store": self.store_record,
+                "train": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def _save(self, step, policy, optimizer, scheduler, ema, config, elapsed) -> Path | None:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        model_state = ckpt_io.export_state(policy)
+        ema_state = dict(model_state)
+        for (name, _), shadow in zip(((n, p) for n, p in policy.named_parameters()), ema.shadow_params):
+            ema_state[name] = shadow
+        train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "ema": ema.state_dict(), "rng": _rng_state(), "elapsed_s": elapsed}
+        path = ckpt_io.save_checkpoint(self.out_dir / "checkpoints" / f"step_{step:08d}", model_state=model_state,
+                                       ema_state=ema_state, normalizer_state=policy.normalizer.state_dict_flat(),
+                                       config=config, train_state=train_state)
+        keep = self.tc.get("keep_checkpoints", 3)
+        if keep:
+            for old in ckpt_io.list_checkpoints(self.out_dir)[:-keep]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return path
+
+    def _find_resume(self) -> Path | None:
+        found = ckpt_io.list_checkpoints(self.out_dir)
+        if not found:
+            if self.dist.is_main:
+                print(f"[robodit] train.resume=true but no checkpoint under {self.out_dir}/checkpoints: "
+                      "starting fresh", flush=True)
+            return None
+        return found[-1]
+
+    def _restore(self, path: Path, policy, optimizer, scheduler, ema) -> tuple[int, float]:
+        state = load_file(str(path / "model.safetensors"))
+        policy.load_state_dict(state, strict=False)
+        ts = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        ema.load_state_dict(ts["ema"])
+        ema.to(self.device)
+        _set_rng_state(ts["rng"])
+        policy.on_weights_changed()
+        return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
+
+    def _init_from(self, policy, path) -> None:
+        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's."""
+        src = ckpt_io.resolve_checkpoint(path)
+        weights = src / ("ema.safetensors" if (src / "ema.safetensors").exists() else "model.safetensors")
+        state = load_file(str(weights))
+        own = ckpt_io.export_state(policy)
+        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+               if k in own and v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}")
+        missing = [k for k in own if k not in state]
+        policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        if self.dist.is_main:
+            print(f"[robodit] initialised from {weights} ({len(state)} tensors; {len(missing)} new)", flush=True)
+
+
+def train(cfg: DictConfig | dict) -> Path | None:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.cleanup()
+

@@ -1,0 +1,18 @@
+"""Train a policy: `python train.py policy=dit dataset.path=demos.zarr train.steps=2000 logger=none out_dir=runs/x`.
+
+Thin Hydra entry point; the loop lives in robodit.training.trainer. Under `torchrun` it trains with DDP.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from robodit.training.trainer import train
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
