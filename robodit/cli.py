@@ -61,4 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m robodit.cli`: dispatch through the importable module so CLIError is one class everywhere.
+    from robodit.cli import main as _main
+
+    sys.exit(_main())

@@ -33,13 +33,10 @@ FORMAT = "robodit.demos"
 VERSION = 1
 LOCK_NAME = "writer.lock"
 _KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
-_META = {  # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
-    "episode_task": np.dtype(np.int32),
-    "episode_instruction": np.dtype(np.int32),
-    "episode_has_language": np.dtype(bool),
-    "episode_has_actions": np.dtype(bool),
-    "episode_ends": np.dtype(np.int64),
-}
+# name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
+_META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.int32),
+         "episode_has_language": np.dtype(bool), "episode_has_actions": np.dtype(bool),
+         "episode_ends": np.dtype(np.int64)}
 _META_CHUNK = 4096
 _CHUNK_TARGET_BYTES = 1 << 20
 _RESERVED_ATTRS = {"format", "version", "keys"}
@@ -141,7 +138,6 @@ class DemoStore:
         self.path, self.mode, self._lock_fd = path, mode, lock_fd
         self._load()
 
-    # ------------------------------------------------------------------ opening / creating
     @classmethod
     def create(cls, path, keys, *, fps: float, robot: str, env: dict | None = None,
                overwrite: bool = False) -> DemoStore:
@@ -154,37 +150,31 @@ class DemoStore:
             raise ValueError(f"fps must be > 0 and robot a non-empty string, got fps={fps}, robot={robot!r}")
         env = dict(env or {})
         json.dumps(env)  # TypeError early if not JSON-serialisable
-        if path.exists():
-            if not overwrite:
-                raise StoreError(f"{path} already exists (use overwrite=True, or open it with mode='a')")
-            if any(p.name != LOCK_NAME for p in path.iterdir()):
-                _read_root_attrs(path)  # refuse to wipe something that is not a robodit store
-            fd = _lock(path)
-            try:
-                for p in path.iterdir():
-                    if p.name != LOCK_NAME:
-                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                cls._build(path, keys, fps, robot, env)
-            except BaseException:
-                _unlock(fd)
-                raise
-            return cls(path, "a", fd)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        fd = _lock(tmp)  # the fd follows the inode through the rename
+        exists = path.exists()
+        if exists and (not overwrite or not path.is_dir()):
+            raise StoreError(f"{path} already exists (use overwrite=True, or open it with mode='a')"
+                             if path.is_dir() else f"{path} exists and is not a directory")
+        if exists and any(p.name != LOCK_NAME for p in path.iterdir()):
+            _read_root_attrs(path)  # refuse to wipe something that is not a robodit store
+        if not exists:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        root = path if exists else path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+        root.mkdir(exist_ok=True)
+        fd = _lock(root)  # for a new store the fd follows the inode through the rename
         try:
-            cls._build(tmp, keys, fps, robot, env)
-            os.rename(tmp, path)
-        except OSError as exc:
+            for p in root.iterdir() if exists else ():
+                if p.name != LOCK_NAME:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            cls._build(root, keys, fps, robot, env)
+            if not exists:
+                os.rename(root, path)
+        except BaseException as exc:
             _unlock(fd)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if path.exists():
-                raise StoreError(f"{path} already exists (created concurrently)") from None
-            raise StoreError(f"{path}: cannot create store: {exc}") from None
-        except BaseException:
-            _unlock(fd)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not exists:
+                shutil.rmtree(root, ignore_errors=True)
+                if isinstance(exc, OSError):
+                    why = "it already exists" if path.exists() else exc
+                    raise StoreError(f"{path}: cannot create store ({why})") from None
             raise
         return cls(path, "a", fd)
 
@@ -249,10 +239,10 @@ class DemoStore:
             self.keys = {k: (tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in self.attrs["keys"].items()}
             self.fps, self.robot = float(self.attrs["fps"]), str(self.attrs["robot"])
             self.env = dict(self.attrs.get("env") or {})
-            # episode_ends first: entries below its committed count were written before it in every array.
-            self._marr = {"episode_ends": self._group["meta/episode_ends"]}
-            committed = int(self._marr["episode_ends"].attrs["committed"])
-            self._marr.update({n: self._group[f"meta/{n}"] for n in _META if n != "episode_ends"})
+            # Read the commit count first: rows below it were written before it, in every array.
+            ends_arr = self._group["meta/episode_ends"]
+            committed = int(ends_arr.attrs["committed"])
+            self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META}
             self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
             self._meta_group = self._group["meta"]
             tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
@@ -264,7 +254,7 @@ class DemoStore:
             raise StoreError(f"{self.path}: corrupt or incomplete store ({type(exc).__name__}: {exc})") from None
         ends = self._meta["episode_ends"]
         n = int(ends[-1]) if committed else 0
-        bad = [n for n, a in self._meta.items() if len(a) != committed]
+        bad = [m for m, a in self._meta.items() if len(a) != committed]
         bad += [k for k, a in self._data.items() if a.shape[0] < n or tuple(a.shape[1:]) != self.keys[k][0]
                 or a.dtype != self.keys[k][1]]
         if bad or (committed and (ends[0] <= 0 or np.any(np.diff(ends) <= 0))):
@@ -295,7 +285,6 @@ class DemoStore:
                 if f.endswith(".partial"):
                     os.unlink(os.path.join(dirpath, f))
 
-    # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return len(self._meta["episode_ends"])
 
@@ -356,10 +345,10 @@ class DemoStore:
         data = sum(self._num_frames * math.prod(s) * d.itemsize for s, d in self.keys.values())
         return data + sum(a.nbytes for a in self._meta.values())
 
-    # ------------------------------------------------------------------ writing
     def _writer(self) -> None:
         if self.mode != "a" or self._lock_fd is None:
-            raise StoreError(f"{self.path} is not open for writing (mode={self.mode!r}); use mode='a'")
+            why = "closed" if self.mode == "a" else "opened read-only; use mode='a'"
+            raise StoreError(f"{self.path} is not open for writing ({why})")
 
     def _validate(self, arrays: Mapping, has_actions: bool) -> dict[str, np.ndarray]:
         """Float keys accept any float dtype (simulators return float64; it is rounded to the stored
@@ -370,7 +359,8 @@ class DemoStore:
         given, want = set(arrays), set(self.keys)
         optional = set() if has_actions else {"action"}
         if want - given - optional:
-            raise ValueError(f"episode is missing key(s) {sorted(want - given - optional)}; store keys: {sorted(want)}")
+            raise ValueError(f"episode is missing key(s) {sorted(want - given - optional)}; "
+                             f"store keys: {sorted(want)}")
         if given - want:
             raise ValueError(f"episode has unknown key(s) {sorted(given - want)}; store keys: {sorted(want)}")
         out = {}
@@ -378,7 +368,8 @@ class DemoStore:
             shape, dtype = self.keys[k]
             a = np.asarray(arrays[k])
             if a.ndim != len(shape) + 1 or a.shape[1:] != shape:
-                raise ValueError(f"key {k!r}: expected time-major shape [T, *{shape}], got {a.shape}")
+                want_shape = ", ".join(["T", *map(str, shape)])
+                raise ValueError(f"key {k!r}: expected shape [{want_shape}] (time-major), got {list(a.shape)}")
             if a.dtype != dtype and not (dtype.kind == "f" and a.dtype.kind == "f"):
                 raise ValueError(f"key {k!r}: expected dtype {dtype}, got {a.dtype}")
             if dtype.kind == "f":
@@ -436,7 +427,7 @@ class DemoStore:
             arr.resize((e + 1,))
             arr[e:e + 1] = np.asarray([row[name]], _META[name])
         self._marr["episode_ends"] = self._marr["episode_ends"].update_attributes({"committed": e + 1})  # COMMIT
-        self._meta = {name: _ro(np.append(a, np.asarray([row[name]], _META[name]))) for name, a in self._meta.items()}
+        self._meta = {m: _ro(np.append(a, np.asarray([row[m]], _META[m]))) for m, a in self._meta.items()}
         self._tasks, self._num_frames = tasks, n + T
         return e
 
@@ -445,7 +436,11 @@ class DemoStore:
         self._writer()
         if name in _RESERVED_ATTRS:
             raise ValueError(f"root attr {name!r} is fixed at creation")
-        json.dumps(value)
+        json.dumps(value)  # TypeError if not JSON-serialisable
+        ok = {"fps": lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+              "robot": lambda v: isinstance(v, str) and v, "env": lambda v: isinstance(v, dict)}
+        if name in ok and not ok[name](value):
+            raise ValueError(f"bad value for root attr {name!r}: {value!r}")
         self._group.update_attributes({name: value})
         self.attrs[name] = value
         if name == "env":

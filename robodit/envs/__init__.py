@@ -34,6 +34,13 @@ def parse_env_name(name: str) -> tuple[str, str]:
     """Split "SIM/TASK" and validate both parts (ValueError with close matches) without building anything."""
     sim, sep, task = name.partition("/")
     if sim not in SIMULATORS:
+        if not sep:  # a bare task name: say which simulator has it
+            for prefix, (_, check) in SIMULATORS.items():
+                try:
+                    _load(check)(name)
+                except ValueError:
+                    continue
+                raise ValueError(f"{name!r} names no simulator; did you mean {prefix}/{name}?")
         close = difflib.get_close_matches(sim, list(SIMULATORS), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else f"known simulators: {', '.join(SIMULATORS)}"
         raise ValueError(f"unknown simulator {sim!r} in {name!r}; {hint} (expected SIMULATOR/TASK)")

@@ -45,6 +45,76 @@ def check_task(task: str) -> str:
     raise ValueError(f"unknown Meta-World task {task!r}; {hint}")
 
 
+# One short instruction per task, for language-conditioned policies (the names alone are not English).
+INSTRUCTIONS = {
+    "reach": "reach the goal",
+    "reach-wall": "reach the goal behind the wall",
+    "push": "push the puck to the goal",
+    "push-wall": "push the puck around the wall to the goal",
+    "push-back": "push the puck back to the goal",
+    "pick-place": "pick up the puck and place it at the goal",
+    "pick-place-wall": "pick up the puck and place it at the goal behind the wall",
+    "pick-out-of-hole": "pick the peg out of the hole",
+    "drawer-open": "open the drawer",
+    "drawer-close": "close the drawer",
+    "door-open": "open the door",
+    "door-close": "close the door",
+    "door-lock": "lock the door",
+    "door-unlock": "unlock the door",
+    "window-open": "slide the window open",
+    "window-close": "slide the window closed",
+    "button-press": "press the button",
+    "button-press-wall": "press the button behind the wall",
+    "button-press-topdown": "press the button from the top",
+    "button-press-topdown-wall": "press the button from the top behind the wall",
+    "faucet-open": "turn the faucet on",
+    "faucet-close": "turn the faucet off",
+    "handle-press": "press the handle down",
+    "handle-press-side": "press the handle down from the side",
+    "handle-pull": "pull the handle up",
+    "handle-pull-side": "pull the handle up from the side",
+    "plate-slide": "slide the plate into the goal",
+    "plate-slide-side": "slide the plate sideways into the goal",
+    "plate-slide-back": "slide the plate back out of the goal",
+    "plate-slide-back-side": "slide the plate sideways back out of the goal",
+    "coffee-button": "press the button on the coffee machine",
+    "coffee-push": "push the mug under the coffee machine",
+    "coffee-pull": "pull the mug away from the coffee machine",
+    "peg-insert-side": "insert the peg into the hole from the side",
+    "peg-unplug-side": "unplug the peg from the side",
+    "assembly": "put the ring onto the peg",
+    "disassemble": "take the ring off the peg",
+    "basketball": "put the ball into the hoop",
+    "bin-picking": "move the cube into the other bin",
+    "box-close": "put the lid on the box",
+    "dial-turn": "turn the dial",
+    "hammer": "hammer the nail in",
+    "hand-insert": "put the hand into the hole",
+    "lever-pull": "pull the lever up",
+    "shelf-place": "place the puck on the shelf",
+    "soccer": "kick the ball into the goal",
+    "stick-push": "push the bottle with the stick",
+    "stick-pull": "pull the bottle with the stick",
+    "sweep": "sweep the puck off the table",
+    "sweep-into": "sweep the puck into the hole",
+}
+_VERBS = {"open", "close", "press", "pull", "push", "turn", "slide", "lock", "unlock", "insert", "unplug", "pick",
+          "place", "reach", "sweep", "kick", "lift", "stack", "move", "put", "hang", "fold", "pour", "wipe"}
+
+
+def task_instruction(task: str) -> str:
+    """A short English instruction: from the table, else "<verb words> the <object words>" from the name."""
+    base = task.rsplit("-v", 1)[0] if task.rsplit("-v", 1)[-1].isdigit() else task
+    if base in INSTRUCTIONS:
+        return INSTRUCTIONS[base]
+    words = base.split("-")
+    verbs = [w for w in words if w in _VERBS]
+    objects = [w for w in words if w not in _VERBS]
+    if verbs and objects:
+        return f"{' '.join(verbs)} the {' '.join(objects)}"
+    return " ".join(words)
+
+
 class MetaWorldEnv(ControlInterface):
     """One Meta-World task (switchable at `reset(task=...)`), seeded per episode, rendered the fast way.
 
@@ -176,6 +246,9 @@ class MetaWorldEnv(ControlInterface):
             self._env = None
 
     # -- expert and helpers ---------------------------------------------------------------------------
+    def instruction(self, task: str | None = None) -> str:
+        return task_instruction(task or self.task)
+
     @property
     def raw_state(self) -> np.ndarray:
         """Meta-World's current 39-d observation, goal included whatever `goal_observable` says."""

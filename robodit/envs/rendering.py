@@ -14,7 +14,10 @@ camera from its pose: if the camera's image-up axis points downwards in the worl
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import weakref
 
 # MuJoCo picks its GL backend when it is first imported; headless machines need EGL.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -23,6 +26,38 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 CameraRef = str | int
+
+
+def _headless_fallback() -> None:
+    """If mujoco was imported before MUJOCO_GL was set, it chose GLFW, which fails with no display: use EGL."""
+    from mujoco import gl_context
+
+    chose_glfw = getattr(gl_context, "_MUJOCO_GL", None) == "" and getattr(
+        gl_context.GLContext, "__module__", ""
+    ).startswith("mujoco.glfw")
+    if chose_glfw and sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        try:
+            from mujoco.egl import GLContext
+        except Exception:  # no EGL either: leave MuJoCo's choice and its own error message
+            return
+        gl_context.GLContext = GLContext
+
+
+_headless_fallback()
+
+# Live renderers are closed at exit *before* MuJoCo's EGL hook terminates the display (that hook is registered
+# when the first GL context is made, so ours is registered after our first renderer: atexit runs LIFO).
+# Otherwise a renderer garbage-collected after it prints EGL errors at shutdown.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK = False
+
+
+def _close_all() -> None:
+    for r in list(_LIVE):
+        try:
+            r.close()
+        except Exception:
+            pass
 
 
 def configure_fast_quality(model: mujoco.MjModel, max_size: int = 0) -> None:
@@ -48,6 +83,7 @@ class FastRenderer:
             configure_fast_quality(model, max_size)
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
         self._cameras: dict[tuple[int, int, CameraRef], tuple[int, bool]] = {}
+        _LIVE.add(self)
 
     def camera_names(self) -> list[str]:
         return [mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(self.model.ncam)]
@@ -80,6 +116,10 @@ class FastRenderer:
             if g.offwidth < width or g.offheight < height:  # the offscreen buffer is sized at context creation
                 g.offwidth, g.offheight = max(int(g.offwidth), width), max(int(g.offheight), height)
             r = mujoco.Renderer(self.model, height=height, width=width)
+            global _EXIT_HOOK
+            if not _EXIT_HOOK:
+                atexit.register(_close_all)
+                _EXIT_HOOK = True
             if self.fast:
                 r.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
                 r.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0

@@ -1,0 +1,43 @@
+# The two set-up commands of the README. Everything installs into .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo
+DEMO_TASK ?= reach-v3
+DEMO_EPISODES ?= 30
+DEMO_STEPS ?= 3000
+DEMO_MINUTES ?= 5
+DEMO_EVAL ?= 20
+export MUJOCO_GL ?= egl
+export WANDB_MODE ?= offline
+
+.PHONY: demo test test-slow install clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH; set PYTHON=..."; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU wheel this machine ships: an open range would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# collect scripted demos -> train the DiT baseline on the CPU -> evaluate with a video
+demo: $(VENV)/.installed
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/robodit collect metaworld/$(DEMO_TASK) --episodes $(DEMO_EPISODES) --out $(DEMO_DIR)/demos.zarr --seed 0
+	$(VENV)/bin/robodit info $(DEMO_DIR)/demos.zarr
+	$(PY) train.py policy=dit dataset.path=$(DEMO_DIR)/demos.zarr train.steps=$(DEMO_STEPS) \
+	    train.max_minutes=$(DEMO_MINUTES) train.checkpoint_every=1000 logger=none out_dir=$(DEMO_DIR)/run
+	$(PY) eval.py checkpoint=$(DEMO_DIR)/run episodes=$(DEMO_EVAL) videos=1 out_dir=$(DEMO_DIR)/eval
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(DEMO_DIR) outputs

@@ -1,0 +1,177 @@
+"""`robodit collect SIM/TASK`: roll out a simulator's scripted expert and keep the successful episodes.
+
+Each attempt k uses episode seed `seed + k` (one seed = one task layout), skipping seeds the store has already
+used, so re-running on the same store appends new layouts instead of duplicating old ones. The seeds are kept
+in the store's `env` attr (`seeds_used` for kept episodes, `seeds_failed` for failed attempts), which also
+holds everything needed to rebuild the env for evaluation (and to pick evaluation seeds it has not seen).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# env-attr fields that must agree when appending to an existing store (they decide the stored keys / meaning)
+_MUST_MATCH = ("simulator", "image_size", "cameras", "goal_observable")
+
+
+def _rollout(env, seed: int) -> tuple[dict[str, np.ndarray], bool]:
+    """One expert episode; observations are recorded *before* each action, up to and including the first success."""
+    obs = env.reset(seed=seed)
+    frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
+    actions: list[np.ndarray] = []
+    low, high = env.spec.action_low, env.spec.action_high
+    while True:
+        action = np.clip(np.asarray(env.expert_action(), dtype=np.float32), low, high)
+        for k, v in obs.items():
+            frames[k].append(v)
+        actions.append(action)
+        obs, success, done, _ = env.step(action)
+        if success or done:
+            break
+    arrays = {k: np.stack(v) for k, v in frames.items()}
+    arrays["action"] = np.stack(actions).astype(np.float32)
+    return arrays, bool(success)
+
+
+def _merge_env_attr(existing: dict | None, new: dict, task: str, path: str) -> dict:
+    if not existing:
+        return {**new, "seeds_used": [], "seeds_failed": []}
+    for field in _MUST_MATCH:
+        if field in existing and existing[field] != new[field]:
+            raise ValueError(
+                f"{path} was collected with {field}={existing[field]!r}, not {new[field]!r}; use another --out"
+            )
+    merged = dict(existing)
+    merged.setdefault("seeds_used", [])
+    merged.setdefault("seeds_failed", [])
+    tasks = list(merged.get("tasks", []))
+    if task not in tasks:
+        tasks.append(task)  # a multi-task store: `name` keeps the first task; reset(task=...) switches
+    merged["tasks"] = tasks
+    return merged
+
+
+def collect(
+    source: str,
+    episodes: int,
+    out: str | Path,
+    image_size: int = 0,
+    cameras: tuple[str, ...] | list[str] | str = ("corner2",),
+    seed: int = 0,
+    max_steps: int | None = None,
+    max_attempts: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Store `episodes` successful expert demos of `source` ("SIM/TASK") in the DemoStore at `out`.
+
+    Stored per step: "state", "action" (clipped, as sent) and "image_<cam>" per camera when image_size > 0, each
+    observation taken before its action. Raises ValueError (unknown simulator/task, incompatible store) before
+    anything is written, RuntimeError after `max_attempts` rollouts (default 3 * episodes + 10) with the
+    successful episodes kept. Returns a summary dict.
+    """
+    from tqdm import tqdm
+
+    from robodit.datasets.store import DemoStore
+    from robodit.envs import make_env, parse_env_name
+
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if isinstance(cameras, str):
+        cameras = [c.strip() for c in cameras.split(",") if c.strip()]
+    if image_size > 0 and not cameras:
+        raise ValueError("--image-size needs at least one camera")
+    _, task = parse_env_name(source)
+    max_attempts = 3 * episodes + 10 if max_attempts is None else int(max_attempts)
+
+    env = make_env(source, image_size=image_size, cameras=tuple(cameras), seed=seed, max_episode_steps=max_steps)
+    try:
+        if not hasattr(env, "expert_action"):
+            raise ValueError(f"{source} has no scripted expert to collect demos with")
+        spec = env.spec
+        keys = {k: (tuple(a.shape), a.dtype) for k, a in spec.observation.items()}
+        keys["action"] = ((spec.action_dim,), "float32")
+        env_cfg = env.config()
+        instruction = env.instruction() if hasattr(env, "instruction") else None
+
+        # env=None: an existing store keeps its env attr (with its seeds); we merge into it and write it back
+        with DemoStore.open_or_create(out, keys, fps=spec.control_hz, robot=spec.robot) as store:
+            env_attr = _merge_env_attr(store.env, env_cfg, task, str(out))
+            store.set_attr("env", env_attr)
+            seen = set(env_attr["seeds_used"]) | set(env_attr["seeds_failed"])
+            kept_seeds, failed_seeds, lengths = [], [], []
+            s, attempts = int(seed), 0
+            bar = tqdm(total=episodes, desc=f"collect {source}", unit="ep", disable=not progress)
+            try:
+                while len(kept_seeds) < episodes and attempts < max_attempts:
+                    while s in seen:
+                        s += 1
+                    seen.add(s)
+                    attempts += 1
+                    arrays, success = _rollout(env, s)
+                    if success:
+                        # record the seed first: a crash after this can only skip a seed, never duplicate one
+                        env_attr["seeds_used"] = [*env_attr["seeds_used"], s]
+                        store.set_attr("env", env_attr)
+                        # an instruction given -> the episode is stored with has_language=True
+                        store.append_episode(arrays, task=task, instruction=instruction)
+                        kept_seeds.append(s)
+                        lengths.append(len(arrays["action"]))
+                        bar.update(1)
+                    else:
+                        env_attr["seeds_failed"] = [*env_attr["seeds_failed"], s]
+                        store.set_attr("env", env_attr)
+                        failed_seeds.append(s)
+                    s += 1
+            finally:
+                bar.close()
+            total = len(store)
+    finally:
+        env.close()
+
+    summary = {
+        "source": source,
+        "out": str(out),
+        "kept": len(kept_seeds),
+        "failed": len(failed_seeds),
+        "attempts": attempts,
+        "seeds": kept_seeds,
+        "failed_seeds": failed_seeds,
+        "episode_lengths": lengths,
+        "total_episodes": total,
+    }
+    if progress or failed_seeds:
+        print(
+            f"collect {source}: kept {len(kept_seeds)}/{episodes} episodes "
+            f"({len(failed_seeds)} failed of {attempts} attempts) -> {out} ({total} episodes in store)",
+            file=sys.stderr,
+        )
+    if len(kept_seeds) < episodes:
+        raise RuntimeError(
+            f"collect {source}: only {len(kept_seeds)} of {episodes} episodes succeeded after {attempts} attempts "
+            f"(max_attempts={max_attempts}); the {len(kept_seeds)} successful ones are stored in {out}"
+        )
+    return summary
+
+
+def collect_command(args) -> None:
+    """CLI entry (`robodit collect`): failures become one-line errors with exit status 2."""
+    from robodit.cli import CLIError
+
+    try:
+        collect(
+            args.source,
+            episodes=args.episodes,
+            out=args.out,
+            image_size=args.image_size,
+            cameras=args.cameras,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            max_attempts=args.max_attempts,
+            progress=True,
+        )
+    except RuntimeError as exc:
+        raise CLIError(str(exc)) from exc

@@ -1,0 +1,156 @@
+"""DDPM (discrete VP) formulation on diffusers' schedulers (RDT: x0-prediction + cosine; PAD: epsilon + linear).
+
+Forward process: diffusers' DDPMScheduler betas (alphas_cumprod); x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise,
+noise_cond = t as float (0..T-1). Samplers are diffusers' DDIMScheduler (eta 0), DPMSolverMultistepScheduler
+(dpmsolver++, order 2) and DDPMScheduler (ancestral), all built from the same betas array and prediction
+type. Schedulers are stateful, so each sample() works on a shallow copy of a configured template reset by
+set_timesteps (its documented reset): concurrent calls share nothing mutable.
+
+clip_sample clamps the x0 estimate at every step: DDIM/DDPM through their own clip_sample option;
+DPM-Solver++ has none, so the raw output is replaced by the one that implies the clamped x0.
+Default timestep_spacing is "trailing" (first step at t = T-1; "leading" starts short of pure noise,
+which hurts at 5-10 steps - Lin et al. 2023).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from .base import Formulation, check_choice, expand_as, f32
+
+_PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "sample": "sample", "x0": "sample",
+                "v_prediction": "v_prediction", "v": "v_prediction"}
+
+
+class DDPMFormulation(Formulation):
+    name = "ddpm"
+    samplers = ("ddim", "dpmsolver++", "ddpm")
+
+    def __init__(
+        self,
+        prediction: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        timestep_spacing: str = "trailing",
+        clip_sample: float | None = None,
+        sampler: str = "ddim",
+        steps: int = 10,
+    ):
+        self.prediction = _PREDICTIONS[check_choice("prediction", prediction, tuple(_PREDICTIONS))]
+        check_choice("beta_schedule", beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        check_choice("timestep_spacing", timestep_spacing, ("trailing", "leading", "linspace"))
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+        self.num_train_timesteps = self.max_steps = num_train_timesteps
+        self.timestep_spacing = timestep_spacing
+        train = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                              beta_schedule=beta_schedule, prediction_type=self.prediction, clip_sample=False)
+        self.betas = train.betas.clone()
+        ab = train.alphas_cumprod.double()
+        self._coef_cpu = (ab.sqrt().float(), (1 - ab).sqrt().float())
+        self._coef_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._templates: dict[str, object] = {}
+        self._timesteps: dict[tuple[str, int], list[int]] = {}
+        super().__init__(
+            prediction=prediction, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+            beta_start=beta_start, beta_end=beta_end, timestep_spacing=timestep_spacing,
+            clip_sample=clip_sample, sampler=sampler, steps=steps,
+        )
+
+    # ---- forward process ------------------------------------------------------------------------------
+    def _coef(self, t: torch.Tensor):
+        """(sqrt(ab_t), sqrt(1 - ab_t)) gathered for int timesteps t [B], tables cached per device."""
+        tables = self._coef_dev.get(t.device)
+        if tables is None:
+            tables = self._coef_dev[t.device] = tuple(c.to(t.device) for c in self._coef_cpu)
+        return tables[0][t], tables[1][t]
+
+    def sample_level(self, batch_size, device=None, generator=None):
+        """Timesteps [B] int64, uniform over 0..T-1."""
+        device = torch.device(device or "cpu")
+        gdev = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=gdev)
+        return t.to(device)
+
+    def add_noise(self, x0, noise, t):
+        a, s = self._coef(t)
+        return expand_as(a, x0) * x0 + expand_as(s, x0) * noise
+
+    def model_input(self, x_t, t):
+        return x_t, t.float()
+
+    def target(self, x0, noise, t):
+        if self.prediction == "epsilon":
+            return noise
+        if self.prediction == "sample":
+            return x0
+        a, s = self._coef(t)
+        return expand_as(a, x0) * noise - expand_as(s, x0) * x0
+
+    def denoised(self, x_t, raw, t):
+        a, s = (expand_as(c, x_t) for c in self._coef(t))
+        if self.prediction == "epsilon":
+            return (x_t - s * raw) / a
+        if self.prediction == "sample":
+            return raw
+        return a * x_t - s * raw
+
+    def _raw_from_x0(self, x_t, x0, t: int):
+        """The raw output (of our prediction type) that implies x0 at timestep t."""
+        a, s = float(self._coef_cpu[0][t]), float(self._coef_cpu[1][t])
+        if self.prediction == "epsilon":
+            return (x_t - a * x0) / s
+        if self.prediction == "sample":
+            return x0
+        return (a * x_t - x0) / s
+
+    # ---- sampling -------------------------------------------------------------------------------------
+    def _template(self, sampler: str):
+        if sampler not in self._templates:
+            common = dict(num_train_timesteps=self.num_train_timesteps, trained_betas=self.betas.numpy(),
+                          prediction_type=self.prediction, timestep_spacing=self.timestep_spacing)
+            clip = dict(clip_sample=self.clip_sample is not None, clip_sample_range=self.clip_sample or 1.0)
+            if sampler == "ddim":
+                sch = DDIMScheduler(**common, **clip, set_alpha_to_one=True)
+            elif sampler == "ddpm":
+                sch = DDPMScheduler(**common, **clip, variance_type="fixed_small")
+            else:
+                sch = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                                  lower_order_final=True, final_sigmas_type="zero")
+            self._templates[sampler] = sch
+        return self._templates[sampler]
+
+    def _fresh(self, sampler: str, steps: int):
+        """A scheduler with fresh per-call state (shallow copy: config and beta tables are shared, read-only)."""
+        sch = copy.copy(self._template(sampler))
+        sch.set_timesteps(steps)
+        if hasattr(sch, "set_begin_index"):
+            sch.set_begin_index(0)
+        return sch
+
+    def timesteps(self, sampler: str, steps: int) -> list[int]:
+        key = self._resolve(sampler, steps)
+        if key not in self._timesteps:
+            self._timesteps[key] = [int(t) for t in self._fresh(*key).timesteps]
+        return self._timesteps[key]
+
+    def _schedule(self, sampler, steps):
+        return [f32(t) for t in self.timesteps(sampler, steps)]
+
+    def _sample(self, net, noise, sampler, steps, generator):
+        sch = self._fresh(sampler, steps)
+        extra = {"generator": generator} if sampler == "ddpm" else {}
+        reclip = sampler == "dpmsolver++" and self.clip_sample is not None
+        x = noise
+        for k, t in enumerate(self.timesteps(sampler, steps)):
+            raw = net(x, float(t), k)
+            if reclip:
+                x0 = self.denoised(x, raw, torch.full((x.shape[0],), t, device=x.device))
+                raw = self._raw_from_x0(x, x0.clamp(-self.clip_sample, self.clip_sample), t)
+            x = sch.step(raw, t, x, return_dict=False, **extra)[0]
+        return x

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
+from robodit.datasets.store import DemoStore
+from tests.conftest import make_toy_store
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_edges_pad_observations_and_flag_actions(toy_store, cache):
+    ds = WindowDataset(toy_store, WindowConfig(obs_horizon=3, action_horizon=8, cache=cache), train=False)
+    with DemoStore.open(toy_store) as store:
+        ep = store.episode(0)
+        n = len(ep["action"])
+    first = ds[0]  # frame 0 of episode 0: history repeats frame 0
+    assert first["obs.state"].shape == (3, 5) and first["action"].shape == (8, 3)
+    for k in range(3):
+        np.testing.assert_array_equal(first["obs.state"][k].numpy(), ep["state"][0])
+    np.testing.assert_array_equal(first["action"].numpy(), ep["action"][:8])
+    assert not first["action_is_pad"].any()
+    last = ds[n - 1]  # last frame: actions past the end repeat the last action and are flagged
+    np.testing.assert_array_equal(last["obs.state"].numpy(), ep["state"][n - 3:n])
+    assert last["action_is_pad"].tolist() == [False] + [True] * 7
+    np.testing.assert_array_equal(last["action"][1:].numpy(), np.repeat(ep["action"][-1:], 7, 0))
+    second = ds[n]  # first frame of episode 1 never sees episode 0
+    with DemoStore.open(toy_store) as store:
+        np.testing.assert_array_equal(second["obs.state"][0].numpy(), store.episode(1)["state"][0])
+    with DemoStore.open(toy_store) as store:
+        assert len(ds) == store.num_frames
+
+
+def test_split_is_by_episode_and_disjoint():
+    train, val = split_episodes(10, 0.2, seed=0)
+    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
+    assert split_episodes(1, 0.5, 0)[0].tolist() == [0]
+
+
+def test_images_are_uint8_chw_and_shift_keeps_shape(tmp_path):
+    path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16)
+    ds = WindowDataset(path, WindowConfig(obs_horizon=2, action_horizon=4, image_shift=2), train=True)
+    x = ds[(5, 7)]["obs.image_cam"]
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 16, 16)
+    assert torch.equal(x, ds[(5, 7)]["obs.image_cam"])  # same seed → same augmentation
+
+
+def test_batches_are_deterministic_resumable_and_work_with_workers(toy_store):
+    ds = WindowDataset(toy_store, WindowConfig(obs_horizon=2, action_horizon=4))
+    full = ResumableBatchSampler(len(ds), 8, seed=3)
+    it = iter(full)
+    batches = [next(it) for _ in range(40)]  # crosses an epoch boundary
+    resumed = iter(ResumableBatchSampler(len(ds), 8, seed=3, start_batch=25))
+    assert [next(resumed) for _ in range(15)] == batches[25:]
+    loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), 8, seed=3), num_workers=2)
+    got = next(iter(loader))
+    assert got["obs.state"].shape == (8, 2, 5)
+    direct = torch.stack([ds[i]["obs.state"] for i in batches[0]])
+    assert torch.equal(got["obs.state"], direct)
+
+
+def test_ddp_ranks_split_one_global_batch(toy_store):
+    ds = WindowDataset(toy_store, WindowConfig())
+    single = next(iter(ResumableBatchSampler(len(ds), 8, seed=1)))
+    r0 = next(iter(ResumableBatchSampler(len(ds), 4, seed=1, rank=0, world_size=2)))
+    r1 = next(iter(ResumableBatchSampler(len(ds), 4, seed=1, rank=1, world_size=2)))
+    assert sorted(r0 + r1) == sorted(single)
+
+
+def test_bad_key_is_named(toy_store):
+    with pytest.raises(ValueError, match="nope"):
+        WindowDataset(toy_store, WindowConfig(obs_keys=("nope",)))
