@@ -3,12 +3,14 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: 2-thread OpenMP collapses (100x slower) when anything else shares the 2 cores.
+torch.set_num_threads(1)
 
 
 def make_toy_store(path, episodes=6, length=(20, 40), state_dim=5, action_dim=3, image_size=0, seed=0,

@@ -1,5 +1,7 @@
 """Trainer: checkpoints, exact resume, fine-tuning, load_policy."""
 
+import shutil
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -25,17 +27,20 @@ def _cfg(store, out, steps, **train_kw):
 
 
 def test_resume_matches_uninterrupted_run(toy_store, tmp_path):
-    train(_cfg(toy_store, tmp_path / "full", 10))
-    train(_cfg(toy_store, tmp_path / "split", 5))
-    train(_cfg(toy_store, tmp_path / "split", 10, resume=True))
-    a = load_file(str(list_checkpoints(tmp_path / "full")[-1] / "model.safetensors"))
-    b = load_file(str(list_checkpoints(tmp_path / "split")[-1] / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ea = load_file(str(list_checkpoints(tmp_path / "full")[-1] / "ema.safetensors"))
-    eb = load_file(str(list_checkpoints(tmp_path / "split")[-1] / "ema.safetensors"))
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    """Lose the run after step 5 (delete the later checkpoint), resume: steps 6..10 must replay bit-exactly."""
+    run = tmp_path / "run"
+    train(_cfg(toy_store, run, 10))
+    final = list_checkpoints(run)[-1]
+    assert final.name == "step_00000010"
+    expected = {f: load_file(str(final / f)) for f in ("model.safetensors", "ema.safetensors")}
+    shutil.rmtree(final)
+    resumed = train(_cfg(toy_store, run, 10, resume=True))
+    assert resumed.name == "step_00000010"
+    for f, want in expected.items():
+        got = load_file(str(resumed / f))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (f, k)
 
 
 def test_checkpoint_layout_and_load_policy(toy_store, tmp_path):

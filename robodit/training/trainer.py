@@ -152,6 +152,7 @@ class Trainer:
                   f"out_dir {self.out_dir}" + (f" | resumed at step {step}" if resume_from else ""), flush=True)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                     if self.device.type == "cuda" and tc.get("bf16", True) else nullcontext())
+        start_step = step
         loader = iter(self._build_loader(step))
         t0 = time.monotonic()
         deadline = None if tc.get("max_minutes") in (None, 0) else t0 + 60 * float(tc.max_minutes) - elapsed_before
@@ -196,7 +197,7 @@ class Trainer:
                 break
         bar.close()
         if dist.is_main:
-            rate = (step - (bar.initial or 0)) / max(1e-9, time.monotonic() - t0)
+            rate = (step - start_step) / max(1e-9, time.monotonic() - t0)
             print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; "
                   f"checkpoint {last_saved}", flush=True)
         logger.close()
