@@ -154,7 +154,8 @@ class Formulation:
     def schedule_key(self, sampler: str | None = None, steps: int | None = None) -> tuple:
         """Hashable id of the exact noise_cond sequence (formulation config, algorithm, steps)."""
         algo, steps = self._resolve(sampler, steps)
-        return (self.name, algo, steps, tuple(sorted((k, v) for k, v in self._cfg.items() if k not in ("sampler", "steps"))))
+        cfg = tuple(sorted((k, v) for k, v in self._cfg.items() if k not in ("sampler", "steps")))
+        return (self.name, algo, steps, cfg)
 
     @torch.no_grad()
     def sample(

@@ -15,6 +15,7 @@ which hurts at 5-10 steps - Lin et al. 2023).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
@@ -55,7 +56,7 @@ class DDPMFormulation(Formulation):
         self._coef_cpu = (ab.sqrt().float(), (1 - ab).sqrt().float())
         self._coef_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._templates: dict[str, object] = {}
-        self._timesteps: dict[tuple[str, int], list[int]] = {}
+        self._timesteps: dict[tuple[str, int], tuple[int, ...]] = {}
         super().__init__(
             prediction=prediction, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
             beta_start=beta_start, beta_end=beta_end, timestep_spacing=timestep_spacing,
@@ -128,21 +129,27 @@ class DDPMFormulation(Formulation):
     def _fresh(self, sampler: str, steps: int):
         """A scheduler with fresh per-call state (shallow copy: config and beta tables are shared, read-only)."""
         sch = copy.copy(self._template(sampler))
-        sch.set_timesteps(steps)
+        with warnings.catch_warnings():  # diffusers calls np.array(tensor) here; numpy 2 warns about it each call
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            sch.set_timesteps(steps)
         if hasattr(sch, "set_begin_index"):
             sch.set_begin_index(0)
         return sch
 
-    def timesteps(self, sampler: str, steps: int) -> list[int]:
+    def timesteps(self, sampler: str, steps: int) -> tuple[int, ...]:
+        """The integer timesteps diffusers' scheduler visits (cached per (sampler, steps))."""
         key = self._resolve(sampler, steps)
         if key not in self._timesteps:
-            self._timesteps[key] = [int(t) for t in self._fresh(*key).timesteps]
+            self._timesteps[key] = tuple(int(t) for t in self._fresh(*key).timesteps)
         return self._timesteps[key]
 
     def _schedule(self, sampler, steps):
         return [f32(t) for t in self.timesteps(sampler, steps)]
 
     def _sample(self, net, noise, sampler, steps, generator):
+        if noise.dim() == 1:  # diffusers' DDPM step reads shape[1]; give it [B, 1]
+            flat_net = lambda x, c, k: net(x[:, 0], c, k)[:, None]  # noqa: E731
+            return self._sample(flat_net, noise[:, None], sampler, steps, generator)[:, 0]
         sch = self._fresh(sampler, steps)
         extra = {"generator": generator} if sampler == "ddpm" else {}
         reclip = sampler == "dpmsolver++" and self.clip_sample is not None

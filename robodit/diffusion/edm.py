@@ -137,15 +137,23 @@ class EDMFormulation(Formulation):
 
     def _sample(self, net, noise, sampler, steps, generator):
         sig = self.sigmas(steps)
+        sd2, clip = self.sigma_data**2, self.clip_sample
         coef = [(self.c_in(s), self.c_skip(s), self.c_out(s), f32(self.c_noise(s))) for s in sig[:-1]]
-        clip = self.clip_sample
 
         def denoise(x, i, k):
             c_in, c_skip, c_out, cond = coef[i]
-            d = c_skip * x + c_out * net(x * c_in, cond, k)
+            d = torch.add(x * c_skip, net(x * c_in, cond, k), alpha=c_out)
             return d.clamp(-clip, clip) if clip is not None else d
+
+        def velocity(x, i, k):
+            """dx/dsigma = (x - D) / sigma = x * s / (s^2 + sd^2) - F * c_out / s (fused when not clipping)."""
+            s = sig[i]
+            if clip is not None:
+                return (x - denoise(x, i, k)) / s
+            c_in, _, c_out, cond = coef[i]
+            return torch.add(x * (s / (s * s + sd2)), net(x * c_in, cond, k), alpha=-c_out / s)
 
         x = noise * sig[0]
         if sampler == "dpmsolver++":
             return dpmpp_2m(denoise, x, sig)
-        return euler_heun(lambda x, i, k: (x - denoise(x, i, k)) / sig[i], x, sig, heun=sampler == "heun")
+        return euler_heun(velocity, x, sig, heun=sampler == "heun")

@@ -37,11 +37,11 @@ def euler_heun(velocity: Fn, x: torch.Tensor, levels: list[float], heun: bool) -
         h = levels[i + 1] - levels[i]
         d = velocity(x, i, k)
         k += 1
-        x_next = x + h * d
+        x_next = torch.add(x, d, alpha=h)
         if heun and levels[i + 1] > 0:
             d2 = velocity(x_next, i + 1, k)
             k += 1
-            x_next = x + (0.5 * h) * (d + d2)
+            x_next = torch.add(x, d + d2, alpha=0.5 * h)
         x = x_next
     return x
 
@@ -63,8 +63,8 @@ def dpmpp_2m(denoise: Fn, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
             d_mix = d
         else:
             c = 0.5 * h / h_prev
-            d_mix = (1.0 + c) * d - c * d_prev
+            d_mix = torch.add(d * (1.0 + c), d_prev, alpha=-c)
         ratio = s1 / s0
-        x = ratio * x + (1.0 - ratio) * d_mix
+        x = torch.add(x * ratio, d_mix, alpha=1.0 - ratio)
         d_prev, h_prev = d, h
     return x

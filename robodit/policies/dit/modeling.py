@@ -20,7 +20,7 @@ from robodit.policies.diffusion_policy import DiffusionPolicy
 SIZES = {
     # name: (width, decoder depth, heads, obs-encoder depth, image channels)
     "tiny": (64, 2, 2, 1, (8, 16, 32, 32)),
-    "base": (256, 6, 4, 2, (32, 64, 128, 256)),
+    "base": (256, 4, 4, 1, (32, 64, 128, 256)),
     "large": (512, 12, 8, 4, (64, 128, 256, 512)),
 }
 
