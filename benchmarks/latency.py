@@ -51,13 +51,17 @@ def identity_normalizer(meta: dict) -> Normalizer:
 
 
 def time_policy(policy, obs, repeats: int, warmup: int = 5) -> dict:
-    gen = torch.Generator().manual_seed(0)
+    device = policy.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         policy.predict_action(obs, generator=gen)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         policy.predict_action(obs, generator=gen)
+        sync()
         times.append(1000 * (time.perf_counter() - t0))
     return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
             "min_ms": min(times)}
@@ -69,25 +73,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--images", action="store_true", help="add one 84 px camera to the observation")
     ap.add_argument("--only", default="", help="substring filter on the row label")
-    ap.add_argument("--out", default="benchmarks/results/latency.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     meta = shape_meta(args.images)
-    obs = {"state": torch.randn(1, 2, 39)}
+    device = torch.device(args.device)
+    args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
+    obs = {"state": torch.randn(1, 2, 39, device=device)}
     if args.images:
-        obs["image_corner2"] = torch.randint(0, 255, (1, 2, 84, 84, 3), dtype=torch.uint8)
+        obs["image_corner2"] = torch.randint(0, 255, (1, 2, 84, 84, 3), dtype=torch.uint8, device=device)
     rows = []
     for label, cls, kw in CONFIGS:
         if args.only and args.only not in label:
             continue
         torch.manual_seed(0)
-        policy = cls(meta, identity_normalizer(meta), **kw).eval()
+        policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
         params = sum(p.numel() for p in policy.parameters())
         row = {"policy": label, "params_M": round(params / 1e6, 2), **time_policy(policy, obs, args.repeats)}
         rows.append(row)
         print(f"{label:28s} {row['params_M']:7.2f}M  median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms",
               flush=True)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "gpu": gpu,
                           "torch": torch.__version__}, "images": args.images, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
