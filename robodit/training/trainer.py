@@ -118,8 +118,9 @@ class Trainer:
     def run(self) -> Path | None:
         tc, dist = self.tc, self.dist
         _seed_everything(tc.seed)
-        self._build_data()
-        policy = self._build_policy().to(self.device)
+        self._build_data()  # same seed on every rank: identical split and normaliser
+        policy = self._build_policy().to(self.device)  # same init on every rank (DDP also broadcasts it)
+        _seed_everything(tc.seed + 1000 * dist.rank)  # each rank draws its own diffusion noise
         if tc.get("init_from"):
             self._init_from(policy, tc.init_from)
         decay, no_decay = [], []
@@ -225,6 +226,11 @@ class Trainer:
                 "train": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def _save(self, step, policy, optimizer, scheduler, ema, config, elapsed) -> Path | None:
+        rng = _rng_state()
+        if self.dist.world_size > 1:  # every rank's RNG, so a resumed DDP run replays exactly
+            states = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(states, rng)
+            rng = {"per_rank": states}
         if not self.dist.is_main:
             self.dist.barrier()
             return None
@@ -233,7 +239,7 @@ class Trainer:
         for (name, _), shadow in zip(((n, p) for n, p in policy.named_parameters()), ema.shadow_params):
             ema_state[name] = shadow
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "ema": ema.state_dict(), "rng": _rng_state(), "elapsed_s": elapsed}
+                       "ema": ema.state_dict(), "rng": rng, "elapsed_s": elapsed}
         path = ckpt_io.save_checkpoint(self.out_dir / "checkpoints" / f"step_{step:08d}", model_state=model_state,
                                        ema_state=ema_state, normalizer_state=policy.normalizer.state_dict_flat(),
                                        config=config, train_state=train_state)
@@ -263,7 +269,11 @@ class Trainer:
         scheduler.load_state_dict(ts["scheduler"])
         ema.load_state_dict(ts["ema"])
         ema.to(self.device)
-        _set_rng_state(ts["rng"])
+        per_rank = ts["rng"].get("per_rank", [ts["rng"]])
+        if len(per_rank) == self.dist.world_size:
+            _set_rng_state(per_rank[self.dist.rank])
+        else:  # world size changed: exact replay is impossible, reseed deterministically instead
+            _seed_everything(self.tc.seed + 1000 * self.dist.rank + int(ts["step"]))
         policy.on_weights_changed()
         return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
 
