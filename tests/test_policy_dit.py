@@ -70,3 +70,34 @@ def test_bad_config_is_clear():
         DiTPolicy(SHAPES, _normalizer(), size="huge")
     with pytest.raises(ValueError, match="n_action_steps"):
         DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=4, n_action_steps=8)
+
+
+def test_inference_cache_matches_uncached_and_follows_weight_changes():
+    torch.manual_seed(0)
+    policy = DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8, num_inference_steps=4).eval()
+    obs = {k[4:]: v[:2] for k, v in _batch().items() if k.startswith("obs.")}
+
+    def uncached():
+        orig = policy.denoise
+        policy.denoise = lambda x, c, cond, step_index=None: orig(x, c, cond, None)
+        try:
+            return policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+        finally:
+            del policy.denoise
+
+    cached = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(cached, uncached(), atol=1e-6)
+    # an optimizer step changes the noise embedding; the trainer's hook must drop the cache
+    policy.train()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    for p in policy.parameters():
+        p.grad = torch.randn_like(p)
+    policy.eval()
+    policy.predict_action(obs)  # fills the cache with the old weights
+    opt.step()
+    policy.on_weights_changed()  # what the trainer calls after every optimizer step
+    assert torch.allclose(policy.predict_action(obs, generator=torch.Generator().manual_seed(3)), uncached(), atol=1e-6)
+    # load_state_dict in eval mode drops the cache too
+    other = DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8, num_inference_steps=4)
+    policy.load_state_dict(other.state_dict())
+    assert torch.allclose(policy.predict_action(obs, generator=torch.Generator().manual_seed(3)), uncached(), atol=1e-6)

@@ -47,12 +47,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised K, V of `context`: cross-attention to a fixed context computes these once per chunk."""
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        q = self.q_norm(rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads))
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
@@ -96,12 +99,16 @@ class AdaLNZeroBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(cond).chunk(6, dim=-1)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                modulation: torch.Tensor | None = None,
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`modulation` (= self.ada(cond), [B or 1, 6D]) and `context_kv` may be precomputed by inference caches."""
+        mod = self.ada(cond) if modulation is None else modulation
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), mask=mask)
-        if self.cross is not None and context is not None:
-            x = x + self.cross(self.norm_x(x), context, mask=context_mask)
+        if self.cross is not None and (context is not None or context_kv is not None):
+            x = x + self.cross(self.norm_x(x), context, mask=context_mask, kv=context_kv)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
@@ -117,8 +124,9 @@ class AdaLNFinal(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada(cond).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        shift, scale = (self.ada(cond) if modulation is None else modulation).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
 
 

@@ -118,5 +118,10 @@ class Policy(nn.Module, abc.ABC):
     def reset(self) -> None:  # noqa: B027 - stateless policies need nothing
         """Forget per-episode state (called by the runner at every reset)."""
 
-    def on_weights_changed(self) -> None:  # noqa: B027 - hook for inference caches (MoDE)
-        """Called by the trainer after each optimizer step and by loaders after loading weights."""
+    def on_weights_changed(self) -> None:  # noqa: B027 - hook for inference caches
+        """Called by the trainer after each optimizer step and after `load_state_dict`: drop inference caches."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.on_weights_changed()
+        return result

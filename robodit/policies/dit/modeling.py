@@ -50,6 +50,33 @@ class DiTPolicy(DiffusionPolicy):
         self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
         self.blocks = nn.ModuleList(AdaLNZeroBlock(w, h, dropout=dropout) for _ in range(d))
         self.head = AdaLNFinal(w, self.action_dim)
+        self._noise_cache: dict = {}
+
+    # -- inference caches: everything that does not depend on the noisy actions is computed once --------------
+    def on_weights_changed(self) -> None:
+        self._noise_cache = {}
+
+    def train(self, mode: bool = True):
+        self._noise_cache = {}
+        return super().train(mode)
+
+    def _noise_modulations(self, noise_cond: torch.Tensor) -> list[torch.Tensor]:
+        """Per-block AdaLN modulations (+ the head's, last) for a batch of noise levels [S] → [S, ...]."""
+        c = self.noise_embedding(noise_cond)
+        return [block.ada(c) for block in self.blocks] + [self.head.ada(c)]
+
+    def _cached_modulations(self, step_index: int) -> list[torch.Tensor]:
+        """The sampler's noise levels are fixed by (sampler, steps): embed all steps in one batched pass and keep
+        them until the weights change (keyed by schedule and step index, never by a float)."""
+        key = self.formulation.schedule_key(self.sampler, self.num_inference_steps)
+        mods = self._noise_cache.get(key)
+        if mods is None:
+            levels = torch.tensor(self.formulation.schedule(self.sampler, self.num_inference_steps),
+                                  dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                mods = self._noise_modulations(levels)
+            self._noise_cache = {key: mods}
+        return [m[step_index:step_index + 1] for m in mods]
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
@@ -61,11 +88,16 @@ class DiTPolicy(DiffusionPolicy):
             tokens = torch.cat([self.task_embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
         for block in self.context_encoder:
             tokens = block(tokens)
-        return tokens
+        if self.training:
+            return {"tokens": tokens, "kv": [None] * len(self.blocks)}
+        return {"tokens": tokens, "kv": [block.cross.keys_values(tokens) for block in self.blocks]}
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
-        c = self.noise_embedding(noise_cond.reshape(-1).expand(x_in.shape[0]))
+        if step_index is None or self.training:
+            mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]))
+        else:
+            mods = self._cached_modulations(step_index)
         x = self.action_in(x_in) + self.action_pos
-        for block in self.blocks:
-            x = block(x, c, context=cond)
-        return self.head(x, c)
+        for block, mod, kv in zip(self.blocks, mods, cond["kv"]):
+            x = block(x, context=cond["tokens"], modulation=mod, context_kv=kv)
+        return self.head(x, modulation=mods[-1])
