@@ -1,0 +1,230 @@
+"""MoDE policy: one decoder-only transformer whose FFNs are mixtures of SwiGLU experts routed by noise level.
+
+Tokens [noise, task (when several tasks), observations..., noisy actions] attend to each other in every
+block; RMSNorm pre-norm, QK-norm, and the noise embedding added to the normalised tokens before every
+self-attention. The routers see only the noise embedding, so for a fixed sampler schedule the experts of
+every (step, layer) are known in advance: the expert cache fuses them into one dense MLP per (step, layer),
+keyed by (schedule_key, step index), and drops the routers and the dispatch at inference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from robodit.datasets.normalizer import Normalizer
+from robodit.nn.attention import Attention, RMSNorm
+from robodit.nn.embeddings import SinusoidalEmbedding
+from robodit.nn.encoders import ObservationEncoder
+from robodit.nn.moe import (FusedSwiGLU, NoiseRoutedMoE, Route, check_experts, dispatch_mask, load_balancing_loss,
+                            router_z_loss)
+from robodit.policies.base import register_policy
+from robodit.policies.diffusion_policy import DiffusionPolicy
+
+SIZES = {
+    # name: (width, depth, heads, image channels)
+    "tiny": (64, 2, 2, (8, 16, 32, 32)),
+    "base": (256, 6, 4, (32, 64, 128, 256)),
+    "paper": (1024, 12, 8, (64, 128, 256, 512)),
+}
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class MoDEBlock(nn.Module):
+    """Noise-conditioned self-attention → noise-routed mixture of SwiGLU experts (both pre-RMSNorm)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, num_experts: int, top_k: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads, qk_norm=True, dropout=dropout)
+        self.norm2 = RMSNorm(dim)
+        self.moe = NoiseRoutedMoE(dim, hidden, num_experts, top_k, cond_dim=dim)
+
+    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, fused: FusedSwiGLU | None = None,
+                stochastic: bool = False) -> tuple[torch.Tensor, Route | None]:
+        x = x + self.attn(self.norm1(x) + noise_emb[:, None])
+        h = self.norm2(x)
+        if fused is not None:
+            return x + fused(h), None
+        y, route = self.moe(h, noise_emb, stochastic=stochastic)
+        return x + y, route
+
+
+class CachedStep(NamedTuple):
+    """Everything one denoising step needs that depends only on its noise level."""
+
+    noise_emb: torch.Tensor  # [1, D]
+    mlps: list[FusedSwiGLU]  # one per block
+    experts: list[tuple[int, ...]]  # per block, for inspection
+    weights: list[tuple[float, ...]]
+
+
+@register_policy("mode")
+class MoDEPolicy(DiffusionPolicy):
+    def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
+                 obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
+                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
+                 width: int | None = None, depth: int | None = None, heads: int | None = None,
+                 num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
+                 load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool = True,
+                 dropout: float = 0.0, noise_cond_scale: float | None = None):
+        check_experts(num_experts, top_k)  # before any module is built
+        for name, value in (("load_balance_weight", load_balance_weight), ("router_z_weight", router_z_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if size not in SIZES:
+            raise ValueError(f"unknown mode size {size!r}; choose one of {sorted(SIZES)}")
+        super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
+                         formulation or {"name": "edm"}, sampler, num_inference_steps)
+        w, d, h, channels = SIZES[size]
+        w, d, h = width or w, depth or d, heads or h
+        hidden = expert_hidden or _round_up(8 * w // 3, 64)  # SwiGLU at ~8/3·width: a 4x GELU MLP's parameters
+        self.size, self.width, self.depth, self.heads = size, w, d, h
+        self.num_experts, self.top_k, self.expert_hidden = num_experts, top_k, hidden
+        self.load_balance_weight, self.router_z_weight = float(load_balance_weight), float(router_z_weight)
+        self.expert_cache = bool(expert_cache)
+        self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
+        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
+        # EDM feeds log(σ)/4 (≈ -2..1): spread it like DDPM's 0..999 timesteps (as the DiT baseline does).
+        if noise_cond_scale is None:
+            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") in ("edm", "karras") else 1.0
+        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.action_in = nn.Linear(self.action_dim, w)
+        self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
+        self.blocks = nn.ModuleList(MoDEBlock(w, h, hidden, num_experts, top_k, dropout) for _ in range(d))
+        self.norm_out = RMSNorm(w)
+        self.head = nn.Linear(w, self.action_dim)
+        nn.init.zeros_(self.head.weight)  # EDM: a fresh denoiser outputs c_skip·x
+        nn.init.zeros_(self.head.bias)
+        self._expert_cache: dict = {}
+        self._cache_fingerprint = None
+        self._route_log: list | None = None
+
+    # -- sizes ------------------------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """total; active = what one denoiser evaluation touches (top-k experts per layer + router);
+        active_cached = the same with the expert cache (no router). Works on the meta device."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = sum(b.moe.expert_params for b in self.blocks)
+        router = sum(p.numel() for b in self.blocks for p in b.moe.router.parameters())
+        active = total - (self.num_experts - self.top_k) * per_expert
+        return {"total": total, "active": active, "active_cached": active - router,
+                "experts": self.num_experts * per_expert, "router": router}
+
+    # -- expert cache -------------------------------------------------------------------------------------------
+    def on_weights_changed(self) -> None:
+        self._expert_cache, self._cache_fingerprint = {}, None
+
+    def train(self, mode: bool = True):
+        self.on_weights_changed()
+        return super().train(mode)
+
+    def _fingerprint(self) -> tuple:
+        """Storage and in-place version of every tensor the cache is derived from: a change the trainer's hook
+        did not announce (an EMA swap, a manual copy_) still invalidates the cache."""
+        params = list(self.noise_embedding.parameters()) + [p for b in self.blocks for p in b.moe.parameters()]
+        return tuple((p.data_ptr(), p._version) for p in params)
+
+    @torch.no_grad()
+    def _build_cache(self, key: tuple) -> None:
+        levels = self.formulation.schedule(self.sampler, self.num_inference_steps)
+        emb = self.noise_embedding(torch.tensor(levels, dtype=torch.float32, device=self.device))
+        routes = [block.moe.route(emb) for block in self.blocks]  # eval routing: top-k, renormalised
+        memos: list[dict] = [{} for _ in self.blocks]  # steps that pick the same experts share w_in
+        cache = {}
+        for s in range(len(levels)):
+            experts = [tuple(r.experts[s].tolist()) for r in routes]
+            weights = [tuple(r.weights[s].tolist()) for r in routes]
+            mlps = [block.moe.fuse(list(e), r.weights[s], memo)
+                    for block, e, r, memo in zip(self.blocks, experts, routes, memos)]
+            cache[(key, s)] = CachedStep(emb[s:s + 1], mlps, experts, weights)
+        self._expert_cache, self._cache_fingerprint = cache, self._fingerprint()
+
+    def cached_step(self, step_index: int) -> CachedStep:
+        """The fused step for the current (sampler, steps), built on first use and after any weight change."""
+        key = self.formulation.schedule_key(self.sampler, self.num_inference_steps)
+        if self._cache_fingerprint != self._fingerprint() or (key, 0) not in self._expert_cache:
+            self._build_cache(key)
+        entry = self._expert_cache.get((key, step_index))
+        if entry is None:
+            raise IndexError(f"step_index {step_index} is outside the {self.sampler!r} schedule of "
+                             f"{self.num_inference_steps} steps")
+        return entry
+
+    def inference_routing(self) -> list[dict]:
+        """Per network evaluation of the inference schedule: noise_cond and each layer's experts and weights."""
+        levels = self.formulation.schedule(self.sampler, self.num_inference_steps)
+        steps = [self.cached_step(i) for i in range(len(levels))]
+        return [{"noise_cond": lv, "experts": st.experts, "weights": st.weights} for lv, st in zip(levels, steps)]
+
+    def expert_cache_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for entry in self._expert_cache.values():
+            for t in [entry.noise_emb] + [w for m in entry.mlps for w in (m.w_in, m.w_out)]:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    # -- the network --------------------------------------------------------------------------------------------
+    def encode(self, obs, goal):
+        tokens = self.obs_encoder(obs)
+        if self.task_embedding is not None:
+            task = (goal or {}).get("task_id")
+            if task is None:
+                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+            task = torch.as_tensor(task, device=tokens.device).long().reshape(-1)
+            tokens = torch.cat([self.task_embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
+        return {"tokens": tokens}
+
+    def denoise(self, x_in, noise_cond, cond, step_index=None):
+        """With a step index (sampling in eval mode) the cached step of this policy's (sampler, steps) replaces
+        noise_cond: the caller's step index must come from that schedule, as `predict_action`'s does."""
+        batch = x_in.shape[0]
+        if step_index is not None and self.expert_cache and not self.training:
+            step = self.cached_step(step_index)
+            noise_emb, mlps = step.noise_emb.expand(batch, -1), step.mlps
+        else:
+            noise_emb, mlps = self.noise_embedding(noise_cond.reshape(-1).expand(batch)), [None] * len(self.blocks)
+        actions = self.action_in(x_in) + self.action_pos
+        x = torch.cat([noise_emb[:, None].to(actions.dtype), cond["tokens"], actions], dim=1)
+        routes = []
+        for block, mlp in zip(self.blocks, mlps):
+            x, route = block(x, noise_emb, fused=mlp, stochastic=self.training)
+            routes.append(route)
+        if self._route_log is not None:
+            self._route_log.append((noise_cond.reshape(-1).expand(batch), routes))
+        return self.head(self.norm_out(x[:, -self.action_horizon:]))
+
+    def route(self, noise_cond: torch.Tensor, stochastic: bool = False) -> list[Route]:
+        """Each layer's routing for noise levels [B]: a function of the noise level alone."""
+        emb = self.noise_embedding(noise_cond.reshape(-1))
+        return [block.moe.route(emb, stochastic) for block in self.blocks]
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def compute_loss(self, batch):
+        self._route_log = []
+        try:
+            out = super().compute_loss(batch)
+            (noise_cond, routes), = self._route_log
+        finally:
+            self._route_log = None
+        masks = torch.stack([dispatch_mask(r, self.num_experts) for r in routes])  # [L, B, E]
+        balance = torch.stack([load_balancing_loss(r.probs, m) for r, m in zip(routes, masks)]).mean()
+        z_loss = torch.stack([router_z_loss(r.logits) for r in routes]).mean()
+        out["loss"] = out["loss"] + self.load_balance_weight * balance + self.router_z_weight * z_loss
+        out["load_balance_loss"], out["router_z_loss"] = balance.detach(), z_loss.detach()
+        # Usage = share of dispatches per expert (uniform = 1/E), overall and for the lower / upper half of the
+        # batch's noise levels: diverging halves are the experts specialising by noise level.
+        low = noise_cond <= noise_cond.median()
+        for name, sel in (("expert_usage", slice(None)), ("expert_usage_low_noise", low),
+                          ("expert_usage_high_noise", ~low)):
+            m = masks[:, sel]
+            if m.shape[1] == 0:
+                continue
+            usage = m.sum((0, 1)) / m.sum().clamp_min(1.0)
+            out.update({f"{name}/{i}": usage[i].detach() for i in range(self.num_experts)})
+        return out
