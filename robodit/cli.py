@@ -26,6 +26,24 @@ def _cmd_info(args: argparse.Namespace) -> None:
     info_command(args)
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from robodit.datasets.convert import convert_command
+
+    convert_command(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from robodit.envs.remote import serve_command
+
+    serve_command(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from robodit.control.loop import run_command
+
+    run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robodit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +63,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert a LeRobot dataset or a robomimic HDF5 file into a store")
+    p.add_argument("format", choices=["lerobot", "robomimic"])
+    p.add_argument("source", help="LeRobot dataset folder (v3.0/v2.1) or robomimic .hdf5 file")
+    p.add_argument("--out", required=True, help="path of the Zarr store (created, or resumed)")
+    p.add_argument("--map", action="append", metavar="KEY=FEATURE", help="store FEATURE as KEY (repeatable)")
+    p.add_argument("--drop", action="append", metavar="FEATURE", help="do not store FEATURE (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="convert at most N more episodes")
+    p.add_argument("--filter", default=None, help="robomimic: only demos of mask/FILTER (e.g. train)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("serve", help="serve a checkpoint's policy over a websocket (token required)")
+    p.add_argument("checkpoint", help="checkpoint directory or training out_dir")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; ws:// is unencrypted)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None, help="shared secret, >= 16 chars (default: $ROBODIT_TOKEN)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-clients", type=int, default=8)
+    p.add_argument("--num-inference-steps", type=int, default=None, help="override the sampler's step count")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("run", help="drive a robot (or --dry-run a simulated one) with a policy in real time")
+    p.add_argument("--policy", required=True, help="checkpoint directory, or ws://HOST:PORT of `robodit serve`")
+    p.add_argument("--robot", required=True, help="robot config YAML (configs/robot/*.yaml)")
+    p.add_argument("--strategy", choices=["receding", "ensemble", "async"], default=None,
+                   help="chunk execution (default: the config's, else receding)")
+    p.add_argument("--hz", type=float, default=None, help="control rate (default: the config's control_hz)")
+    p.add_argument("--dry-run", action="store_true", help="a simulated robot shaped like the policy; no hardware")
+    p.add_argument("--steps", type=int, default=200, help="control ticks to run")
+    p.add_argument("--n-action-steps", type=int, default=None, help="actions executed per chunk (receding/async)")
+    p.add_argument("--token", default=None, help="server token for a ws:// policy (default: $ROBODIT_TOKEN)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--task", default=None, help="task name for simulators")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", default=None, help="write per-step timing as JSON lines here")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -1,0 +1,151 @@
+"""LeRobot hardware behind the ControlInterface, without importing lerobot unless a config asks it to build one.
+
+`LeRobotRobot(robot)` wraps any object with LeRobot's robot API: `connect()`, `get_observation() -> {name: value}`,
+`send_action({name: value}) -> {name: value actually sent}`, `disconnect()`, and the `observation_features` /
+`action_features` dicts (name → `float` for a scalar such as "shoulder_pan.pos", or an (H, W, C) tuple for a
+camera). Scalars are packed, in feature order, into `state`; cameras become uint8 `image_<name>`; the action
+vector follows `action_features` order. So an SO-100 arm, a bimanual rig or a test double all look alike.
+
+LeRobot reports no action limits, so bounds come from the robot config; the safety layer refuses to run with
+infinite bounds. `stop()` (what an e-stop calls) commands the present measured positions: a position-controlled
+arm stays where it is instead of finishing its last target.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import pkgutil
+from typing import Any
+
+import numpy as np
+
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
+
+log = logging.getLogger("robodit.lerobot")
+
+
+def _is_scalar(feature) -> bool:
+    return feature in (float, int, bool) or isinstance(feature, type)
+
+
+class LeRobotRobot(ControlInterface):
+    def __init__(self, robot, *, control_hz: float = 30.0, action_low=None, action_high=None,
+                 max_episode_steps: int = 10**9, name: str | None = None, calibrate: bool = True):
+        self.robot, self.calibrate = robot, calibrate
+        obs_ft, act_ft = dict(robot.observation_features), dict(robot.action_features)
+        self.state_names = [k for k, v in obs_ft.items() if _is_scalar(v)]
+        self.cameras = {k: tuple(int(x) for x in v) for k, v in obs_ft.items() if not _is_scalar(v)}
+        bad = [k for k, v in act_ft.items() if not _is_scalar(v)]
+        if bad:
+            raise ValueError(f"action features {bad} are not scalars; LeRobotRobot sends flat float actions")
+        self.action_names = list(act_ft)
+        n = len(self.action_names)
+        low = np.full(n, -np.inf, np.float32) if action_low is None else np.asarray(action_low, np.float32)
+        high = np.full(n, np.inf, np.float32) if action_high is None else np.asarray(action_high, np.float32)
+        if low.shape != (n,) or high.shape != (n,):
+            raise ValueError(f"action_low/high need {n} values, one per action feature {self.action_names}")
+        observation = {"state": ArraySpec((len(self.state_names),), "float32")}
+        observation.update({f"image_{k}": ArraySpec(v, "uint8") for k, v in self.cameras.items()})
+        self.spec = EnvSpec(observation=observation, action_dim=n, action_low=low, action_high=high,
+                            control_hz=float(control_hz), robot=name or type(robot).__name__,
+                            max_episode_steps=int(max_episode_steps),
+                            extra={"state_names": self.state_names, "action_names": self.action_names})
+        self._t = 0
+        self.robot_clipped = 0  # steps where the robot's own limits changed the command
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], control_hz: float = 30.0) -> "LeRobotRobot":
+        """`factory: "module:callable"` (+ `kwargs`) for any robot object, or `lerobot: {type: ..., ...}`."""
+        cfg = dict(cfg)
+        if "factory" in cfg:
+            module, _, attr = str(cfg["factory"]).partition(":")
+            robot = getattr(importlib.import_module(module), attr)(**(cfg.get("kwargs") or {}))
+        elif "lerobot" in cfg:
+            robot = make_lerobot_robot(**cfg["lerobot"])
+        else:
+            raise ValueError("robot.type lerobot needs robot.factory ('module:callable') or robot.lerobot "
+                             "({type: so101_follower, port: ..., ...})")
+        keys = ("action_low", "action_high", "max_episode_steps", "name", "calibrate")
+        return cls(robot, control_hz=control_hz, **{k: cfg[k] for k in keys if k in cfg})
+
+    # -- conversions -----------------------------------------------------------------------------------------
+    def _obs(self, raw: dict[str, Any]) -> dict[str, np.ndarray]:
+        missing = [k for k in (*self.state_names, *self.cameras) if k not in raw]
+        if missing:
+            raise RuntimeError(f"robot observation lacks features {missing} it declared")
+        obs = {"state": np.asarray([float(raw[k]) for k in self.state_names], np.float32)}
+        for k, shape in self.cameras.items():
+            img = np.asarray(raw[k])
+            if img.shape != shape:
+                raise RuntimeError(f"camera {k!r} sent a frame of shape {img.shape}; it declared {shape}")
+            obs[f"image_{k}"] = img.astype(np.uint8, copy=False)
+        return obs
+
+    def _action_dict(self, action: np.ndarray) -> dict[str, float]:
+        a = np.asarray(action, np.float64).reshape(-1)
+        if a.size != len(self.action_names):
+            raise ValueError(f"action has {a.size} values; the robot expects {len(self.action_names)} "
+                             f"({self.action_names})")
+        return {k: float(v) for k, v in zip(self.action_names, a)}
+
+    # -- ControlInterface ----------------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if getattr(self.robot, "is_connected", False):
+            return
+        params = inspect.signature(self.robot.connect).parameters
+        self.robot.connect(calibrate=self.calibrate) if "calibrate" in params else self.robot.connect()
+
+    def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
+        """Connect if needed and read the present observation (a person resets a real scene)."""
+        self._connect()
+        self._t = 0
+        return self._obs(self.robot.get_observation())
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool, bool, dict[str, Any]]:
+        command = self._action_dict(action)
+        sent = self.robot.send_action(command)
+        info: dict[str, Any] = {}
+        if isinstance(sent, dict) and sent:
+            sent_vec = np.asarray([float(sent.get(k, command[k])) for k in self.action_names], np.float32)
+            info["sent_action"] = sent_vec
+            if not np.allclose(sent_vec, list(command.values()), atol=1e-6):
+                self.robot_clipped += 1
+                info["robot_clipped"] = True
+        obs = self._obs(self.robot.get_observation())
+        self._t += 1
+        info["steps"] = self._t
+        return obs, False, self._t >= self.spec.max_episode_steps, info
+
+    def stop(self) -> None:
+        """Command the measured positions of every actuator whose action name is also an observation."""
+        raw = self.robot.get_observation()
+        hold = {k: float(raw[k]) for k in self.action_names if k in raw}
+        if len(hold) == len(self.action_names):
+            self.robot.send_action(hold)
+        else:
+            log.error("stop: cannot hold position, actions %s are not observed",
+                      sorted(set(self.action_names) - set(hold)))
+
+    def close(self) -> None:
+        if getattr(self.robot, "is_connected", True):
+            self.robot.disconnect()
+
+
+def make_lerobot_robot(type: str, **kwargs):  # noqa: A002 - LeRobot's own key name
+    """Build a LeRobot robot from its registered config type (needs lerobot and its hardware extras)."""
+    try:
+        import draccus
+        import lerobot.robots as robots
+        from lerobot.robots import RobotConfig, make_robot_from_config
+    except ImportError as exc:
+        raise ImportError(f"robot.lerobot needs the lerobot package with its dependencies ({exc}); "
+                          "pip install lerobot, or use robot.factory") from None
+    for mod in pkgutil.iter_modules(robots.__path__):  # config classes register themselves on import
+        try:
+            importlib.import_module(f"{robots.__name__}.{mod.name}")
+        except ImportError as exc:
+            log.debug("lerobot robot module %s unavailable: %s", mod.name, exc)
+    config = draccus.decode(RobotConfig, {"type": type, **kwargs})
+    return make_robot_from_config(config)

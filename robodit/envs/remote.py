@@ -1,0 +1,370 @@
+"""Policy server (`robodit serve`) and its client `RemotePolicy`: run the model on a GPU box, the loop by the arm.
+
+Protocol (websocket, binary msgpack frames, arrays as in robodit.envs.wire):
+  → {"type": "infer", "id", "obs": {key: [B, To, ...]}, "goal": {...} | None, "seed": int | None}
+  ← {"type": "action", "id", "action": float32 [B, Tp, A], "infer_ms"}  or  {"type": "error", "id", "code", "error"}
+  → {"type": "meta"} ← the policy's observation shapes, horizons, limits;  → {"type": "ping"} ← {"type": "pong"}
+Plain `GET /healthz` answers JSON without a token.
+
+Why it is shaped this way: the token is checked during the HTTP handshake (`Authorization: Bearer T`, compared
+as SHA-256 digests with `hmac.compare_digest`: constant time, no length leak), so an unauthenticated peer never
+reaches the message handler, let alone the model. Inference runs in one worker thread (`run_in_executor`),
+so the event loop keeps answering /healthz, websocket pings and other clients while the model computes.
+`max_size` makes the websocket library refuse an oversized message (close code 1009) before buffering it.
+Every bad observation gets an error reply naming the key and the problem; the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from http import HTTPStatus
+from typing import Any
+
+import numpy as np
+
+from robodit.envs.wire import WireError, check_goal, check_observation, is_image, pack, unpack
+
+log = logging.getLogger("robodit.server")
+PROTOCOL = 1
+MIN_TOKEN_LEN = 16
+TOKEN_ENV = "ROBODIT_TOKEN"
+
+
+class RemotePolicyError(RuntimeError):
+    """The server refused or failed a request (its message is in the text)."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class PolicyServer:
+    """Serve one policy to several clients. `start()` runs it in a background thread (tests, benchmarks);
+    `await run(max_seconds)` runs it in the current event loop (the CLI)."""
+
+    def __init__(self, policy, token: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 8,
+                 max_clients: int = 8, max_request_bytes: int | None = None):
+        if not token or len(token) < MIN_TOKEN_LEN:
+            raise ValueError(f"the server token must have at least {MIN_TOKEN_LEN} characters; make one with "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+        self.policy, self.host, self.port = policy, host, int(port)
+        self._token = _digest(token)
+        self.max_batch, self.max_clients = int(max_batch), int(max_clients)
+        self.obs_shapes = {k: (tuple(s), str(d)) for k, (s, d) in policy.obs_shapes.items()}
+        self.obs_horizon = int(policy.obs_horizon)
+        per_sample = sum(int(np.prod(s)) * (1 if is_image(s, d) else 8) for s, d in self.obs_shapes.values())
+        self.max_request_bytes = int(max_request_bytes or self.max_batch * self.obs_horizon * per_sample + 256 * 1024)
+        self.meta = {"protocol": PROTOCOL, "policy": getattr(policy, "name", type(policy).__name__),
+                     "obs_shapes": {k: [list(s), d] for k, (s, d) in self.obs_shapes.items()},
+                     "obs_horizon": self.obs_horizon, "action_horizon": int(policy.action_horizon),
+                     "n_action_steps": int(policy.n_action_steps), "action_dim": int(policy.action_dim),
+                     "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes}
+        self.stats = {"clients": 0, "served": 0, "errors": 0, "refused_auth": 0, "refused_busy": 0, "inflight": 0}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="robodit-serve")
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    # -- handshake: health and authentication, before any message is read -----------------------------------------
+    def _process_request(self, connection, request):
+        if request.path.split("?", 1)[0] == "/healthz":
+            body = {"status": "ok", **{k: self.stats[k] for k in ("clients", "served", "errors", "inflight")}}
+            return connection.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(_digest(given), self._token):
+            self.stats["refused_auth"] += 1
+            log.warning("refused a connection from %s: missing or wrong token", connection.remote_address)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        if self.stats["clients"] >= self.max_clients:
+            self.stats["refused_busy"] += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"server full ({self.max_clients} clients)\n")
+        return None
+
+    async def _handler(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        self.stats["clients"] += 1
+        log.info("client %s connected", ws.remote_address)
+        try:
+            async for message in ws:
+                await ws.send(pack(await self._reply(message)))
+        except ConnectionClosed as exc:
+            if exc.rcvd is None and exc.sent is not None and exc.sent.code == 1009:
+                log.warning("client %s sent a message over %d bytes: closed", ws.remote_address,
+                            self.max_request_bytes)
+        finally:
+            self.stats["clients"] -= 1
+
+    def _error(self, rid, code: str, message: str) -> dict:
+        self.stats["errors"] += 1
+        log.info("error reply (%s): %s", code, message)
+        return {"type": "error", "id": rid, "code": code, "error": message}
+
+    async def _reply(self, message) -> dict:
+        try:
+            req = unpack(message)
+        except WireError as exc:
+            return self._error(None, exc.code, str(exc))
+        if not isinstance(req, dict):
+            return self._error(None, "malformed", f"a request must be a map, got {type(req).__name__}")
+        rid, kind = req.get("id"), req.get("type")
+        if kind == "ping":
+            return {"type": "pong", "id": rid, "time": time.time()}
+        if kind == "meta":
+            return {"type": "meta", "id": rid, **self.meta}
+        if kind != "infer":
+            return self._error(rid, "bad_request", f"unknown request type {kind!r}; expected infer | meta | ping")
+        try:
+            obs = check_observation(req.get("obs"), self.obs_shapes, self.obs_horizon, self.max_batch)
+            goal = check_goal(req.get("goal"))
+            seed = req.get("seed")
+            if seed is not None and not isinstance(seed, int):
+                raise WireError(f"'seed' must be an int or null, got {type(seed).__name__}", "bad_request")
+        except WireError as exc:
+            return self._error(rid, exc.code, str(exc))
+        self.stats["inflight"] += 1
+        try:
+            action, spent = await asyncio.get_running_loop().run_in_executor(self.pool, self._infer, obs, goal, seed)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._error(rid, "policy_error", f"the policy refused the request: {exc}")
+        except Exception as exc:  # the server keeps serving whatever the model does
+            log.exception("inference failed")
+            return self._error(rid, "internal", f"inference failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.stats["inflight"] -= 1
+        self.stats["served"] += 1
+        return {"type": "action", "id": rid, "action": action, "infer_ms": 1000 * spent}
+
+    def _infer(self, obs, goal, seed) -> tuple[np.ndarray, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        device = self.policy.device
+        gen = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+        with torch.inference_mode():
+            t_obs = {k: torch.from_numpy(v).to(device) for k, v in obs.items()}
+            t_goal = None if goal is None else {k: torch.from_numpy(v).to(device) for k, v in goal.items()}
+            action = self.policy.predict_action(t_obs, goal=t_goal, generator=gen)
+        return action.float().cpu().numpy(), time.perf_counter() - t0
+
+    # -- running ------------------------------------------------------------------------------------------------
+    async def run(self, max_seconds: float | None = None) -> None:
+        """Serve until `stop()` (or SIGINT/SIGTERM from the CLI) or `max_seconds`."""
+        from websockets.asyncio.server import serve
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with serve(self._handler, self.host, self.port, process_request=self._process_request,
+                         max_size=self.max_request_bytes, max_queue=4, ping_interval=20, ping_timeout=20) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=max_seconds)
+            except TimeoutError:
+                log.info("stopping after %s s (--max-seconds)", max_seconds)
+
+    def start(self) -> "PolicyServer":
+        def target():
+            try:
+                asyncio.run(self.run())
+            except BaseException as exc:  # reported to start()'s caller
+                self._failed = exc
+                self._ready.set()
+
+        self._thread = threading.Thread(target=target, name="robodit-server", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._failed is not None:
+            raise self._failed
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class RemotePolicy:
+    """`predict_action(obs, goal=None, generator=None) -> Tensor [B, Tp, A]`, computed by a PolicyServer.
+
+    Mirrors a local policy's attributes (obs_shapes, obs_horizon, action_horizon, n_action_steps, action_dim,
+    device) from the server's meta, so the runner and evaluation use either. A `generator` is turned into a
+    seed for the server, so remote rollouts are as reproducible as local ones. Not for concurrent callers:
+    one request is in flight at a time (a lock enforces it).
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+        import torch
+
+        self.url, self.timeout = url.rstrip("/"), float(timeout)
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        self.device = torch.device("cpu")
+        self._ws = None
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        meta = self._request({"type": "meta"})
+        if meta.get("protocol") != PROTOCOL:
+            raise RemotePolicyError(f"server speaks protocol {meta.get('protocol')}, this client {PROTOCOL}")
+        self.meta = meta
+        self.name = f"remote:{meta['policy']}"
+        self.obs_shapes = {k: (tuple(s), d) for k, (s, d) in meta["obs_shapes"].items()}
+        self.obs_horizon, self.action_horizon = meta["obs_horizon"], meta["action_horizon"]
+        self.n_action_steps, self.action_dim = meta["n_action_steps"], meta["action_dim"]
+
+    def _connect(self):
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect
+
+        try:
+            return connect(self.url, additional_headers={"Authorization": f"Bearer {self.token}"},  # noqa: SIM115
+                           open_timeout=self.timeout, max_size=64 * 2**20, compression=None).__enter__()
+        except InvalidStatus as exc:
+            code = exc.response.status_code
+            why = {401: "missing or wrong token", 503: "server full"}.get(code, exc.response.body.decode()[:200])
+            raise RemotePolicyError(f"{self.url} refused the connection (HTTP {code}: {why})") from None
+        except OSError as exc:
+            raise RemotePolicyError(f"cannot reach {self.url}: {exc}") from None
+
+    def _request(self, msg: dict) -> dict:
+        from websockets.exceptions import ConnectionClosed
+
+        with self._lock:
+            if self._ws is None:
+                self._ws = self._connect()
+            msg = dict(msg, id=next(self._ids))
+            payload = pack(msg)
+            limit = getattr(self, "meta", {}).get("max_request_bytes")
+            if limit and len(payload) > limit:
+                raise RemotePolicyError(f"request of {len(payload)} bytes exceeds the server's {limit}-byte limit")
+            try:
+                self._ws.send(payload)
+                reply = unpack(self._ws.recv(timeout=self.timeout))
+            except (ConnectionClosed, TimeoutError) as exc:
+                ws, self._ws = self._ws, None  # reconnect on the next call
+                ws.close()
+                raise RemotePolicyError(f"connection to {self.url} lost: {exc}") from None
+        if reply.get("type") == "error":
+            raise RemotePolicyError(f"server error ({reply.get('code')}): {reply.get('error')}")
+        if reply.get("id") != msg["id"]:
+            raise RemotePolicyError(f"reply id {reply.get('id')} does not match request {msg['id']}")
+        return reply
+
+    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None, generator=None):
+        import torch
+
+        obs = {k[4:] if k.startswith("obs.") else k: v for k, v in obs.items()}
+        arrays = {}
+        for key, (shape, _) in self.obs_shapes.items():
+            if key not in obs:
+                raise KeyError(f"observation is missing key {key!r}; the policy expects {sorted(self.obs_shapes)}")
+            x = obs[key]
+            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            arrays[key] = x[None] if x.ndim == len(shape) + 1 else x
+        if goal is not None:
+            goal = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                    for k, v in goal.items()}
+        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        reply = self._request({"type": "infer", "obs": arrays, "goal": goal, "seed": seed})
+        self.last_infer_ms = float(reply.get("infer_ms", float("nan")))  # server-side model time
+        return torch.from_numpy(reply["action"])
+
+    def ping(self) -> float:
+        """Round-trip seconds of a ping (no model work)."""
+        t0 = time.perf_counter()
+        self._request({"type": "ping"})
+        return time.perf_counter() - t0
+
+    def reset(self) -> None:
+        """Nothing to forget: served policies are stateless between requests."""
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ws is not None:
+                self._ws.close()
+                self._ws = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def healthz(url: str, timeout: float = 5.0) -> dict:
+    """GET /healthz of a server given its ws:// URL."""
+    import urllib.request
+
+    http = "http" + url[2:] if url.startswith("ws") else url
+    with urllib.request.urlopen(http.rstrip("/") + "/healthz", timeout=timeout) as resp:  # noqa: S310 - ws/http only
+        return json.loads(resp.read())
+
+
+def serve_command(args) -> None:
+    """`robodit serve CHECKPOINT --host --port --token` (token also from $ROBODIT_TOKEN)."""
+    import signal
+
+    import torch
+
+    import robodit
+
+    token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise ValueError(f"a token is required: --token T or ${TOKEN_ENV} (clients send it as a Bearer header)")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        log.warning("binding %s: traffic is unencrypted ws://; prefer 127.0.0.1 behind an SSH tunnel", args.host)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = robodit.load_policy(args.checkpoint, device=args.device)
+    if args.num_inference_steps:
+        policy.num_inference_steps = int(args.num_inference_steps)
+    server = PolicyServer(policy, token, host=args.host, port=args.port, max_batch=args.max_batch,
+                          max_clients=args.max_clients)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: server._stop and server._stop.set())
+        task = asyncio.create_task(server.run(max_seconds=args.max_seconds))
+        while not server._ready.is_set() and not task.done():
+            await asyncio.sleep(0.05)
+        if not task.done():
+            print(f"serving {policy.checkpoint_dir} ({server.meta['policy']}) on {server.url} "
+                  f"(health: http://{args.host}:{server.port}/healthz)", flush=True)
+        await task
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # port in use, address not available
+        from robodit.cli import CLIError
+
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    print(f"server stopped: {server.stats}", flush=True)

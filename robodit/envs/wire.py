@@ -1,0 +1,122 @@
+"""The policy server's wire format (msgpack maps, numpy arrays as {"__ndarray__": 1, dtype, shape, data})
+and the checks a decoded observation must pass before it reaches a model.
+
+Decoding trusts nothing: only plain numeric dtypes (never object / pickle), at most 8 dimensions, and the byte
+count must equal prod(shape) * itemsize, so a hostile message cannot make the server allocate or execute
+anything beyond the bounded bytes it already received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+DTYPES = {"bool", "uint8", "int8", "uint16", "int16", "int32", "uint32", "int64", "float16", "float32", "float64"}
+MAX_NDIM = 8
+
+
+class WireError(ValueError):
+    """A message that is not valid robodit wire format; `code` says which kind of problem for the reply."""
+
+    def __init__(self, message: str, code: str = "malformed"):
+        super().__init__(message)
+        self.code = code
+
+
+def _default(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.name not in DTYPES:
+            raise TypeError(f"cannot send an array of dtype {obj.dtype}; use one of {sorted(DTYPES)}")
+        arr = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
+        return {"__ndarray__": 1, "dtype": obj.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor
+        return _default(obj.detach().cpu().numpy())
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _decode_array(d: dict) -> np.ndarray:
+    dtype, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
+    if dtype not in DTYPES:
+        raise WireError(f"array dtype {dtype!r} is not allowed; use one of {sorted(DTYPES)}", "bad_dtype")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise WireError(f"array shape {shape!r} is not a list of at most {MAX_NDIM} non-negative ints", "bad_shape")
+    if not isinstance(data, bytes):
+        raise WireError("array data must be bytes")
+    dt = np.dtype(dtype).newbyteorder("<")
+    if len(data) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+        raise WireError(f"array of shape {shape} and dtype {dtype} needs "
+                        f"{int(np.prod(shape, dtype=np.int64)) * dt.itemsize} bytes, got {len(data)}", "bad_shape")
+    return np.frombuffer(data, dtype=dt).reshape(shape).astype(dt.newbyteorder("="))  # a writable copy
+
+
+def _hook(d: dict):
+    if d.get("__ndarray__") == 1:
+        return _decode_array(d)
+    return d
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode one message; any problem is a WireError (never another exception type)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("messages must be binary msgpack, got a text frame")
+    try:
+        return msgpack.unpackb(bytes(data), object_hook=_hook, raw=False, strict_map_key=True)
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise WireError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def is_image(shape, dtype) -> bool:
+    return len(shape) == 3 and str(dtype) == "uint8"
+
+
+def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -> dict[str, np.ndarray]:
+    """Validate a decoded observation against the policy's shapes; every problem names the key (WireError)."""
+    if not isinstance(obs, dict):
+        raise WireError("'obs' must be a map {key: array}", "bad_request")
+    missing, extra = sorted(set(obs_shapes) - set(obs)), sorted(set(obs) - set(obs_shapes))
+    if missing or extra:
+        raise WireError(f"observation keys: missing {missing}, unexpected {extra}; the policy expects "
+                        f"{sorted(obs_shapes)}", "bad_request")
+    out, batch = {}, None
+    for key, (shape, dtype) in obs_shapes.items():
+        x = obs[key]
+        if not isinstance(x, np.ndarray):
+            raise WireError(f"observation {key!r} must be an array, got {type(x).__name__}", "bad_request")
+        image = is_image(shape, dtype)
+        if image and x.dtype != np.uint8:
+            raise WireError(f"observation {key!r} has dtype {x.dtype}; expected uint8 (an image)", "bad_dtype")
+        if not image and x.dtype.kind != "f":
+            raise WireError(f"observation {key!r} has dtype {x.dtype}; expected float32", "bad_dtype")
+        frames = [tuple(shape)] + ([(shape[2], shape[0], shape[1])] if image else [])  # HWC or CHW
+        want = f"[B, {obs_horizon}, {', '.join(map(str, shape))}]"
+        if x.ndim != len(shape) + 2 or x.shape[1] != obs_horizon or tuple(x.shape[2:]) not in frames:
+            raise WireError(f"observation {key!r} has shape {list(x.shape)}; expected {want}", "bad_shape")
+        if not 1 <= x.shape[0] <= max_batch or (batch is not None and x.shape[0] != batch):
+            raise WireError(f"observation {key!r} has batch size {x.shape[0]}; expected 1..{max_batch}, "
+                            "the same for every key", "bad_shape")
+        batch = x.shape[0]
+        if not image and not np.isfinite(x).all():
+            raise WireError(f"observation {key!r} contains NaN or inf", "nonfinite")
+        out[key] = x if image else x.astype(np.float32, copy=False)
+    return out
+
+
+def check_goal(goal) -> dict[str, np.ndarray] | None:
+    if goal is None:
+        return None
+    if not isinstance(goal, dict) or not all(isinstance(v, np.ndarray) for v in goal.values()):
+        raise WireError("'goal' must be null or a map {key: array}", "bad_request")
+    for key, v in goal.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise WireError(f"goal {key!r} contains NaN or inf", "nonfinite")
+    return goal

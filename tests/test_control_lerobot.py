@@ -1,0 +1,109 @@
+"""LeRobotRobot with a test double that has LeRobot's robot API (lerobot itself is never imported)."""
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _control_fakes import ConstantPolicy
+
+from robodit.control import ControlLoop, make_executor, policy_infer
+from robodit.envs.lerobot_robot import LeRobotRobot
+from robodit.envs.safety import SafeRobot
+
+MOTORS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex"]
+
+
+class FakeSO100:
+    """LeRobot's method names and feature conventions: "<motor>.pos" floats, cameras as (H, W, C) tuples."""
+
+    def __init__(self, camera=True):
+        self.pos = {f"{m}.pos": 0.0 for m in MOTORS}
+        self.connected, self.sent, self.camera = False, [], camera
+        self.connect_calls = []
+
+    @property
+    def observation_features(self):
+        return {**{k: float for k in self.pos}, **({"front": (24, 32, 3)} if self.camera else {})}
+
+    @property
+    def action_features(self):
+        return {k: float for k in self.pos}
+
+    @property
+    def is_connected(self):
+        return self.connected
+
+    def connect(self, calibrate: bool = True):
+        self.connected = True
+        self.connect_calls.append(calibrate)
+
+    def get_observation(self):
+        assert self.connected
+        obs = dict(self.pos)
+        if self.camera:
+            obs["front"] = np.full((24, 32, 3), 7, np.uint8)
+        return obs
+
+    def send_action(self, action):
+        assert self.connected and set(action) == set(self.pos)
+        self.sent.append(dict(action))
+        for k, v in action.items():  # moves there at once (no dynamics)
+            self.pos[k] = v
+        return action
+
+    def disconnect(self):
+        self.connected = False
+
+
+def test_spec_from_features_and_no_lerobot_import():
+    robot = LeRobotRobot(FakeSO100(), action_low=[-1] * 4, action_high=[1] * 4, control_hz=30)
+    assert robot.spec.observation["state"].shape == (4,) and robot.spec.observation["image_front"].shape == (24, 32, 3)
+    assert robot.spec.action_dim == 4 and robot.state_names == [f"{m}.pos" for m in MOTORS]
+    code = "import sys, robodit.envs.lerobot_robot as m; m.LeRobotRobot; assert 'lerobot' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # the adapter never imports lerobot
+
+
+def test_fifty_steps_through_the_safety_layer(caplog):
+    fake = FakeSO100(camera=False)
+    robot = SafeRobot(LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4, control_hz=200),
+                      {"max_delta": 0.05, "max_delta_reference": {"key": "state", "index": [0, 1, 2, 3]},
+                       "action_high": [0.5, 1, 1, 1], "action_low": [-1] * 4, "watchdog": {"timeout_ms": 500}})
+    policy = ConstantPolicy([0.8, -0.3, 0.0, 0.1])
+    ex = make_executor("receding", policy_infer(policy), hz=200, n_action_steps=4)
+    with caplog.at_level(logging.WARNING, logger="robodit.safety"):
+        res = ControlLoop(robot, policy, ex, 200).run(50)
+    robot.close()
+    assert res.steps == 50 and len(fake.sent) == 50 and not res.stopped
+    first = fake.sent[0]
+    assert first["shoulder_pan.pos"] == pytest.approx(0.05)  # rate-limited from the measured 0
+    pan = [s["shoulder_pan.pos"] for s in fake.sent]
+    assert max(np.abs(np.diff(pan))) <= 0.05 + 1e-6 and max(pan) == pytest.approx(0.5)  # ramps, then bounded
+    assert res.safety["max_delta"] > 0 and res.safety["bounds"] == 50
+    assert "safety bounds" in caplog.text and "safety max_delta" in caplog.text
+    assert fake.connect_calls == [True] and not fake.connected  # connected on reset, disconnected on close
+
+
+def test_estop_holds_the_measured_position():
+    fake = FakeSO100(camera=False)
+    robot = SafeRobot(LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4), {}, watchdog_thread=False)
+    robot.reset()
+    robot.step(np.array([0.2, 0.2, 0.2, 0.2]))
+    robot.estop("test")
+    assert fake.sent[-1] == {f"{m}.pos": pytest.approx(0.2) for m in MOTORS}
+
+
+def test_unbounded_lerobot_robot_needs_safety_bounds():
+    with pytest.raises(ValueError, match="infinite"):
+        SafeRobot(LeRobotRobot(FakeSO100()), {}, watchdog_thread=False)
+
+
+def test_from_config_with_a_factory():
+    cfg = {"factory": f"{__name__}:FakeSO100", "kwargs": {"camera": False}, "action_low": [-2] * 4,
+           "action_high": [2] * 4, "max_episode_steps": 3}
+    robot = LeRobotRobot.from_config(cfg, control_hz=15)
+    assert robot.spec.control_hz == 15 and robot.spec.action_high.tolist() == [2] * 4
+    robot.reset()
+    dones = [robot.step(np.zeros(4))[2] for _ in range(3)]
+    assert dones == [False, False, True]

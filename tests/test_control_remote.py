@@ -1,0 +1,161 @@
+"""Policy server on loopback: refusals leave it healthy; RemotePolicy matches the local policy."""
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from _control_fakes import tiny_dit
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from robodit.envs.remote import PolicyServer, RemotePolicy, RemotePolicyError, healthz
+from robodit.envs.wire import pack, unpack
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class Counting(torch.nn.Module):
+    """Wraps a policy, counts predict_action calls and can be made slow."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.inner, self.calls, self.delay = policy, 0, 0.0
+        for k in ("obs_shapes", "obs_horizon", "action_horizon", "n_action_steps", "action_dim", "name"):
+            setattr(self, k, getattr(policy, k))
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def predict_action(self, obs, goal=None, generator=None):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner.predict_action(obs, goal=goal, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def server():
+    policy = Counting(tiny_dit())
+    with PolicyServer(policy, TOKEN, host="127.0.0.1", port=0) as srv:
+        yield srv
+
+
+def raw(server, token=TOKEN):
+    return connect(server.url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=5)
+
+
+def obs(b=1):
+    return {"state": np.random.default_rng(0).normal(size=(b, 2, 5)).astype(np.float32)}
+
+
+def test_remote_matches_local_and_is_seeded(server):
+    with RemotePolicy(server.url, TOKEN) as remote:
+        assert remote.obs_shapes == {"state": ((5,), "float32")} and remote.action_horizon == 8
+        a = remote.predict_action(obs(2), generator=torch.Generator().manual_seed(3))
+        b = remote.predict_action(obs(2), generator=torch.Generator().manual_seed(3))
+        assert a.shape == (2, 8, 3) and torch.equal(a, b)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(3)).item())
+        local = server.policy.inner.predict_action(obs(2), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(a, local)
+        assert remote.ping() < 1.0
+
+
+def test_wrong_token_is_refused_before_any_work(server):
+    calls, refused = server.policy.calls, server.stats["refused_auth"]
+    with pytest.raises(RemotePolicyError, match="401"):
+        RemotePolicy(server.url, "x" * 26)
+    with pytest.raises(RemotePolicyError, match="401"):
+        RemotePolicy(server.url, "")
+    assert server.policy.calls == calls and server.stats["refused_auth"] == refused + 2
+    assert healthz(server.url)["status"] == "ok"
+
+
+@pytest.mark.parametrize("payload,code,words", [
+    (b"\xc1\xff not msgpack", "malformed", "msgpack"),
+    (msgpack.packb([1, 2, 3]), "malformed", "map"),
+    (pack({"type": "infer", "obs": {"state": np.full((1, 2, 5), np.nan, np.float32)}}), "nonfinite", "'state'"),
+    (pack({"type": "infer", "obs": {"state": np.zeros((1, 3, 5), np.float32)}}), "bad_shape", "[B, 2, 5]"),
+    (pack({"type": "infer", "obs": {"state": np.zeros((1, 2, 5), np.int64)}}), "bad_dtype", "int64"),
+    (pack({"type": "infer", "obs": {"stat": np.zeros((1, 2, 5), np.float32)}}), "bad_request", "missing ['state']"),
+    (pack({"type": "infer", "obs": {"state": {"__ndarray__": 1, "dtype": "object", "shape": [1], "data": b"x"}}}),
+     "bad_dtype", "object"),
+    (pack({"type": "infer", "obs": {"state": {"__ndarray__": 1, "dtype": "float32", "shape": [1, 2, 5],
+                                              "data": b"1234"}}}), "bad_shape", "needs 40 bytes"),
+    (pack({"type": "launch"}), "bad_request", "unknown request type"),
+])
+def test_bad_requests_get_a_named_error_and_the_connection_stays_usable(server, payload, code, words):
+    calls = server.policy.calls
+    with raw(server) as ws:
+        ws.send(payload)
+        reply = unpack(ws.recv(timeout=5))
+        assert reply["type"] == "error" and reply["code"] == code and words in reply["error"], reply
+        ws.send(pack({"type": "infer", "id": 7, "obs": obs()}))
+        ok = unpack(ws.recv(timeout=10))
+        assert ok["type"] == "action" and ok["id"] == 7 and ok["action"].shape == (1, 8, 3)
+    assert server.policy.calls == calls + 1  # only the valid request reached the model
+
+
+def test_text_frames_are_refused(server):
+    with raw(server) as ws:
+        ws.send("hello")
+        assert unpack(ws.recv(timeout=5))["code"] == "malformed"
+
+
+def test_oversized_request_is_refused_and_the_server_stays_healthy(server):
+    big = pack({"type": "infer", "obs": {"state": np.zeros(server.max_request_bytes // 4 + 10, np.float32)}})
+    with raw(server) as ws:
+        ws.send(big)
+        with pytest.raises(ConnectionClosed) as exc:
+            ws.recv(timeout=5)
+    assert exc.value.rcvd.code == 1009  # "message too big", refused by the websocket layer before buffering
+    assert healthz(server.url)["status"] == "ok"
+    with RemotePolicy(server.url, TOKEN) as remote:
+        assert remote.predict_action(obs()).shape == (1, 8, 3)
+        with pytest.raises(RemotePolicyError, match="limit"):  # the client refuses to send it in the first place
+            remote.predict_action({"state": np.zeros((8, 2, 5), np.float32)}, goal={"x": np.zeros(10**6)})
+
+
+def test_health_and_other_clients_answer_during_slow_inference(server):
+    server.policy.delay = 1.0
+    try:
+        results = {}
+
+        def slow():
+            with RemotePolicy(server.url, TOKEN) as r:
+                results["slow"] = r.predict_action(obs())
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.2)  # the slow request is in the model now
+        h = healthz(server.url)
+        with RemotePolicy(server.url, TOKEN) as other:
+            other.ping()
+        assert h["inflight"] == 1 and "slow" not in results  # both answered while the model was still busy
+        t.join(5)
+        assert results["slow"].shape == (1, 8, 3)
+    finally:
+        server.policy.delay = 0.0
+
+
+def test_several_clients_at_once(server):
+    errors, shapes = [], []
+
+    def client(i):
+        try:
+            with RemotePolicy(server.url, TOKEN) as r:
+                shapes.extend(r.predict_action(obs(i + 1)).shape for _ in range(3))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join(20) for t in threads]
+    assert not errors and sorted(s[0] for s in shapes) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+
+
+def test_short_token_is_refused_at_start():
+    with pytest.raises(ValueError, match="at least 16"):
+        PolicyServer(tiny_dit(), "short")
