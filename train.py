@@ -3,6 +3,9 @@
 Thin Hydra entry point; the loop lives in robodit.training.trainer. Under `torchrun` it trains with DDP.
 """
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,4 +18,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 writes: no .hydra/ or train.log here
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     "hydra.run.dir=."]
     main()

@@ -77,6 +77,10 @@ class Trainer:
         self.dist: DistInfo = setup_distributed(self.cfg.train.get("device", "auto"))
         self.device = self.dist.device
         self.out_dir = Path(self.cfg.out_dir).expanduser().resolve()
+        if self.dist.world_size > 1:  # ranks may resolve ${now:...} in out_dir to different seconds: use rank 0's
+            shared = [str(self.out_dir)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self.out_dir = Path(shared[0])
         self.tc = self.cfg.train
 
     # -- set-up ------------------------------------------------------------------------------------------------
@@ -178,10 +182,14 @@ class Trainer:
             step += 1
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
-                metrics = {f"train/{k}": v.item() for k, v in out.items()}
+                parts = torch.stack([v.detach().float() for v in out.values()])
+                if dist.world_size > 1:  # log the mean over the global batch, not rank 0's shard
+                    torch.distributed.all_reduce(parts)
+                    parts /= dist.world_size
+                metrics = {f"train/{k}": v.item() for k, v in zip(out, parts)}
                 metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
                                 "train/ema_decay": ema.cur_decay_value or 0.0})
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 logger.log(metrics, step)
             if self.val_set is not None and tc.get("val_every") and step % tc.val_every == 0:
                 logger.log({"val/loss": self.validate(policy)}, step)
