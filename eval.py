@@ -1,26 +1,31 @@
-"""Evaluate a checkpoint: `python eval.py checkpoint=runs/x episodes=50 out_dir=runs/x/eval`.
+"""Evaluate a checkpoint: `python eval.py checkpoint=runs/x [suite=mt10] episodes=50 out_dir=runs/x/eval`.
 
-Thin Hydra entry point; the logic lives in robodit.evaluation.evaluate.
+Thin Hydra entry point; the logic lives in robodit.evaluation.evaluate (heavy imports stay inside `main`, so
+config errors and --help come back at once). `checkpoint=expert` evaluates the scripted experts.
 """
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from robodit.evaluation.evaluate import evaluate
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from robodit.evaluation.evaluate import evaluate
+    from robodit.evaluation.report import console_summary
+
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     kwargs.pop("hydra", None)
-    summary = evaluate(**kwargs)
-    print(f"success rate: {100 * summary['success_rate']:.1f}% over {summary['episodes_per_task']} episodes "
-          f"x {len(summary['tasks'])} task(s)")
-    for task, r in summary["tasks"].items():
-        print(f"  {task}: {100 * r['success_rate']:.1f}%  ({r['ms_per_chunk']:.1f} ms per chunk)")
-    print(f"report: {cfg.out_dir}/report.md  results: {cfg.out_dir}/results.json")
-    if summary["videos"]:
-        print(f"video: {summary['videos'][0]}")
+    if kwargs.get("suite") is not None:  # name the file the suite came from, for validation errors
+        hc = HydraConfig.get()
+        name = hc.runtime.choices.get("suite")
+        dirs = [Path(__file__).parent / "configs"] + [Path(p[7:]) for p in hc.searchpath if p.startswith("file://")]
+        found = [d / "suite" / f"{name}.yaml" for d in dirs if (d / "suite" / f"{name}.yaml").exists()]
+        kwargs["suite_source"] = str(found[0]) if found else f"suite={name}"
+    print(console_summary(evaluate(**kwargs), cfg.out_dir))
 
 
 if __name__ == "__main__":

@@ -1,102 +1,244 @@
-"""Evaluate a checkpoint: per-task success over seeded episodes, results.json, report.md, videos.
+"""Evaluate a checkpoint (or the scripted experts) on a suite: results.json, report.md, plot, videos.
 
-With no env given, the checkpoint's training store record says which simulator, tasks, cameras and episode
-limit to use, so `python eval.py checkpoint=...` needs nothing else. Evaluation seeds start far above the
-collection seeds (held-out initial conditions).
+With no suite, the checkpoint's training-store record says which simulator, tasks, cameras and episode limit
+to use, so `python eval.py checkpoint=...` needs nothing else (an ad-hoc suite of those tasks). Evaluation
+seeds start far above the collection seeds (held-out initial conditions). The results.json schema is in
+robodit/evaluation/report.py.
+
+Goals: a multi-task policy gets `task_id` (its index in the training store's task table); a policy that defines
+`goal_for_task(task, instruction=..., goal_image=...) -> dict` gets what it returns merged in, which is how the
+suite's per-task instruction / goal image reach language- or image-conditioned policies.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-import robodit
-from robodit.envs import make_env
-from robodit.evaluation.report import write_report, write_video
-from robodit.evaluation.runner import rollout
+from robodit.evaluation.engine import JobResult, RolloutEngine
+from robodit.evaluation.report import write_outputs
+from robodit.evaluation.stats import chain_metrics, rate_summary
+from robodit.evaluation.suites import Suite, SuiteError, load_suite, suite_from_tasks
+
+EXPERT = "expert"
 
 
 def env_kwargs_from_record(record: dict, policy) -> dict[str, Any]:
     """Env constructor kwargs that reproduce the observations the policy was trained on."""
     kwargs: dict[str, Any] = {}
-    image_keys = [k for k in policy.obs_shapes if k.startswith("image_")]
-    if image_keys:
-        kwargs["image_size"] = int(policy.obs_shapes[image_keys[0]][0][0])
-        kwargs["cameras"] = tuple(k[len("image_"):] for k in image_keys)
+    if policy is not None:
+        image_keys = [k for k in policy.obs_shapes if k.startswith("image_")]
+        if image_keys:
+            kwargs["image_size"] = int(policy.obs_shapes[image_keys[0]][0][0])
+            kwargs["cameras"] = tuple(k[len("image_"):] for k in image_keys)
     for key in ("max_episode_steps", "goal_observable"):
         if record.get(key) is not None:
             kwargs[key] = record[key]
     return kwargs
 
 
-def evaluate(checkpoint: str | Path, episodes: int = 50, out_dir: str | Path = "outputs/eval", env: str | None = None,
-             tasks: list[str] | None = None, seed: int = 100_000, max_steps: int | None = None,
-             n_action_steps: int | None = None, videos: int = 1, device: str = "cpu", sampler: str | None = None,
-             num_inference_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def load_eval_policy(checkpoint, device: str = "cpu", sampler: str | None = None,
+                     num_inference_steps: int | None = None):
+    """The policy to evaluate, or None for `checkpoint=expert` (each task's scripted expert)."""
+    if str(checkpoint) == EXPERT:
+        return None
+    import robodit
+
     policy = robodit.load_policy(checkpoint, device=device)
     if sampler:
         policy.sampler = sampler
     if num_inference_steps:
         policy.num_inference_steps = int(num_inference_steps)
-    store = policy.checkpoint_config.get("store", {})
+    return policy
+
+
+def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str | None = None,
+                  tasks: list[str] | None = None, episodes: int | None = None, seed: int = 100_000,
+                  max_steps: int | None = None) -> Suite:
+    """The suite to run: a named/given suite (with `episodes`, `tasks`, `max_steps` as overrides), or the
+    ad-hoc suite of the tasks the checkpoint was trained on (or `env=SIM/TASK`)."""
+    if suite is not None:
+        s = load_suite(suite, suite_source)
+        if tasks:
+            unknown = sorted(set(tasks) - set(s.instructions))
+            if unknown:
+                raise SuiteError(f"{s.source}: tasks {unknown} are not in suite {s.name!r}")
+            s.tasks = [t for t in s.tasks if t.name in tasks]
+            if s.kind == "chains":
+                s.scenes = {k: v for k, v in s.scenes.items() if set(v) <= set(tasks)}
+                if not s.scenes:
+                    raise SuiteError(f"{s.source}: no scene has all its tasks in tasks={tasks}")
+        if episodes is not None:
+            if s.kind == "tasks":
+                for t in s.tasks:
+                    t.episodes = int(episodes)
+            else:
+                s.chains = int(episodes)
+        if max_steps is not None:
+            s.max_steps = int(max_steps)
+            for t in s.tasks:
+                t.max_steps = None
+        return s
+    store = (policy.checkpoint_config.get("store", {}) if policy is not None else {})
     record = dict(store.get("env") or {})
     env_name = env or record.get("name")
     if not env_name:
-        raise ValueError(f"checkpoint {policy.checkpoint_dir} records no environment; pass env=SIMULATOR/TASK")
-    train_tasks = list(store.get("tasks") or [])
-    tasks = list(tasks or record.get("tasks") or [env_name.split("/", 1)[1]])
-    kwargs = env_kwargs_from_record(record, policy)
-    first_task_env = env_name if "/" in env_name else f"{env_name}/{tasks[0]}"
-    sim = make_env(first_task_env.rsplit("/", 1)[0] + "/" + tasks[0], seed=seed, **kwargs)
-    per_task: dict[str, Any] = {}
-    videos_written = []
-    t_start = time.time()
-    bar = tqdm(total=episodes * len(tasks), desc="eval", disable=not progress, dynamic_ncols=True)
+        where = policy.checkpoint_dir if policy is not None else "checkpoint=expert"
+        raise ValueError(f"{where} records no environment; pass env=SIMULATOR/TASK or suite=NAME")
+    simulator = env_name.split("/", 1)[0]
+    task_list = list(tasks or record.get("tasks") or ([env_name.split("/", 1)[1]] if "/" in env_name else []))
+    if not task_list:
+        raise ValueError(f"env={env_name!r} names no task; expected SIMULATOR/TASK")
+    return suite_from_tasks(simulator, task_list, 50 if episodes is None else int(episodes), seed, max_steps)
+
+
+def make_goal_fn(policy, suite: Suite):
+    """task -> the goal a policy gets with its observations; checks every task up front."""
+    if policy is None:
+        return None
+    train_tasks = list((policy.checkpoint_config.get("store") or {}).get("tasks") or [])
+    needs_id = policy.num_tasks > 1
+    if needs_id:
+        missing = [t.name for t in suite.tasks if t.name not in train_tasks]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise ValueError(f"tasks {shown} are not in the training store's tasks {train_tasks}: a multi-task "
+                             "policy has no task id for them (restrict with tasks=[...])")
+    custom = getattr(policy, "goal_for_task", None)  # language / goal-image policies may define it
+    specs = {t.name: t for t in suite.tasks}
+    cache: dict[str, dict | None] = {}
+
+    def goal(task: str) -> dict | None:
+        if task not in cache:
+            g = {"task_id": np.int64(train_tasks.index(task))} if needs_id else {}
+            if custom is not None:
+                g.update(custom(task, instruction=specs[task].instruction, goal_image=specs[task].goal_image) or {})
+            cache[task] = g or None
+        return cache[task]
+
+    return goal
+
+
+def run_suite(suite: Suite, policy=None, env_kwargs: dict | None = None, *, num_envs: int = 10, workers: int = 2,
+              pipeline_groups: int = 2, seed: int = 0, n_action_steps: int | None = None, videos: int = 1,
+              timeout_s: float = 300.0, inject_crash: dict | None = None, progress: bool = True,
+              desc: str = "eval") -> tuple[list[JobResult], RolloutEngine]:
+    """All jobs of `suite` through one engine; returns per-job results in suite order."""
+    jobs = suite.jobs(videos)
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, dynamic_ncols=True, unit="ep")
+    done: list[bool] = []
+
+    def on_result(res: JobResult) -> None:
+        done.append(res.success)
+        bar.update(1)
+        bar.set_postfix(success=f"{np.mean(done):.2f}", task=res.job.key)
+
+    engine = RolloutEngine(suite.simulator, {**(env_kwargs or {}), **suite.env}, policy,
+                           make_goal_fn(policy, suite), num_envs=num_envs, workers=workers,
+                           pipeline_groups=pipeline_groups, seed=seed, n_action_steps=n_action_steps,
+                           timeout_s=timeout_s, inject_crash=inject_crash, on_result=on_result)
     try:
-        for task in tasks:
-            goal = None
-            if policy.num_tasks > 1:
-                if task not in train_tasks:
-                    raise ValueError(f"task {task!r} was not in the training store's tasks {train_tasks}")
-                goal = {"task_id": torch.tensor([train_tasks.index(task)])}
-            results = []
-            for i in range(episodes):
-                ep = rollout(policy, sim, seed=seed + i, task=task, goal=goal, max_steps=max_steps,
-                             n_action_steps=n_action_steps, record=i < videos)
-                if ep.frames:
-                    path = out / f"{task}_ep{i:03d}.mp4"
-                    write_video(path, ep.frames, fps=30)
-                    videos_written.append(str(path))
-                results.append(ep)
-                bar.update(1)
-                bar.set_postfix(task=task, success=f"{np.mean([r.success for r in results]):.2f}")
-            per_task[task] = {
-                "episodes": len(results), "successes": int(sum(r.success for r in results)),
-                "success_rate": float(np.mean([r.success for r in results])),
-                "mean_steps": float(np.mean([r.steps for r in results])),
-                "ms_per_chunk": 1000 * sum(r.policy_seconds for r in results) / max(1, sum(r.policy_calls for r in results)),
-                "seeds": [r.seed for r in results], "success_per_episode": [bool(r.success) for r in results],
-            }
+        results = engine.run(jobs)
     finally:
         bar.close()
-        sim.close()
-    summary = {
-        "checkpoint": str(policy.checkpoint_dir), "policy": policy.name, "env": env_name, "tasks": per_task,
-        "success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])),
-        "episodes_per_task": episodes, "seed": seed, "sampler": policy.sampler,
-        "num_inference_steps": policy.num_inference_steps, "n_action_steps": n_action_steps or policy.n_action_steps,
-        "device": device, "wall_time_s": round(time.time() - t_start, 2), "videos": videos_written,
+    return results, engine
+
+
+def _per_key(results: list[JobResult], suite: Suite) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    if suite.kind == "tasks":
+        for spec in suite.tasks:
+            mine = [r for r in results if r.job.key == spec.name and r.error is None]
+            calls = sum(r.policy_calls for r in mine)
+            per[spec.name] = {
+                "instruction": spec.instruction, **rate_summary([r.success for r in mine]),
+                "mean_steps": float(np.mean([sum(r.steps) for r in mine])) if mine else 0.0,
+                "ms_per_chunk": 1000 * sum(r.policy_seconds for r in mine) / max(1, calls), "policy_calls": calls,
+                "seeds": [r.job.seed for r in mine], "success_per_episode": [r.success for r in mine],
+                "fingerprint": hashlib.sha1("".join(r.digest for r in mine).encode()).hexdigest()[:16],
+                "errors": sum(r.error is not None for r in results if r.job.key == spec.name)}
+        return per
+    for spec in suite.tasks:  # chains: every attempt of a task anywhere in a chain
+        outcomes = [s for r in results if r.error is None for t, s in zip(r.job.tasks, r.successes) if t == spec.name]
+        per[spec.name] = {"instruction": spec.instruction, **rate_summary(outcomes)}
+    return per
+
+
+def summarize_chains(results: list[JobResult], suite: Suite) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None]
+    out = chain_metrics([r.successes for r in ok], suite.chain_length)
+    out["per_scene"] = {s: chain_metrics([r.successes for r in ok if r.job.key == s], suite.chain_length)
+                        for s in suite.scenes}
+    for v in out["per_scene"].values():
+        v.pop("completed_per_chain")
+    out["satisfied_at_start"] = int(sum(sum(r.satisfied_at_start) for r in ok))
+    out["per_task"] = _per_key(results, suite)
+    return out
+
+
+def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str | Path = "outputs/eval",
+             env: str | None = None, tasks: list[str] | None = None, seed: int = 100_000,
+             max_steps: int | None = None, n_action_steps: int | None = None, videos: int = 1, device: str = "cpu",
+             sampler: str | None = None, num_inference_steps: int | None = None, progress: bool = True,
+             suite: str | dict | Suite | None = None, suite_source: str | None = None, num_envs: int = 10,
+             workers: int = 2, pipeline_groups: int = 2, timeout_s: float = 300.0,
+             inject_crash: dict | None = None, write: bool = True, wandb: str | None = None) -> dict[str, Any]:
+    """Run a suite (or the checkpoint's own tasks) and write results.json, report.md, success.png and videos."""
+    if episodes is not None and int(episodes) < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
+    s = resolve_suite(policy, suite, suite_source, env, tasks, episodes, seed, max_steps)
+    record = dict(((policy.checkpoint_config.get("store") or {}).get("env") or {}) if policy is not None else {})
+    env_kwargs = env_kwargs_from_record(record, policy)
+    make_goal_fn(policy, s)  # task-id errors before any worker starts
+    knobs = dict(num_envs=num_envs, workers=workers, pipeline_groups=pipeline_groups, seed=seed,
+                 n_action_steps=n_action_steps, timeout_s=timeout_s)
+    t0 = time.time()
+    results, engine = run_suite(s, policy, env_kwargs, videos=videos, inject_crash=inject_crash, progress=progress,
+                                **knobs)
+    wall = time.time() - t0
+    summary: dict[str, Any] = {
+        "schema": "robodit.eval/2", "kind": s.kind, "suite": s.to_dict(),
+        "checkpoint": str(policy.checkpoint_dir) if policy is not None else EXPERT,
+        "policy": policy.name if policy is not None else EXPERT,
+        "env": f"{s.simulator}/{s.tasks[0].name}" if len(s.tasks) == 1 else s.simulator,
+        "episodes_per_task": s.tasks[0].episodes * len(s.seeds) if s.kind == "tasks" else s.chains,
+        "seed": s.seeds[0] if s.kind == "tasks" else s.seed,
+        "sampler": getattr(policy, "sampler", None), "num_inference_steps": getattr(policy, "num_inference_steps", None),
+        "n_action_steps": n_action_steps or getattr(policy, "n_action_steps", None), "device": device,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary)
+    ok = [r for r in results if r.error is None]
+    if s.kind == "tasks":
+        summary["tasks"] = _per_key(results, s)
+        summary["success_rate"] = float(np.mean([t["success_rate"] for t in summary["tasks"].values()]))
+        pooled = rate_summary([r.success for r in ok])
+        summary["pooled"] = pooled
+    else:
+        chains = {"policy" if policy is not None else EXPERT: summarize_chains(results, s)}
+        if policy is not None and s.expert_baseline:
+            expert_results, _ = run_suite(s, None, env_kwargs, videos=0, progress=progress, desc="expert", **knobs)
+            chains[EXPERT] = summarize_chains(expert_results, s)
+        main = chains["policy" if policy is not None else EXPERT]
+        summary["chains"] = chains
+        summary["tasks"] = main["per_task"]
+        summary["success_rate"] = main["success_at_length"][str(s.chain_length)]["success_rate"]
+        summary["avg_completed"] = main["avg_completed"]
+    calls = sum(r.policy_calls for r in results)
+    summary["run"] = {
+        "num_envs": num_envs, "workers": workers, "pipeline_groups": pipeline_groups, "wall_time_s": round(wall, 2),
+        "episodes": len(results), "env_steps": engine.env_steps, "env_steps_per_s": round(engine.env_steps / wall, 1),
+        "video_fps": round(engine.video_fps, 2), "policy_calls": calls,
+        "policy_seconds": round(sum(r.policy_seconds for r in results), 2),
+        "crashes": engine.crashes, "restarted_episodes": sum(r.restarts > 0 for r in results),
+        "errors": [{"job": r.job.index, "key": r.job.key, "seed": r.job.seed, "error": r.error}
+                   for r in results if r.error is not None]}
+    summary["wall_time_s"] = summary["run"]["wall_time_s"]
+    summary["ci_method"] = "wilson95"
+    if write:
+        write_outputs(Path(out_dir), summary, results, wandb_project=wandb)
     return summary

@@ -147,6 +147,13 @@ class Trainer:
         if tc.get("compile"):
             model = torch.compile(model)
         config_record = self._config_record()
+        # training-time evaluation (robodit.evaluation.training_eval): off unless train.eval.every > 0
+        eval_cfg = OmegaConf.to_container(tc.eval, resolve=True) if tc.get("eval") else {}
+        evaluator = None
+        if eval_cfg.get("every") and dist.is_main:
+            from robodit.evaluation.training_eval import PeriodicEvaluator
+
+            evaluator = PeriodicEvaluator(eval_cfg, self.out_dir, self.store_record)
         logger = RunLogger(self.out_dir, kind=self.cfg.logger.get("kind", "none"),
                            project=self.cfg.logger.get("project", "robodit"), mode=self.cfg.logger.get("mode", "offline"),
                            config=config_record, enabled=dist.is_main)
@@ -193,6 +200,12 @@ class Trainer:
                 logger.log(metrics, step)
             if self.val_set is not None and tc.get("val_every") and step % tc.val_every == 0:
                 logger.log({"val/loss": self.validate(policy)}, step)
+            if eval_cfg.get("every") and step % int(eval_cfg["every"]) == 0:  # success on a small suite
+                if evaluator is not None:
+                    metrics = evaluator.run(step, policy, ema, config_record)
+                    logger.log(metrics, step)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", success=f"{metrics['eval/success_rate']:.2f}")
+                self.dist.barrier()
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if dist.world_size > 1 and deadline is not None:  # every rank must stop at the same step
                 flag = torch.tensor(float(out_of_time), device=self.device)

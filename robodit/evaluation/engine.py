@@ -1,0 +1,269 @@
+"""Batched, pipelined, crash-tolerant rollouts of many episodes: the engine behind suites and chains.
+
+`num_envs` lanes each run one episode (`Job`) at a time; a lane that finishes takes the next job. Lanes are
+split into `pipeline_groups` fixed groups: while the env workers step one group's chunks, this process runs
+the policy for the next group, so on 2 cores the policy and the simulators overlap. All lanes of a group
+replan together, so the policy sees one batch per group per chunk.
+
+Reproducibility: the schedule (which job runs on which lane when, which lanes share a batch) is a function of
+the jobs, `num_envs` and `pipeline_groups` only; the policy's noise for a batch is seeded from
+(seed, group, round); MuJoCo is deterministic. So fixed seeds give identical results run to run and for any
+`workers` count (0 = in-process), and a worker crash changes nothing: the crashed worker is replaced and each
+of its episodes is re-run from its seed, replaying the actions already taken (checked bit for bit against
+the observation it had reached), then continued. An episode whose own step kills a worker `max_attempts`
+times is reported as an error, never as a failure. Changing `num_envs`/`pipeline_groups` changes the batches
+and so the noise: it is part of an evaluation's identity, like its seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from robodit.evaluation.chains import Job
+from robodit.evaluation.runner import ObservationHistory
+from robodit.evaluation.workers import WorkerCrash, make_worker
+
+
+@dataclass
+class JobResult:
+    job: Job
+    successes: list[bool] = field(default_factory=list)  # per attempted subtask (a chain stops at a failure)
+    steps: list[int] = field(default_factory=list)
+    satisfied_at_start: list[bool] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    policy_calls: int = 0
+    policy_seconds: float = 0.0  # this job's share of batched policy time
+    restarts: int = 0  # times it was re-run after a crash of its worker
+    error: str | None = None
+    digest: str = ""  # sha1 of every action executed: equal digests = identical rollouts
+
+    @property
+    def success(self) -> bool:
+        return bool(self.successes) and all(self.successes) and len(self.successes) == len(self.job.tasks)
+
+
+@dataclass
+class _Lane:
+    idx: int
+    group: int
+    worker: int
+    job: Job | None = None
+    started: bool = False
+    history: ObservationHistory | None = None
+    last_obs: dict | None = None
+    actions: list[np.ndarray] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+    sub: int = 0
+    req: tuple | None = None
+    token: int | None = None
+    calls: int = 0
+    seconds: float = 0.0
+
+
+class RolloutEngine:
+    """Run `Job`s with `policy` (None = each task's scripted expert) on `num_envs` lanes over `workers` processes."""
+
+    def __init__(self, env_prefix: str, env_kwargs: dict | None = None, policy=None,
+                 goal_fn: Callable[[str], dict | None] | None = None, num_envs: int = 10, workers: int = 2,
+                 pipeline_groups: int = 2, seed: int = 0, n_action_steps: int | None = None,
+                 timeout_s: float = 300.0, max_attempts: int = 3, inject_crash: dict[int, int] | None = None,
+                 on_result: Callable[[JobResult], None] | None = None):
+        if num_envs < 1 or workers < 0 or pipeline_groups < 1:
+            raise ValueError(f"need num_envs >= 1, workers >= 0, pipeline_groups >= 1; got {num_envs}, {workers}, "
+                             f"{pipeline_groups}")
+        self.prefix, self.env_kwargs, self.policy, self.goal_fn = env_prefix, dict(env_kwargs or {}), policy, goal_fn
+        self.num_envs, self.seed, self.timeout_s, self.max_attempts = num_envs, seed, timeout_s, max_attempts
+        self.groups_n = min(pipeline_groups, num_envs)
+        self.n_workers = min(workers, num_envs)
+        self.n_exec = n_action_steps or (policy.n_action_steps if policy is not None else 8)
+        self.obs_tail = policy.obs_horizon if policy is not None else 1
+        self.keys = list(policy.obs_shapes) if policy is not None else []
+        self.inject_crash = dict(inject_crash or {})
+        self.on_result = on_result
+        self.crashes: list[dict[str, Any]] = []
+        self.env_steps = 0
+        self.video_fps = 20.0
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def run(self, jobs: list[Job]) -> list[JobResult]:
+        self.results: dict[int, JobResult] = {}
+        self.attempts = {j.index: 0 for j in jobs}  # crashes an episode caused itself
+        self.reruns = {j.index: 0 for j in jobs}  # times it was re-run after any crash of its worker
+        self.queue = deque(jobs)
+        self.rounds = [0] * self.groups_n
+        self.low = self.high = None
+        w = max(1, self.n_workers)
+        self.lanes = [_Lane(i, i * self.groups_n // self.num_envs, i % w) for i in range(self.num_envs)]
+        self.workers = [make_worker(k, self.n_workers > 0, self.prefix, self.env_kwargs, self.obs_tail)
+                        for k in range(w)]
+        try:
+            while len(self.results) < len(jobs):
+                busy = False
+                for g in range(self.groups_n):
+                    lanes = [lane for lane in self.lanes if lane.group == g]
+                    while any(lane.token is not None for lane in lanes):  # recovery may re-send requests
+                        for lane in lanes:
+                            self._collect(lane)
+                    self._refill(lanes)
+                    ready = [lane for lane in lanes if lane.job is not None]
+                    if ready:
+                        self._dispatch(ready, g)
+                        busy = True
+                if not busy and not self.queue and len(self.results) < len(jobs):
+                    raise RuntimeError("rollout engine stalled with unfinished jobs (bug)")
+        finally:
+            for worker in self.workers:
+                worker.close()
+        return [self.results[j.index] for j in jobs]
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+    def _start_msg(self, lane: _Lane, replay: bool) -> tuple:
+        job = lane.job
+        crash_at = self.inject_crash.get(job.index) if self.attempts[job.index] == 0 and not replay else None
+        return ("start", lane.idx, job, list(lane.actions) if replay else [], crash_at)
+
+    def _send(self, lane: _Lane, msg: tuple) -> None:
+        lane.req, lane.token = msg, self.workers[lane.worker].send(msg)
+
+    def _refill(self, lanes: list[_Lane]) -> None:
+        fresh = []
+        for lane in lanes:
+            if lane.job is None and self.queue:
+                lane.job = self.queue.popleft()
+                self._send(lane, self._start_msg(lane, replay=False))
+                fresh.append(lane)
+        while any(lane.token is not None for lane in fresh):
+            for lane in fresh:
+                self._collect(lane)
+
+    def _dispatch(self, ready: list[_Lane], group: int) -> None:
+        if self.policy is None:
+            for lane in ready:
+                self._send(lane, ("step", lane.idx, self.n_exec))
+            return
+        obs = {k: np.concatenate([lane.history.stacked([k])[k] for lane in ready]) for k in self.keys}
+        goal = None
+        if self.goal_fn is not None:
+            rows = [self.goal_fn(lane.job.tasks[lane.sub]) for lane in ready]
+            if rows[0]:
+                goal = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+        round_seed = int(np.random.SeedSequence([self.seed, group, self.rounds[group]]).generate_state(1)[0])
+        self.rounds[group] += 1
+        gen = torch.Generator(device=self.policy.device).manual_seed(round_seed)
+        t0 = time.perf_counter()
+        chunk = self.policy.predict_action(obs, goal=goal, generator=gen).detach().cpu().numpy()
+        share = (time.perf_counter() - t0) / len(ready)
+        for lane, actions in zip(ready, chunk):
+            lane.calls += 1
+            lane.seconds += share
+            actions = np.clip(actions[: self.n_exec], self.low, self.high).astype(np.float32)
+            self._send(lane, ("step", lane.idx, actions))
+
+    # -- replies ------------------------------------------------------------------------------------------------
+    def _collect(self, lane: _Lane) -> None:
+        while lane.token is not None:
+            try:
+                reply = self.workers[lane.worker].result(lane.token, self.timeout_s)
+            except WorkerCrash as crash:
+                self._recover(crash)
+                continue
+            kind = lane.req[0]
+            lane.req = lane.token = None
+            self._apply(lane, kind, reply)
+
+    def _apply(self, lane: _Lane, kind: str, reply: tuple) -> None:
+        if reply[0] == "error":
+            self._finish(lane, None, error=f"env error on lane {lane.idx}:\n{reply[2]}")
+            return
+        p = reply[1]
+        if kind == "start":
+            lane.started = True
+            lane.history = ObservationHistory(self.obs_tail)
+            lane.history.reset(p["obs"][0])
+            if self.low is None:
+                self.low, self.high = np.asarray(p["action_low"]), np.asarray(p["action_high"])
+                self.video_fps = float(p["video_fps"])
+        else:
+            lane.actions.extend(p["executed"])
+            self.env_steps += len(p["executed"])
+            for o in p["obs"]:
+                lane.history.push(o)
+        lane.last_obs = p["obs"][-1]
+        lane.frames.extend(p["frames"])
+        lane.sub = p["sub"]
+        if p["event"] == "done":
+            self._finish(lane, p)
+
+    def _finish(self, lane: _Lane, p: dict | None, error: str | None = None) -> None:
+        job = lane.job
+        res = JobResult(job, frames=lane.frames, policy_calls=lane.calls, policy_seconds=lane.seconds,
+                        restarts=self.reruns[job.index], error=error)
+        if p is not None:
+            res.successes, res.steps, res.satisfied_at_start = p["successes"], p["steps"], p["satisfied_at_start"]
+            res.digest = hashlib.sha1(b"".join(np.asarray(a, np.float32).tobytes() for a in lane.actions)).hexdigest()
+        self.results[job.index] = res
+        lane.job, lane.started, lane.history, lane.last_obs, lane.sub = None, False, None, None, 0
+        lane.actions, lane.frames, lane.calls, lane.seconds = [], [], 0, 0.0
+        lane.req = lane.token = None
+        if self.on_result is not None:
+            self.on_result(res)
+
+    # -- crash recovery -----------------------------------------------------------------------------------------
+    def _recover(self, crash: WorkerCrash) -> None:
+        """Replace the worker, re-run its lanes' episodes up to where they were, re-send their requests.
+
+        The oldest unanswered request was the one executing when it died: its episode is the culprit, whose
+        attempt count decides when to give up. The other episodes on that worker are re-run the same way."""
+        old = self.workers[crash.wid]
+        if not old.answered:
+            raise RuntimeError(f"{crash} before answering any request: envs cannot run in a worker process "
+                               "(try workers=0 to see the error in this process)") from crash
+        hosted = [lane for lane in self.lanes if lane.worker == crash.wid and lane.job is not None]
+        oldest = next(iter(old.pending), None)
+        culprit = next((lane for lane in hosted if lane.token == oldest), None)
+        old.kill()
+        self.workers[crash.wid] = new = make_worker(crash.wid, True, self.prefix, self.env_kwargs, self.obs_tail)
+        event = {"worker": crash.wid, "pid": crash.pid, "exitcode": crash.exitcode, "reason": crash.reason,
+                 "job": None, "rerun_jobs": [], "action": "no episode was running"}
+        self.crashes.append(event)
+        for lane in hosted:
+            job = lane.job
+            if lane is culprit:
+                self.attempts[job.index] += 1
+                event.update(job=job.index, key=job.key, seed=job.seed, lane=lane.idx, subtask=lane.sub,
+                             at_step=len(lane.actions), attempt=self.attempts[job.index])
+                if self.attempts[job.index] >= self.max_attempts:
+                    event["action"] = "gave up: reported as an error, not a failure"
+                    self._finish(lane, None, error=f"{crash} {self.attempts[job.index]} times")
+                    continue
+            self.reruns[job.index] += 1
+            event["rerun_jobs"].append(job.index)
+            how = "re-ran from seed"
+            pending = lane.req
+            if lane.started:
+                token = new.send(self._start_msg(lane, replay=True))
+                reply = new.result(token, self.timeout_s)
+                if reply[0] == "ok" and _same_obs(reply[1]["obs"][-1], lane.last_obs):
+                    how = f"re-ran from seed, replayed {len(lane.actions)} actions exactly"
+                else:  # the simulator did not reproduce: run the episode again from its start instead
+                    how = "replay diverged: episode restarted from its seed"
+                    lane.started, lane.actions, lane.frames, lane.calls, lane.seconds = False, [], [], 0, 0.0
+                    pending = self._start_msg(lane, replay=False)
+            elif lane.req is not None and lane.req[0] == "start":
+                pending = self._start_msg(lane, replay=False)  # no crash injection on a re-run
+            if lane is culprit:
+                event["action"] = how
+            if pending is not None:
+                self._send(lane, pending)
+
+
+def _same_obs(a: dict, b: dict | None) -> bool:
+    return b is not None and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,0 +1,60 @@
+"""Success statistics: Wilson score intervals and CALVIN-style chain metrics.
+
+Why Wilson and not p ± 1.96·sqrt(p(1-p)/n): with the 10–50 episodes a benchmark can afford, the normal
+interval collapses to zero width at 0% and 100% and leaves [0, 1] near them; Wilson's stays honest there
+(10/10 successes → [72%, 100%], not [100%, 100%]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when there are no trials."""
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # exact endpoints at the boundaries (floating point leaves ±1e-17 otherwise)
+    lo = 0.0 if successes == 0 else max(0.0, center - half)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi
+
+
+def rate_summary(outcomes: Sequence[bool]) -> dict:
+    """{"episodes", "successes", "success_rate", "ci95": [lo, hi]} for a list of per-episode outcomes."""
+    n, k = len(outcomes), int(sum(bool(o) for o in outcomes))
+    lo, hi = wilson_interval(k, n)
+    return {"episodes": n, "successes": k, "success_rate": k / n if n else 0.0, "ci95": [lo, hi]}
+
+
+def completed_in_row(successes: Sequence[bool]) -> int:
+    """Subtasks completed before the first failure (a chain stops there)."""
+    count = 0
+    for s in successes:
+        if not s:
+            break
+        count += 1
+    return count
+
+
+def chain_metrics(per_chain: Sequence[Sequence[bool]], length: int) -> dict:
+    """CALVIN's numbers: success rate at chain lengths 1..length (chains whose first k subtasks all succeeded),
+    each with a Wilson interval, and the average number of subtasks completed in a row."""
+    done = [completed_in_row(s) for s in per_chain]
+    n = len(done)
+    at = {}
+    for k in range(1, length + 1):
+        hits = sum(d >= k for d in done)
+        at[str(k)] = {"successes": hits, "success_rate": hits / n if n else 0.0, "ci95": list(wilson_interval(hits, n))}
+    return {"chains": n, "success_at_length": at, "avg_completed": sum(done) / n if n else 0.0,
+            "completed_per_chain": done}

@@ -1,0 +1,82 @@
+"""Parallel rollouts: fixed seeds reproduce exactly for any worker count, and a worker crash changes nothing."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+import robodit
+from robodit.evaluation.evaluate import evaluate, run_suite
+from robodit.evaluation.suites import suite_from_tasks
+
+
+@pytest.fixture(scope="module")
+def reach_checkpoint(tmp_path_factory):
+    """A tiny DiT trained for 2 steps on one scripted reach-v3 demo (state observations)."""
+    from robodit.datasets.collect import collect
+    from robodit.training.trainer import train
+
+    root = tmp_path_factory.mktemp("reach")
+    collect("metaworld/reach-v3", episodes=1, out=root / "demos.zarr", seed=0, progress=False)
+    cfg = OmegaConf.create({
+        "out_dir": str(root / "run"),
+        "policy": dict(OmegaConf.to_container(OmegaConf.load("configs/policy/dit.yaml")), size="tiny",
+                       action_horizon=8, n_action_steps=4, num_inference_steps=2),
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")),
+                        path=str(root / "demos.zarr")),
+        "logger": {"kind": "none"},
+        "train": dict(OmegaConf.to_container(OmegaConf.load("configs/train.yaml").train), steps=2, batch_size=8,
+                      val_every=0, progress=False),
+    })
+    return train(cfg)
+
+
+def _digests(results):
+    return [(r.job.index, r.job.seed, r.success, tuple(r.steps), r.digest) for r in results]
+
+
+def test_seeded_results_identical_for_any_worker_count(reach_checkpoint):
+    policy = robodit.load_policy(reach_checkpoint)
+    suite = suite_from_tasks("metaworld", ["reach-v3"], episodes=5, seed=100_000, max_steps=30)
+    kw = dict(num_envs=3, pipeline_groups=2, seed=7, videos=0, progress=False)
+    base, _ = run_suite(suite, policy, workers=0, **kw)
+    again, _ = run_suite(suite, policy, workers=0, **kw)
+    two, engine = run_suite(suite, policy, workers=2, **kw)
+    assert _digests(base) == _digests(again) == _digests(two)
+    assert len({r.digest for r in base}) == 5  # five different episodes, not one repeated
+    assert engine.env_steps == sum(sum(r.steps) for r in two) and not engine.crashes
+    other_seed, _ = run_suite(suite, policy, workers=0, **{**kw, "seed": 8})
+    assert _digests(other_seed) != _digests(base)  # the policy noise does follow the seed
+
+
+def test_worker_crash_is_survived_reported_and_changes_nothing(reach_checkpoint, tmp_path):
+    """Episode 1's worker dies (os._exit) at its 9th step: replaced, episode re-run, same results as no crash."""
+    kw = dict(episodes=4, max_steps=24, num_envs=2, pipeline_groups=1, workers=1, videos=0, progress=False)
+    clean = evaluate(reach_checkpoint, out_dir=tmp_path / "clean", **kw)
+    crashed = evaluate(reach_checkpoint, out_dir=tmp_path / "crash", inject_crash={1: 9}, **kw)
+    (crash,) = crashed["run"]["crashes"]
+    assert crash["exitcode"] == 17 and crash["job"] == 1 and crash["seed"] == 100_001 and crash["at_step"] == 8
+    assert crash["action"].startswith("re-ran from seed, replayed 8 actions exactly")
+    assert crash["rerun_jobs"] == [0, 1]  # episode 0 shared the worker: re-run too
+    assert crashed["run"]["restarted_episodes"] == 2 and crashed["run"]["errors"] == []
+    t_clean, t_crash = clean["tasks"]["reach-v3"], crashed["tasks"]["reach-v3"]
+    assert t_crash["episodes"] == 4  # nothing dropped, nothing counted as a failure
+    assert t_crash["fingerprint"] == t_clean["fingerprint"]
+    assert t_crash["success_per_episode"] == t_clean["success_per_episode"]
+    saved = json.loads((tmp_path / "crash" / "results.json").read_text())
+    assert saved["run"]["crashes"][0]["job"] == 1
+    report = (tmp_path / "crash" / "report.md").read_text()
+    assert "Env worker crashes" in report and "none counted as failures" in report
+
+
+def test_episode_that_always_kills_its_worker_is_an_error_not_a_failure(reach_checkpoint, tmp_path):
+    from robodit.evaluation.engine import RolloutEngine
+
+    policy = robodit.load_policy(reach_checkpoint)
+    suite = suite_from_tasks("metaworld", ["reach-v3"], episodes=2, seed=100_000, max_steps=12)
+    engine = RolloutEngine("metaworld", {}, policy, None, num_envs=2, workers=1, pipeline_groups=1, max_attempts=1,
+                           inject_crash={0: 3})
+    results = engine.run(suite.jobs(videos=0))
+    assert results[0].error and "died" in results[0].error and results[0].successes == []
+    assert results[1].error is None and sum(results[1].steps) == 12
+    assert engine.crashes[0]["action"].startswith("gave up")
