@@ -40,6 +40,17 @@ class DiffusionPolicy(Policy):
                 step_index: int | None = None) -> torch.Tensor:
         """One denoiser evaluation on the noisy normalised action chunk [B, Tp, A]."""
 
+    def with_task_token(self, tokens: torch.Tensor, goal: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Prepend the task embedding (a family's `task_embedding`, present when the store held several tasks)."""
+        embedding = getattr(self, "task_embedding", None)
+        if embedding is None:
+            return tokens
+        task = (goal or {}).get("task_id")
+        if task is None:
+            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+        task = torch.as_tensor(task, device=tokens.device).long().reshape(-1)
+        return torch.cat([embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
+
     def goal_from_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         goal = self.split_batch(batch, "goal")
         if "task_id" in batch:

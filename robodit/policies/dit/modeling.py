@@ -80,12 +80,7 @@ class DiTPolicy(DiffusionPolicy):
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        if self.task_embedding is not None:
-            task = (goal or {}).get("task_id")
-            if task is None:
-                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
-            task = torch.as_tensor(task, device=tokens.device).long().reshape(-1)
-            tokens = torch.cat([self.task_embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
+        tokens = self.with_task_token(tokens, goal)
         for block in self.context_encoder:
             tokens = block(tokens)
         if self.training:
