@@ -8,6 +8,8 @@ validation, masking, RNG and device rules are the same for every formulation.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable
 
 import numpy as np
@@ -68,7 +70,7 @@ def masked_mean(err: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
 
 
-class Formulation:
+class Formulation(abc.ABC):
     """One diffusion formulation: training inputs/targets for a denoiser and sampling with a chosen sampler.
 
     Levels (`sample_level`) are formulation-specific: DDPM int timesteps, EDM sigma, flow t. `noise_cond` is
@@ -112,29 +114,35 @@ class Formulation:
         return self.sampler_aliases.get(sampler, sampler), int(steps)
 
     # ---- low-level pieces (subclasses) ----------------------------------------------------------------
+    @abc.abstractmethod
     def sample_level(self, batch_size: int, device=None, generator=None) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def model_input(self, x_t: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def target(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def loss_weight(self, level: torch.Tensor) -> torch.Tensor:
         return torch.ones(level.shape[0], device=level.device, dtype=torch.float32)
 
+    @abc.abstractmethod
     def denoised(self, x_t: torch.Tensor, raw: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _sample(self, net: NetFn, noise: torch.Tensor, sampler: str, steps: int, generator) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def _schedule(self, sampler: str, steps: int) -> list[float]:
-        raise NotImplementedError
+        ...
 
     # ---- training -----------------------------------------------------------------------------------
     def loss(self, denoise_fn, x0: torch.Tensor, mask: torch.Tensor | None = None, generator=None) -> torch.Tensor:
