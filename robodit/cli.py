@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="episode step limit (simulator default)")
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many rollouts")
+    p.add_argument("--no-actions", action="store_true", help="store video-only episodes (has_actions=false)")
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("info", help="summarise a demonstration store")

@@ -65,6 +65,7 @@ def collect(
     max_steps: int | None = None,
     max_attempts: int | None = None,
     progress: bool = True,
+    has_actions: bool = True,
 ) -> dict[str, Any]:
     """Store `episodes` successful expert demos of `source` ("SIM/TASK") in the DemoStore at `out`.
 
@@ -72,6 +73,9 @@ def collect(
     observation taken before its action. Raises ValueError (unknown simulator/task, incompatible store) before
     anything is written, RuntimeError after `max_attempts` rollouts (default 3 * episodes + 10) with the
     successful episodes kept. Returns a summary dict.
+
+    has_actions=False stores video-only episodes (actions dropped, `has_actions=False` per episode): the expert
+    still drives the rollout, but the store keeps only what action-free video would have (co-training, PAD).
     """
     from tqdm import tqdm
 
@@ -116,10 +120,13 @@ def collect(
                         # record the seed first: a crash after this can only skip a seed, never duplicate one
                         env_attr["seeds_used"] = [*env_attr["seeds_used"], s]
                         store.set_attr("env", env_attr)
+                        length = len(arrays["action"])
+                        if not has_actions:  # video only: the store keeps zeros and has_actions=False
+                            arrays.pop("action")
                         # an instruction given -> the episode is stored with has_language=True
-                        store.append_episode(arrays, task=task, instruction=instruction)
+                        store.append_episode(arrays, task=task, instruction=instruction, has_actions=has_actions)
                         kept_seeds.append(s)
-                        lengths.append(len(arrays["action"]))
+                        lengths.append(length)
                         bar.update(1)
                     else:
                         env_attr["seeds_failed"] = [*env_attr["seeds_failed"], s]
@@ -142,6 +149,7 @@ def collect(
         "failed_seeds": failed_seeds,
         "episode_lengths": lengths,
         "total_episodes": total,
+        "has_actions": bool(has_actions),
     }
     if progress or failed_seeds:
         print(
@@ -172,6 +180,7 @@ def collect_command(args) -> None:
             max_steps=args.max_steps,
             max_attempts=args.max_attempts,
             progress=True,
+            has_actions=not getattr(args, "no_actions", False),
         )
     except RuntimeError as exc:
         raise CLIError(str(exc)) from exc

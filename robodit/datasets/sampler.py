@@ -3,7 +3,9 @@
 Sample `i` is the pair (episode, current frame t). It yields observations at t-To+1..t (repeating the first
 frame before the episode starts) and actions at t..t+Tp-1 (repeating the last action past the end, flagged in
 `action_is_pad` so losses can ignore them). Images stay uint8 (CHW) until the model: 4× less memory
-traffic in workers and pinned transfers.
+traffic in workers and pinned transfers. With `future_frames=k` it also yields `future.<image key>` [k, C, H, W]:
+frames t+s..t+k*s (s = `future_stride`, clipped to the episode's last frame), the targets of video-predicting
+policies (PAD); they get the same random shift as the observation so the two stay pixel-aligned.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class WindowConfig:
     obs_keys: tuple[str, ...] | None = None  # None: every key of the store except "action"
     image_shift: int = 4  # random-shift augmentation (pixels), training only
     cache: bool = True  # load the committed frames into RAM once (fast); False streams images (larger than RAM)
+    future_frames: int = 0  # k future frames per image key as `future.<key>` (0: none, the default)
+    future_stride: int = 1  # frames between consecutive future frames
 
 
 class WindowDataset(Dataset):
@@ -66,6 +70,9 @@ class WindowDataset(Dataset):
         if "action" not in store.keys:
             raise ValueError(f"store {self.path} has no 'action' key")
         self.obs_keys = tuple(keys)
+        if cfg.future_frames < 0 or cfg.future_stride < 1:
+            raise ValueError(f"future_frames must be >= 0 and future_stride >= 1, got {cfg.future_frames}, "
+                             f"{cfg.future_stride}")
         self.episodes = np.arange(len(store)) if episodes is None else np.asarray(episodes, dtype=np.int64)
         if len(self.episodes) == 0:
             raise ValueError(f"store {self.path}: no episodes selected for this split")
@@ -109,14 +116,21 @@ class WindowDataset(Dataset):
         obs_frames = np.clip(np.arange(t - to + 1, t + 1), start, end - 1)
         act_frames = np.arange(t, t + tp)
         is_pad = act_frames >= end
+        k, stride = self.cfg.future_frames, self.cfg.future_stride
+        future_frames = np.minimum(t + stride * np.arange(1, k + 1), end - 1)
         rng = np.random.default_rng(seed if seed is not None else None)
         sample: dict[str, torch.Tensor] = {}
         for key in self.obs_keys:
             x = self._read(key, obs_frames)
             if x.dtype == np.uint8 and x.ndim == 4:
+                if k:  # one read and one shift for history + future: the same crop for both
+                    x = np.concatenate([x, self._read(key, future_frames)])
                 if self.train:
                     x = random_shift(x, self.cfg.image_shift, rng)
-                sample[f"obs.{key}"] = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+                sample[f"obs.{key}"] = torch.from_numpy(x[:to])
+                if k:
+                    sample[f"future.{key}"] = torch.from_numpy(x[to:])
             else:
                 sample[f"obs.{key}"] = torch.from_numpy(x.astype(np.float32, copy=False))
         actions = self._read("action", np.minimum(act_frames, end - 1)).astype(np.float32, copy=False)

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from robodit.evaluation.engine import JobResult, RolloutEngine
+from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
 from robodit.evaluation.stats import chain_metrics, rate_summary
 from robodit.evaluation.suites import Suite, SuiteError, load_suite, suite_from_tasks
@@ -187,8 +188,10 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
              sampler: str | None = None, num_inference_steps: int | None = None, progress: bool = True,
              suite: str | dict | Suite | None = None, suite_source: str | None = None, num_envs: int = 10,
              workers: int = 2, pipeline_groups: int = 2, timeout_s: float = 300.0,
-             inject_crash: dict | None = None, write: bool = True, wandb: str | None = None) -> dict[str, Any]:
-    """Run a suite (or the checkpoint's own tasks) and write results.json, report.md, success.png and videos."""
+             inject_crash: dict | None = None, write: bool = True, wandb: str | None = None,
+             frame_grid: int = 4) -> dict[str, Any]:
+    """Run a suite (or the checkpoint's own tasks) and write results.json, report.md, success.png and videos;
+    for a video-predicting policy (PAD) also frames.png: `frame_grid` replans of predicted vs real frames."""
     if episodes is not None and int(episodes) < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
@@ -239,6 +242,9 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
                    for r in results if r.error is not None]}
     summary["wall_time_s"] = summary["run"]["wall_time_s"]
     summary["ci_method"] = "wilson95"
+    if write and frame_grid and supports_frame_grid(policy):
+        summary["frame_grid"] = str(suite_frame_grid(policy, s, env_kwargs, out_dir, make_goal_fn(policy, s),
+                                                     replans=int(frame_grid)))
     if write:
         write_outputs(Path(out_dir), summary, results, wandb_project=wandb)
     return summary

@@ -93,7 +93,9 @@ class Trainer:
         policy_cfg = self.cfg.policy
         wcfg = WindowConfig(obs_horizon=policy_cfg.obs_horizon, action_horizon=policy_cfg.action_horizon,
                             obs_keys=tuple(dc.obs_keys) if dc.get("obs_keys") else None,
-                            image_shift=dc.get("image_shift", 4), cache=dc.get("cache", True))
+                            image_shift=dc.get("image_shift", 4), cache=dc.get("cache", True),
+                            future_frames=policy_cfg.get("future_frames", 0),  # video-predicting policies (PAD)
+                            future_stride=policy_cfg.get("future_stride", 1))
         train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
         self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
         self.val_set = WindowDataset(store_path, wcfg, val_eps, train=False) if len(val_eps) else None

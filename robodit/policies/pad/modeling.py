@@ -1,0 +1,224 @@
+"""PAD: joint denoising of future frames and the action chunk in one DiT (issue 5, notes/policies.md).
+
+Tokens: for each camera, the patches of k noisy future frames stacked on channels, concatenated on channels with
+the clean current frame; then one token per future action step (noisy action + current robot state). One
+AdaLN-Zero DiT over all of them, conditioned on noise level + task embedding (no language encoder yet). Image
+tokens do not attend to action tokens, so video prediction never depends on actions and action-free video can
+train it; action tokens attend to everything. One shared noise level, separate noise, separate weighted losses.
+
+Pixels, not latents: the paper denoises a frozen VAE's latents, but no pretrained autoencoder ships offline and
+training one is a project of its own; at 64 px an 8-px patch gives 64 tokens per camera, as many as a 256-px
+image through an 8x VAE with 2x2 patches, so the transformer's cost is the same order and nothing is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from robodit.datasets.normalizer import Normalizer
+from robodit.diffusion.base import masked_mean, randn
+from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock
+from robodit.nn.embeddings import SinusoidalEmbedding
+from robodit.nn.encoders import is_image_key
+from robodit.policies.base import register_policy
+from robodit.policies.diffusion_policy import DiffusionPolicy
+
+SIZES = {"tiny": (64, 2, 2), "base": (256, 6, 4), "large": (512, 12, 8)}  # width, depth, heads
+
+# the paper's process: DDPM epsilon, linear betas, 1000 training steps (sampled with 50 DDIM steps)
+DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "epsilon", "beta_schedule": "linear",
+                       "num_train_timesteps": 1000, "clip_sample": 1.0}
+
+
+def image_attention_mask(num_image: int, num_action: int, device=None) -> torch.Tensor:
+    """[N, N] SDPA bool mask (True = may attend): image rows see only image columns, action rows see all."""
+    mask = torch.ones(num_image + num_action, num_image + num_action, dtype=torch.bool, device=device)
+    mask[:num_image, num_image:] = False
+    return mask
+
+
+@register_policy("pad")
+class PADPolicy(DiffusionPolicy):
+    def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
+                 obs_horizon: int = 1, action_horizon: int = 16, n_action_steps: int = 8,
+                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 50,
+                 future_frames: int = 2, future_stride: int = 8, image_size: int = 64, patch_size: int = 8,
+                 image_loss_weight: float = 1.0, action_loss_weight: float = 1.0, action_loss_start_step: int = 0,
+                 width: int | None = None, depth: int | None = None, heads: int | None = None,
+                 dropout: float = 0.0, noise_cond_scale: float | None = None):
+        super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
+                         formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
+        if size not in SIZES:
+            raise ValueError(f"unknown pad size {size!r}; choose one of {sorted(SIZES)}")
+        if future_frames < 1 or future_stride < 1:
+            raise ValueError(f"future_frames and future_stride must be >= 1, got {future_frames}, {future_stride}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+        self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
+        self.state_keys = sorted(k for k in self.obs_shapes if k not in self.image_keys)
+        if not self.image_keys:
+            raise ValueError("pad predicts future frames: the store needs at least one uint8 image key "
+                             f"(it has {sorted(self.obs_shapes)})")
+        channels = {self.obs_shapes[k][0][-1] for k in self.image_keys}
+        if len(channels) != 1:
+            raise ValueError(f"pad needs the same channel count for every camera, got {channels}")
+        w, d, h = SIZES[size]
+        w, d, h = width or w, depth or d, heads or h
+        self.size, self.channels = size, channels.pop()
+        self.future_frames, self.future_stride = future_frames, future_stride
+        self.image_size, self.patch_size = image_size, patch_size
+        self.image_loss_weight, self.action_loss_weight = float(image_loss_weight), float(action_loss_weight)
+        self.action_loss_start_step = int(action_loss_start_step)
+        self.patches = (image_size // patch_size) ** 2  # tokens per camera
+        self.num_image_tokens = self.patches * len(self.image_keys)
+        patch_dim = self.channels * patch_size * patch_size
+        self.frame_dim = future_frames * patch_dim  # one token's slice of the noisy future frames
+
+        self.current_in = nn.Linear(patch_dim, w)  # clean current frame: its half of the channel concatenation
+        self.future_in = nn.Linear(self.frame_dim, w, bias=False)  # noisy future frames: the other half
+        self.image_pos = nn.Parameter(torch.randn(1, self.num_image_tokens, w) * 0.02)  # also tells cameras apart
+        state_dim = sum(self.obs_shapes[k][0][0] for k in self.state_keys) * obs_horizon
+        self.state_in = nn.Linear(state_dim, w) if state_dim else None
+        self.action_in = nn.Linear(self.action_dim, w)
+        self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
+        if noise_cond_scale is None:  # EDM feeds log(σ)/4: spread it like DDPM's 0..999 (as in dit)
+            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") == "edm" else 1.0
+        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.task_embedding = nn.Embedding(self.num_tasks, w)
+        nn.init.normal_(self.task_embedding.weight, std=0.02)
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(w, h, cross_attention=False, dropout=dropout) for _ in range(d))
+        self.image_head = AdaLNFinal(w, self.frame_dim)
+        self.action_head = AdaLNFinal(w, self.action_dim)
+        self.register_buffer("attn_mask", image_attention_mask(self.num_image_tokens, action_horizon),
+                             persistent=False)
+        # optimizer steps seen by compute_loss: decides when the action loss switches on; saved, so resume agrees
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+
+    # -- pixels <-> tokens --------------------------------------------------------------------------------------
+    def to_model_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., C, H, W] → float [-1, 1] at image_size (area resize when the store's size differs)."""
+        x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            lead = x.shape[:-3]
+            x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(self.image_size, self.image_size), mode="area")
+            x = x.reshape(*lead, *x.shape[-3:])
+        return x
+
+    def patchify(self, frames: torch.Tensor) -> torch.Tensor:
+        """[B, k, C, H, W] → [B, patches, k*C*p*p] (frames stacked on channels within each patch)."""
+        return rearrange(frames, "b k c (h p) (w q) -> b (h w) (k c p q)", p=self.patch_size, q=self.patch_size)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = self.image_size // self.patch_size
+        return rearrange(tokens, "b (h w) (k c p q) -> b k c (h p) (w q)", h=n, w=n, k=self.future_frames,
+                         c=self.channels, p=self.patch_size, q=self.patch_size)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat sampler state [B, D] → (future-frame tokens [B, N_img, frame_dim], actions [B, Tp, A])."""
+        n = self.num_image_tokens * self.frame_dim
+        return (x[:, :n].reshape(x.shape[0], self.num_image_tokens, self.frame_dim),
+                x[:, n:].reshape(x.shape[0], self.action_horizon, self.action_dim))
+
+    @property
+    def flat_dim(self) -> int:
+        return self.num_image_tokens * self.frame_dim + self.action_horizon * self.action_dim
+
+    # -- the network ---------------------------------------------------------------------------------------------
+    def encode(self, obs: dict[str, torch.Tensor], goal: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """What does not depend on the noisy streams, once per chunk: current-frame tokens, state, task."""
+        batch = obs[self.image_keys[0]].shape[0]
+        device = obs[self.image_keys[0]].device
+        current = torch.cat([self.patchify(self.to_model_frames(obs[k][:, -1:])) for k in self.image_keys], 1)
+        image = self.current_in(current) + self.image_pos
+        state = None
+        if self.state_in is not None:
+            state = self.state_in(torch.cat([obs[k].flatten(1) for k in self.state_keys], -1))[:, None]
+        task = (goal or {}).get("task_id")
+        if task is None:
+            if self.num_tasks > 1:
+                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+            task = torch.zeros(batch, dtype=torch.long, device=device)
+        task = torch.as_tensor(task, device=device).long().reshape(-1).expand(batch)
+        return {"image": image, "state": state, "task": self.task_embedding(task)}
+
+    def denoise(self, x_in: torch.Tensor, noise_cond: torch.Tensor, cond: dict[str, Any],
+                step_index: int | None = None) -> torch.Tensor:
+        """One evaluation on the flat [B, D] state (future-frame tokens then actions); returns the same layout."""
+        frames, actions = self._split(x_in)
+        image = cond["image"] + self.future_in(frames)
+        action = self.action_in(actions) + self.action_pos
+        if cond["state"] is not None:
+            action = action + cond["state"]
+        c = self.noise_embedding(noise_cond.reshape(-1).expand(x_in.shape[0])) + cond["task"]
+        x = torch.cat([image, action], dim=1)
+        for block in self.blocks:
+            x = block(x, c, mask=self.attn_mask)
+        out_image = self.image_head(x[:, :self.num_image_tokens], c)
+        out_action = self.action_head(x[:, self.num_image_tokens:], c)
+        return torch.cat([out_image.flatten(1), out_action.flatten(1)], dim=1)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def action_weight_now(self) -> float:
+        return self.action_loss_weight if int(self.train_steps) >= self.action_loss_start_step else 0.0
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [f"future.{k}" for k in self.image_keys if f"future.{k}" not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}: build the WindowDataset with future_frames="
+                           f"{self.future_frames}, future_stride={self.future_stride} (the trainer does for pad)")
+        obs = self.normalize_obs(self.split_batch(batch, "obs"))
+        cond = self.encode(obs, self.goal_from_batch(batch))
+        future = torch.cat([self.patchify(self.to_model_frames(batch[f"future.{k}"])) for k in self.image_keys], 1)
+        actions = self.normalizer.normalize("action", batch["action"].float())
+        valid = ~batch["action_is_pad"]  # all False for action-free episodes
+        form, b = self.formulation, actions.shape[0]
+        level = form.sample_level(b, actions.device)  # ONE level for both streams
+        noise_f, noise_a = randn(future.shape, device=future.device), randn(actions.shape, device=actions.device)
+        x_f, cond_level = form.model_input(form.add_noise(future, noise_f, level), level)
+        x_a, _ = form.model_input(form.add_noise(actions, noise_a, level), level)
+        raw = self.denoise(torch.cat([x_f.flatten(1), x_a.flatten(1)], 1), cond_level, cond)
+        raw_f, raw_a = self._split(raw.float())
+        weight = form.loss_weight(level)
+        image_loss = (masked_mean((raw_f - form.target(future, noise_f, level)).square(), None) * weight).mean()
+        per_sample = masked_mean((raw_a - form.target(actions, noise_a, level)).square(), valid) * weight
+        has_actions = valid.any(1).float()  # action-free samples weigh 0; the mean is over those with actions
+        action_loss = (per_sample * has_actions).sum() / has_actions.sum().clamp_min(1.0)
+        action_weight = self.action_weight_now()
+        if self.training:
+            self.train_steps += 1
+        loss = self.image_loss_weight * image_loss + action_weight * action_loss
+        return {"loss": loss, "image_loss": image_loss.detach(), "action_loss": action_loss.detach(),
+                "action_fraction": has_actions.mean()}
+
+    # -- inference -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One joint denoising run: (actions [B, Tp, A] in robot units, {image key: frames [B, k, C, S, S] in [0, 1]})."""
+        obs_t = self.normalize_obs(self.prepare_obs(obs))
+        batch = next(iter(obs_t.values())).shape[0]
+        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
+        cond = self.encode(obs_t, goal_t)
+        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), (batch, self.flat_dim),
+                                    sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
+                                    device=self.device)
+        tokens, actions = self._split(x.float())
+        frames = {}
+        for i, key in enumerate(self.image_keys):
+            cam = tokens[:, i * self.patches:(i + 1) * self.patches]
+            frames[key] = self.unpatchify(cam).clamp(-1, 1).add(1).div(2)
+        return self.normalizer.unnormalize("action", actions), frames
+
+    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.predict(obs, goal, generator)[0]
+
+    def predict_frames(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Predicted future frames t+s, ..., t+k*s per camera: {key: [B, k, C, image_size, image_size]} in [0, 1]."""
+        return self.predict(obs, goal, generator)[1]
