@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def make_toy_store(path, episodes=6, length=(20, 40), state_dim=5, action_dim=3, image_size=0, seed=0,
-                   tasks=("toy-task",)):
+                   tasks=("toy-task",), robot="toy", fps=10.0):
     """A store whose action is a fixed function of the state: learnable by any policy."""
     from robodit.datasets.store import DemoStore
 
@@ -23,7 +23,7 @@ def make_toy_store(path, episodes=6, length=(20, 40), state_dim=5, action_dim=3,
     if image_size:
         keys["image_cam"] = ((image_size, image_size, 3), "uint8")
     w = np.random.default_rng(123).normal(size=(state_dim, action_dim)).astype(np.float32)
-    store = DemoStore.create(path, keys, fps=10.0, robot="toy", env={"name": "toy/none"})
+    store = DemoStore.create(path, keys, fps=fps, robot=robot, env={"name": "toy/none"})
     with store:
         for e in range(episodes):
             n = int(rng.integers(length[0], length[1] + 1))

@@ -17,6 +17,7 @@ from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec  # noqa: E402
 # prefix -> (module:Class taking (task, **kwargs), module:function validating a task name)
 SIMULATORS: dict[str, tuple[str, str]] = {
     "metaworld": ("robodit.envs.metaworld:MetaWorldEnv", "robodit.envs.metaworld:check_task"),
+    "robosuite": ("robodit.envs.robosuite:RobosuiteEnv", "robodit.envs.robosuite:check_task"),
 }
 
 

@@ -64,7 +64,7 @@ def _seed_everything(seed: int) -> None:
 def shape_meta_from_store(store: DemoStore, obs_keys: tuple[str, ...]) -> dict:
     return {"obs": {k: {"shape": list(store.keys[k][0]), "dtype": str(np.dtype(store.keys[k][1]))} for k in obs_keys},
             "action": {"shape": list(store.keys["action"][0])},
-            "num_tasks": max(1, len(store.tasks))}
+            "num_tasks": max(1, len(store.tasks)), "robot": store.robot, "control_hz": float(store.fps)}
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
