@@ -276,7 +276,7 @@ class RobosuiteEnv(ControlInterface):
                 d = (h - raw["pot_pos"]) * np.array([1.0, 1.0, 0.0])
                 out.append((h, d / (np.linalg.norm(d) + 1e-9)))
             return out
-        raise NotImplementedError(f"no scripted expert for {self.task} yet")
+        raise ValueError(f"no grasp targets defined for robosuite task {self.task!r}")
 
     def _obs(self) -> dict[str, np.ndarray]:
         obs = {"state": self.state_vector()}

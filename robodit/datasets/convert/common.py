@@ -12,6 +12,8 @@ one more episode than the ledger counts) or not. So a killed conversion never sk
 
 from __future__ import annotations
 
+import abc
+
 import re
 import sys
 from collections.abc import Iterable
@@ -43,7 +45,7 @@ class Episode:
     several_tasks: bool = False  # the source labels frames with more than one task (we keep the first)
 
 
-class Source:
+class Source(abc.ABC):
     """One dataset being read. Subclasses fill the attributes and implement `episode_ids`/`read_episode`."""
 
     format: str = ""
@@ -54,18 +56,20 @@ class Source:
     features: dict[str, Feature]
     unstorable: list[str]  # features that cannot become store keys (strings, ...), shown in the mapping
 
+    @abc.abstractmethod
     def default_key(self, feature: Feature) -> str | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def episode_ids(self) -> list[int]:
-        raise NotImplementedError
+        ...
 
     def num_frames(self) -> int | None:
         return None
 
+    @abc.abstractmethod
     def read_episode(self, ep: int, names: list[str]) -> Episode:
         """The arrays of features `names` (time-major) with the episode's task and instruction."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass
