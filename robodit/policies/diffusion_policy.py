@@ -57,23 +57,33 @@ class DiffusionPolicy(Policy):
             goal["task_id"] = batch["task_id"]
         return goal
 
+    def diffusion_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean chunk the denoiser learns (normalised actions) and its loss mask; RDT maps both to 128-d."""
+        actions = self.normalizer.normalize("action", batch["action"].float())
+        return actions, (~batch["action_is_pad"]).unsqueeze(-1).expand_as(actions).float()
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs = self.normalize_obs(self.split_batch(batch, "obs"))
         cond = self.encode(obs, self.goal_from_batch(batch))
-        actions = self.normalizer.normalize("action", batch["action"].float())
-        mask = (~batch["action_is_pad"]).unsqueeze(-1).expand_as(actions).float()
-        per_sample = self.formulation.loss(lambda x, c: self.denoise(x, c, cond), actions, mask=mask)
+        x0, mask = self.diffusion_target(batch)
+        per_sample = self.formulation.loss(lambda x, c: self.denoise(x, c, cond), x0, mask=mask)
         loss = per_sample.mean()
         return {"loss": loss, "diffusion_loss": loss.detach()}
 
     @torch.no_grad()
-    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_chunk(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                     generator: torch.Generator | None = None, dim: int | None = None) -> torch.Tensor:
+        """Sample the normalised chunk [B, Tp, dim] (dim: the action dim unless a family denoises another space)."""
         obs_t = self.normalize_obs(self.prepare_obs(obs))
         batch_size = next(iter(obs_t.values())).shape[0]
         goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
         cond = self.encode(obs_t, goal_t)
-        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
-                                    (batch_size, self.action_horizon, self.action_dim), sampler=self.sampler,
-                                    steps=self.num_inference_steps, generator=generator, device=self.device)
-        return self.normalizer.unnormalize("action", x.float())
+        return self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
+                                       (batch_size, self.action_horizon, dim or self.action_dim),
+                                       sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
+                                       device=self.device)
+
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.normalizer.unnormalize("action", self.sample_chunk(obs, goal, generator).float())

@@ -210,26 +210,16 @@ class RDTPolicy(DiffusionPolicy):
         return self.head(self.final_norm(x[:, -self.action_horizon:])) * mask
 
     # -- training and inference in native units -------------------------------------------------------------------
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        obs = self.normalize_obs(self.split_batch(batch, "obs"))
-        cond = self.encode(obs, self.goal_from_batch(batch))
+    def diffusion_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised native actions mapped into the unified space; unused slots never enter the loss."""
         unified, mask = self.adapter.action_to_unified(self.normalizer.normalize("action", batch["action"].float()))
-        valid = (~batch["action_is_pad"]).float()[..., None] * mask.to(unified)
-        per_sample = self.formulation.loss(lambda x, c: self.denoise(x, c, cond), unified, mask=valid)
-        loss = per_sample.mean()
-        return {"loss": loss, "diffusion_loss": loss.detach()}
+        return unified, (~batch["action_is_pad"]).float()[..., None] * mask.to(unified)
 
     @torch.no_grad()
     def predict_unified(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised unified chunk [B, Tp, 128] (zero in the robot's unused slots)."""
-        obs_t = self.normalize_obs(self.prepare_obs(obs))
-        batch = next(iter(obs_t.values())).shape[0]
-        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
-        cond = self.encode(obs_t, goal_t)
-        return self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
-                                       (batch, self.action_horizon, UNIFIED_DIM), sampler=self.sampler,
-                                       steps=self.num_inference_steps, generator=generator, device=self.device)
+        return self.sample_chunk(obs, goal, generator, dim=UNIFIED_DIM)
 
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
