@@ -1,4 +1,4 @@
-"""`robodit collect | info | convert | serve | run` — everything that is not training or evaluation.
+"""`robodit collect | embed | info | convert | serve | run` — everything that is not training or evaluation.
 
 Each sub-command lives in the module that owns its job; this file only parses arguments and dispatches,
 so `robodit --help` stays fast (no torch / simulator import until a command runs).
@@ -18,6 +18,12 @@ def _cmd_collect(args: argparse.Namespace) -> None:
     from robodit.datasets.collect import collect_command
 
     collect_command(args)
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from robodit.datasets.language import embed_command
+
+    embed_command(args)
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -49,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="run a simulator's scripted expert and store successful demos")
-    p.add_argument("source", help="SIMULATOR/TASK, e.g. metaworld/reach-v3")
-    p.add_argument("--episodes", type=int, required=True, help="successful episodes to keep")
+    p.add_argument("source", help="SIMULATOR/TASK, e.g. metaworld/reach-v3, or a benchmark: metaworld/MT10")
+    p.add_argument("--episodes", type=int, default=None, help="successful episodes to keep")
+    p.add_argument("--episodes-per-task", type=int, default=None, help="for a benchmark: episodes per task")
+    p.add_argument("--language-fraction", type=float, default=None,
+                   help="share of episodes that keep their instruction (templated paraphrases); the rest are "
+                        "goal-image only (default: all keep it, one sentence per task)")
+    p.add_argument("--language-encoder", default="minilm",
+                   help="embed the instructions into meta/lang_emb with this encoder ('' to skip)")
     p.add_argument("--out", required=True, help="path of the Zarr store (created, or appended to)")
     p.add_argument("--image-size", type=int, default=0, help="render cameras at this size (0: no images)")
     p.add_argument("--cameras", default="corner2", help="comma-separated camera names (with --image-size)")
@@ -59,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many rollouts")
     p.add_argument("--no-actions", action="store_true", help="store video-only episodes (has_actions=false)")
     p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("embed", help="cache a store's instruction embeddings (meta/lang_emb)")
+    p.add_argument("store")
+    p.add_argument("--encoder", default="minilm", help="language encoder (robodit.nn.language.ENCODERS)")
+    p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("info", help="summarise a demonstration store")
     p.add_argument("path")

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from robodit.datasets.language import paraphrases
+
 # env-attr fields that must agree when appending to an existing store (they decide the stored keys / meaning)
 _MUST_MATCH = ("simulator", "image_size", "cameras", "goal_observable")
 
@@ -35,6 +37,14 @@ def _rollout(env, seed: int) -> tuple[dict[str, np.ndarray], bool]:
     arrays = {k: np.stack(v) for k, v in frames.items()}
     arrays["action"] = np.stack(actions).astype(np.float32)
     return arrays, bool(success)
+
+
+def _labelled_episodes(episodes: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of the `episodes` kept episodes carry language: exactly round(fraction * n) (>= 1 if fraction > 0)."""
+    n = 0 if fraction <= 0 else max(1, int(round(fraction * episodes)))
+    mask = np.zeros(episodes, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(episodes)[:n]] = True
+    return mask
 
 
 def _merge_env_attr(existing: dict | None, new: dict, task: str, path: str) -> dict:
@@ -66,6 +76,9 @@ def collect(
     max_attempts: int | None = None,
     progress: bool = True,
     has_actions: bool = True,
+    language_fraction: float = 1.0,
+    paraphrase: bool = False,
+    language_seed: int | None = None,
 ) -> dict[str, Any]:
     """Store `episodes` successful expert demos of `source` ("SIM/TASK") in the DemoStore at `out`.
 
@@ -76,6 +89,11 @@ def collect(
 
     has_actions=False stores video-only episodes (actions dropped, `has_actions=False` per episode): the expert
     still drives the rollout, but the store keeps only what action-free video would have (co-training, PAD).
+
+    language_fraction: the share of the kept episodes stored with an instruction (exactly
+    round(fraction * episodes), at least one when > 0, picked by `language_seed`, default `seed`); the others are goal-image only
+    (MDT's sparse labels). paraphrase=True cycles the labelled episodes through the instruction's training
+    paraphrases (robodit.datasets.language) instead of repeating one sentence.
     """
     from tqdm import tqdm
 
@@ -89,6 +107,9 @@ def collect(
     if image_size > 0 and not cameras:
         raise ValueError("--image-size needs at least one camera")
     _, task = parse_env_name(source)
+    if not 0.0 <= language_fraction <= 1.0:
+        raise ValueError(f"--language-fraction must be in [0, 1], got {language_fraction}")
+    labelled = _labelled_episodes(episodes, language_fraction, seed if language_seed is None else language_seed)
     max_attempts = 3 * episodes + 10 if max_attempts is None else int(max_attempts)
 
     env = make_env(source, image_size=image_size, cameras=tuple(cameras), seed=seed, max_episode_steps=max_steps)
@@ -100,6 +121,7 @@ def collect(
         keys["action"] = ((spec.action_dim,), "float32")
         env_cfg = env.config()
         instruction = env.instruction() if hasattr(env, "instruction") else None
+        texts = (paraphrases(instruction) if paraphrase else [instruction]) if instruction else [None]
 
         # env=None: an existing store keeps its env attr (with its seeds); we merge into it and write it back
         with DemoStore.open_or_create(out, keys, fps=spec.control_hz, robot=spec.robot) as store:
@@ -124,7 +146,9 @@ def collect(
                         if not has_actions:  # video only: the store keeps zeros and has_actions=False
                             arrays.pop("action")
                         # an instruction given -> the episode is stored with has_language=True
-                        store.append_episode(arrays, task=task, instruction=instruction, has_actions=has_actions)
+                        k = len(kept_seeds)
+                        text = texts[sum(labelled[:k]) % len(texts)] if labelled[k] else None
+                        store.append_episode(arrays, task=task, instruction=text, has_actions=has_actions)
                         kept_seeds.append(s)
                         lengths.append(length)
                         bar.update(1)
@@ -165,22 +189,55 @@ def collect(
     return summary
 
 
+def benchmark_tasks(source: str) -> list[str] | None:
+    """The tasks of a multi-task source such as "metaworld/MT10", or None for a single task."""
+    sim, _, name = source.partition("/")
+    if sim == "metaworld":
+        from robodit.envs.metaworld import BENCHMARKS
+
+        if name in BENCHMARKS:
+            return list(BENCHMARKS[name])
+    return None
+
+
+def collect_multitask(source: str, tasks: list[str], episodes_per_task: int, out: str | Path, *,
+                      language_fraction: float = 1.0, language_encoder: str | None = "minilm",
+                      paraphrase: bool = True, seed: int = 0, **kwargs) -> dict[str, Any]:
+    """`collect` each task into one store (task `i` draws its labelled episodes with seed + i), then cache the
+    instructions' embeddings (`meta/lang_emb`) unless language_encoder is None."""
+    from robodit.datasets.language import embed_store
+
+    sim = source.split("/", 1)[0]
+    summaries = [collect(f"{sim}/{task}", episodes_per_task, out, seed=seed, language_fraction=language_fraction,
+                         paraphrase=paraphrase, language_seed=seed + i, **kwargs) for i, task in enumerate(tasks)]
+    embedded = embed_store(out, language_encoder) if language_encoder and language_fraction > 0 else None
+    return {"source": source, "out": str(out), "tasks": summaries, "language": embedded}
+
+
 def collect_command(args) -> None:
     """CLI entry (`robodit collect`): failures become one-line errors with exit status 2."""
     from robodit.cli import CLIError
 
+    common = dict(out=args.out, image_size=args.image_size, cameras=args.cameras, seed=args.seed,
+                  max_steps=args.max_steps, max_attempts=args.max_attempts, progress=True,
+                  has_actions=not getattr(args, "no_actions", False))
+    fraction = args.language_fraction
     try:
-        collect(
-            args.source,
-            episodes=args.episodes,
-            out=args.out,
-            image_size=args.image_size,
-            cameras=args.cameras,
-            seed=args.seed,
-            max_steps=args.max_steps,
-            max_attempts=args.max_attempts,
-            progress=True,
-            has_actions=not getattr(args, "no_actions", False),
-        )
+        tasks = benchmark_tasks(args.source)
+        if tasks is not None:
+            if not args.episodes_per_task:
+                raise CLIError(f"{args.source} is a multi-task benchmark: give --episodes-per-task N")
+            collect_multitask(args.source, tasks, args.episodes_per_task, language_encoder=args.language_encoder,
+                              language_fraction=1.0 if fraction is None else fraction, **common)
+            return
+        if not args.episodes:
+            raise CLIError("give --episodes N (--episodes-per-task is for multi-task sources such as "
+                           "metaworld/MT10)")
+        collect(args.source, episodes=args.episodes, language_fraction=1.0 if fraction is None else fraction,
+                paraphrase=fraction is not None, **common)
+        if fraction and args.language_encoder:
+            from robodit.datasets.language import embed_store
+
+            embed_store(args.out, args.language_encoder)
     except RuntimeError as exc:
         raise CLIError(str(exc)) from exc

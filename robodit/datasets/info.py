@@ -23,6 +23,7 @@ def summarize(store: DemoStore) -> dict:
                       "with_language": int((mine & store.episode_has_language).sum()),
                       "instructions": len(task["instructions"])})
     stored, raw = store.nbytes_stored(), store.nbytes_uncompressed()
+    lang = store.language_embeddings()
     return {
         "path": str(store.path),
         "format": store.attrs["format"],
@@ -40,6 +41,10 @@ def summarize(store: DemoStore) -> dict:
         "keys": {k: {"shape": list(shape), "dtype": dtype.name, "chunk_frames": int(store.array(k).chunks[0])}
                  for k, (shape, dtype) in sorted(store.keys.items())},
         "tasks": tasks,
+        "language_embeddings": None if lang is None else {
+            "encoder": lang[0], "instructions": len(lang[1]),
+            "dim": len(next(iter(lang[1].values()))) if lang[1] else 0,
+            "missing": len(set(store.instructions()) - set(lang[1]))},
         "bytes_on_disk": stored,
         "bytes_uncompressed": raw,
         "compression_ratio": round(raw / stored, 2) if stored else None,
@@ -76,6 +81,10 @@ def format_summary(s: dict) -> str:
     for t in s["tasks"]:
         lines.append(f"  {t['name']:<{width}}  {t['episodes']} episodes, {t['with_language']} with language, "
                      f"{t['instructions']} instructions")
+    lang = s.get("language_embeddings")
+    if lang:
+        lines.append(f"language:   meta/lang_emb from {lang['encoder']!r}: {lang['instructions']} instruction(s) x "
+                     f"{lang['dim']}" + (f", {lang['missing']} instruction(s) not embedded" if lang["missing"] else ""))
     ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
     lines.append(f"bytes:      {_size(s['bytes_on_disk'])} on disk ({s['bytes_on_disk']}), "
                  f"{_size(s['bytes_uncompressed'])} uncompressed ({s['bytes_uncompressed']}); "

@@ -6,6 +6,11 @@ frame before the episode starts) and actions at t..t+Tp-1 (repeating the last ac
 traffic in workers and pinned transfers. With `future_frames=k` it also yields `future.<image key>` [k, C, H, W]:
 frames t+s..t+k*s (s = `future_stride`, clipped to the episode's last frame), the targets of video-predicting
 policies (PAD); they get the same random shift as the observation so the two stay pixel-aligned.
+
+Goal-conditioned policies (MDT) ask for `goal_offsets=(lo, hi)`: `goal.<image key>` [C, H, W] is the frame
+t+u of the same episode, u uniform in [lo, hi] (clipped to the last frame), i.e. a state the demonstration
+reaches soon. `language_encoder=NAME` adds `goal.lang_emb` [D] (the episode's cached instruction embedding,
+zeros without one) and `goal.has_lang`; the embeddings come from the store's `meta/lang_emb`, never computed here.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class WindowConfig:
     cache: bool = True  # load the committed frames into RAM once (fast); False streams images (larger than RAM)
     future_frames: int = 0  # k future frames per image key as `future.<key>` (0: none, the default)
     future_stride: int = 1  # frames between consecutive future frames
+    goal_offsets: tuple[int, int] | None = None  # goal image u ~ U[lo, hi] frames ahead as `goal.<image key>`
+    language_encoder: str | None = None  # yield `goal.lang_emb` / `goal.has_lang` from the store's meta/lang_emb
 
 
 class WindowDataset(Dataset):
@@ -84,6 +91,22 @@ class WindowDataset(Dataset):
         self._has_actions = store.episode_has_actions[self.episodes].astype(bool)
         self._task = store.episode_task[self.episodes].astype(np.int64)
         self.num_tasks = len(store.tasks)
+        if cfg.goal_offsets is not None:
+            lo, hi = (int(v) for v in cfg.goal_offsets)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"goal_offsets must be (lo, hi) with 0 <= lo <= hi, got {tuple(cfg.goal_offsets)}")
+        self._lang_emb, self._ep_lang = None, None
+        if cfg.language_encoder:
+            from robodit.datasets.language import store_language_table
+
+            table = store_language_table(store, cfg.language_encoder)
+            texts = list(table)
+            dim = len(next(iter(table.values()))) if table else 0
+            self._lang_emb = np.stack([table[t] for t in texts]).astype(np.float32) if texts else np.zeros((0, dim))
+            rows = {t: i for i, t in enumerate(texts)}
+            infos = [store.episode_info(int(e)) for e in self.episodes]
+            self._ep_lang = np.array([rows[i["instruction"]] if i["has_language"] else -1 for i in infos], np.int64)
+            self.lang_dim = dim
         self._store: DemoStore | None = None
         # Low-dim keys are ~1% of a store with images: they stay in RAM even when streaming, which saves a
         # zarr read (~0.4 ms of async overhead each) per key per sample; cache=False streams only images.
@@ -119,24 +142,37 @@ class WindowDataset(Dataset):
         k, stride = self.cfg.future_frames, self.cfg.future_stride
         future_frames = np.minimum(t + stride * np.arange(1, k + 1), end - 1)
         rng = np.random.default_rng(seed if seed is not None else None)
+        goal_frame = None
+        if self.cfg.goal_offsets is not None:
+            lo, hi = self.cfg.goal_offsets
+            goal_frame = np.array([min(t + int(rng.integers(lo, hi + 1)), end - 1)])
         sample: dict[str, torch.Tensor] = {}
         for key in self.obs_keys:
             x = self._read(key, obs_frames)
             if x.dtype == np.uint8 and x.ndim == 4:
                 if k:  # one read and one shift for history + future: the same crop for both
                     x = np.concatenate([x, self._read(key, future_frames)])
+                if goal_frame is not None:
+                    x = np.concatenate([x, self._read(key, goal_frame)])
                 if self.train:
                     x = random_shift(x, self.cfg.image_shift, rng)
                 x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
                 sample[f"obs.{key}"] = torch.from_numpy(x[:to])
                 if k:
-                    sample[f"future.{key}"] = torch.from_numpy(x[to:])
+                    sample[f"future.{key}"] = torch.from_numpy(x[to:to + k])
+                if goal_frame is not None:
+                    sample[f"goal.{key}"] = torch.from_numpy(x[-1])
             else:
                 sample[f"obs.{key}"] = torch.from_numpy(x.astype(np.float32, copy=False))
         actions = self._read("action", np.minimum(act_frames, end - 1)).astype(np.float32, copy=False)
         sample["action"] = torch.from_numpy(actions)
         sample["action_is_pad"] = torch.from_numpy(is_pad | (not self._has_actions[e]))
         sample["task_id"] = torch.tensor(self._task[e], dtype=torch.long)
+        if self._ep_lang is not None:
+            row = self._ep_lang[e]
+            emb = self._lang_emb[row] if row >= 0 else np.zeros(self.lang_dim, np.float32)
+            sample["goal.lang_emb"] = torch.from_numpy(np.asarray(emb, np.float32))
+            sample["goal.has_lang"] = torch.tensor(row >= 0)
         return sample
 
 

@@ -448,6 +448,45 @@ class DemoStore:
         elif name in ("fps", "robot"):
             self.fps, self.robot = float(self.attrs["fps"]), str(self.attrs["robot"])
 
+    # -- instruction embeddings (meta/lang_emb) ----------------------------------------------------------------
+    def instructions(self) -> list[str]:
+        """Every distinct instruction of the committed episodes, in task-table order."""
+        seen: dict[str, None] = {}
+        for task in self._tasks:
+            for text in task["instructions"]:
+                seen.setdefault(text, None)
+        return list(seen)
+
+    def language_embeddings(self) -> tuple[str, dict[str, np.ndarray]] | None:
+        """(encoder name, {instruction: [D] float32}) from ``meta/lang_emb``, or None when none are stored.
+
+        The rows and their instructions are written first and the array's attrs (encoder, instructions) last,
+        so a killed write leaves either the previous table or none, never rows paired with the wrong text."""
+        if "lang_emb" not in self._meta_group.array_keys():
+            return None
+        arr = self._meta_group["lang_emb"]
+        texts, encoder = arr.attrs.get("instructions"), arr.attrs.get("encoder")
+        if not isinstance(texts, list) or not encoder or len(texts) != arr.shape[0]:
+            return None
+        emb = np.asarray(arr[:], dtype=np.float32)
+        return str(encoder), {t: emb[i] for i, t in enumerate(texts)}
+
+    def set_language_embeddings(self, encoder: str, table: Mapping[str, np.ndarray]) -> None:
+        """Replace ``meta/lang_emb`` with `table` ({instruction: [D]}), recording the encoder's name."""
+        self._writer()
+        texts = list(table)
+        emb = np.stack([np.asarray(table[t], np.float32) for t in texts]) if texts else np.zeros((0, 1), np.float32)
+        if emb.ndim != 2 or not np.isfinite(emb).all():
+            raise ValueError(f"language embeddings must be finite [N, D] rows, got shape {emb.shape}")
+        if "lang_emb" in self._meta_group.array_keys():
+            self._meta_group["lang_emb"].update_attributes({"instructions": None})  # invalidate first
+        arr = self._meta_group.create_array("lang_emb", shape=emb.shape, chunks=(max(1, len(emb)), emb.shape[1]),
+                                            dtype=np.float32, fill_value=0, overwrite=True,
+                                            compressors=ZstdCodec(level=3))
+        if len(emb):
+            arr[:] = emb
+        arr.update_attributes({"encoder": str(encoder), "instructions": texts})
+
     def close(self) -> None:
         """Release the writer lock (reads keep working)."""
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None

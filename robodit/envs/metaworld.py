@@ -98,6 +98,11 @@ INSTRUCTIONS = {
     "sweep": "sweep the puck off the table",
     "sweep-into": "sweep the puck into the hole",
 }
+# Meta-World's multi-task benchmarks by name, for `robodit collect metaworld/MT10` (MT10's ten tasks).
+BENCHMARKS = {
+    "MT10": ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+             "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"),
+}
 _VERBS = {"open", "close", "press", "pull", "push", "turn", "slide", "lock", "unlock", "insert", "unplug", "pick",
           "place", "reach", "sweep", "kick", "lift", "stack", "move", "put", "hang", "fold", "pour", "wipe"}
 

@@ -95,7 +95,9 @@ class Trainer:
                             obs_keys=tuple(dc.obs_keys) if dc.get("obs_keys") else None,
                             image_shift=dc.get("image_shift", 4), cache=dc.get("cache", True),
                             future_frames=policy_cfg.get("future_frames", 0),  # video-predicting policies (PAD)
-                            future_stride=policy_cfg.get("future_stride", 1))
+                            future_stride=policy_cfg.get("future_stride", 1),
+                            goal_offsets=tuple(policy_cfg.goal_offsets) if policy_cfg.get("goal_offsets") else None,  # goal-image policies (MDT)
+                            language_encoder=policy_cfg.get("language_encoder"))
         train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
         self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
         self.val_set = WindowDataset(store_path, wcfg, val_eps, train=False) if len(val_eps) else None

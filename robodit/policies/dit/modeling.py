@@ -27,6 +27,8 @@ SIZES = {
 
 @register_policy("dit")
 class DiTPolicy(DiffusionPolicy):
+    SIZES = SIZES  # a family built on this architecture (MDT) brings its own size table
+
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
@@ -34,9 +36,9 @@ class DiTPolicy(DiffusionPolicy):
                  dropout: float = 0.0, noise_cond_scale: float | None = None):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps, formulation,
                          sampler, num_inference_steps)
-        if size not in SIZES:
-            raise ValueError(f"unknown dit size {size!r}; choose one of {sorted(SIZES)}")
-        w, d, h, enc_depth, channels = SIZES[size]
+        if size not in self.SIZES:
+            raise ValueError(f"unknown {self.name} size {size!r}; choose one of {sorted(self.SIZES)}")
+        w, d, h, enc_depth, channels = self.SIZES[size]
         w, d, h = width or w, depth or d, heads or h
         self.size = size
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
