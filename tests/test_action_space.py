@@ -69,3 +69,34 @@ def test_register_and_bad_slots():
         slots("right_joint_pos", 11)
     with pytest.raises(ValueError, match="distinct"):
         joint_arm("bad", 10).__class__("bad", (0, 0))
+
+
+def test_unified_layout_splits_state_from_context_and_normalisation_commutes():
+    from robodit.envs.action_space import UnifiedLayout
+
+    obs = {"state": ((39,), "float32"), "goal": ((3,), "float32"), "image_cam": ((8, 8, 3), "uint8")}
+    lay = UnifiedLayout.build("metaworld_sawyer", obs, "state", context_dim=48)
+    assert lay.lowdim == (("goal", 3), ("state", 39)) and lay.context_width == 3 + 35
+    rng = np.random.default_rng(0)
+    native = {"goal": rng.normal(size=(2, 3)).astype(np.float32), "state": rng.normal(size=(2, 39)).astype(np.float32)}
+    state, ctx = lay.state(native), lay.context(native)
+    assert np.array_equal(state[:, [30, 31, 32, 10]], native["state"][:, :4])
+    assert state[:, lay.state_mask == 0].sum() == 0
+    assert np.array_equal(ctx[:, :3], native["goal"]) and np.array_equal(ctx[:, 3:38], native["state"][:, 4:])
+    assert not ctx[:, 38:].any()
+    assert torch.equal(lay.context({k: torch.from_numpy(v) for k, v in native.items()}), torch.from_numpy(ctx))
+    # per-dim affine stats mapped into the layout: normalise-then-scatter == scatter-then-normalise
+    stats = {k: (rng.normal(size=v.shape[-1]).astype(np.float32), rng.uniform(0.5, 2, v.shape[-1]).astype(np.float32))
+             for k, v in {**native, "action": np.zeros((1, 4))}.items()}
+    aff = lay.affine(stats)
+    normed = {k: (v - stats[k][0]) / stats[k][1] for k, v in native.items()}
+    state_n = (state - aff["state_offset"]) / aff["state_scale"] * lay.state_mask
+    assert np.allclose(state_n, lay.state(normed), atol=1e-6)
+    assert np.allclose((ctx - aff["context_offset"]) / aff["context_scale"], lay.context(normed), atol=1e-6)
+    action = rng.normal(size=(5, 4)).astype(np.float32)
+    a_n = (lay.action(action) - aff["action_offset"]) / aff["action_scale"]
+    assert np.allclose(a_n, lay.action((action - stats["action"][0]) / stats["action"][1]), atol=1e-6)
+    with pytest.raises(ValueError, match="context_dim=16"):
+        UnifiedLayout.build("metaworld_sawyer", obs, "state", context_dim=16)
+    with pytest.raises(ValueError, match=r"state\[3\].*\(2,\)"):
+        UnifiedLayout.build("metaworld_sawyer", {"state": ((2,), "float32")}, "state", context_dim=8)

@@ -68,3 +68,25 @@ def test_collect_through_the_registry(tmp_path):
     with DemoStore.open(tmp_path / "lift.zarr") as store:
         assert store.robot == "robosuite_panda" and len(store) == 1
         assert adapter_for(store.robot).action_dim == store.keys["action"][0][0] == 7
+
+
+@pytest.mark.slow
+def test_handover_expert_succeeds_and_is_reproducible():
+    """27/30 on seeds 100-129 (env seed 0); ~200 steps an episode, so a few seeds here (≈ 25 s)."""
+    def run(seeds):
+        env = RobosuiteEnv("TwoArmHandover", max_episode_steps=300, seed=0)
+        try:
+            out = []
+            for seed in seeds:
+                env.reset(seed=seed)
+                done = success = False
+                while not done:
+                    obs, success, done, _ = env.step(env.expert_action())
+                out.append((success, env._t, float(obs["state"].sum())))
+            return out
+        finally:
+            env.close()
+
+    first = run(range(100, 105))
+    assert sum(s for s, _, _ in first) >= 4
+    assert run([100]) == first[:1]  # a fresh env (same seed) replays an episode exactly

@@ -54,6 +54,16 @@ def store_record(path: Path, store: DemoStore) -> dict[str, Any]:
             "tasks": store.task_names, "episodes": len(store)}
 
 
+def record_for_env(record: dict, env: str | None) -> dict:
+    """The training-store record to evaluate `env` ("SIM/TASK") with: the matching entry of a multi-store
+    checkpoint's "stores" (its own env kwargs and tasks), else the record itself. Pair it with the policy's
+    `select_store(env)` (RDT) so the policy answers in that robot's units."""
+    for rec in record.get("stores") or []:
+        if env and (rec.get("env") or {}).get("name") == env:
+            return rec
+    return record
+
+
 class MultiStoreDataset(Dataset):
     """Concatenation of per-store `WindowDataset`s, each sample in the unified layout (see module doc)."""
 

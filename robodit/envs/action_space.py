@@ -148,6 +148,97 @@ def _gather(u, idx):
     return u[..., list(idx)]
 
 
+@dataclass(frozen=True)
+class UnifiedLayout:
+    """Where one store's native observation and action go in a unified-space model, so that stores of different
+    robots batch together: proprioception and actions into the 128 slots (the adapter, value + mask), every
+    other low-dim observation value (object poses, goals: what the unified state leaves out) into a
+    zero-padded `context` vector of fixed width `context_dim`, in key order. Works on numpy and torch."""
+
+    adapter: Adapter
+    lowdim: tuple[tuple[str, int], ...]  # (key, width) of the low-dim observation keys, sorted
+    state_key: str | None  # the key the adapter's state_index reads; None: no unified state
+    context_dim: int
+
+    @classmethod
+    def build(cls, robot: str | None, obs_shapes: dict, state_key: str | None, context_dim: int,
+              where: str = "") -> "UnifiedLayout":
+        """`obs_shapes`: {key: (shape, dtype)}; `where` names the store in errors."""
+        adapter = adapter_for(robot)
+        at = f"{where}: " if where else ""
+        lowdim = tuple((k, int(shape[0])) for k, (shape, _) in sorted(obs_shapes.items()) if len(shape) == 1)
+        widths = dict(lowdim)
+        key = state_key if state_key in widths and adapter.state_index else None
+        if key is not None and widths[key] <= max(adapter.state_index):
+            raise ValueError(f"{at}robot {robot!r} reads {key}[{max(adapter.state_index)}] but observation "
+                             f"{key!r} has shape ({widths[key]},)")
+        layout = cls(adapter, lowdim, key, int(context_dim))
+        if layout.context_width > layout.context_dim:
+            raise ValueError(f"{at}robot {robot!r} has {layout.context_width} low-dim observation values outside "
+                             f"the unified state (keys {list(widths)}), more than policy.context_dim="
+                             f"{layout.context_dim}: raise it")
+        return layout
+
+    def _context_index(self) -> list[tuple[str, list[int]]]:
+        mapped = set(self.adapter.state_index)
+        return [(k, [i for i in range(w) if not (k == self.state_key and i in mapped)]) for k, w in self.lowdim]
+
+    @property
+    def context_width(self) -> int:
+        return sum(len(idx) for _, idx in self._context_index())
+
+    @property
+    def state_mask(self) -> np.ndarray:
+        return self.adapter.state_mask if self.state_key else np.zeros(UNIFIED_DIM, np.float32)
+
+    @property
+    def action_mask(self) -> np.ndarray:
+        return self.adapter.action_mask
+
+    def state(self, lowdim: dict):
+        """{key: [..., D]} → unified proprioceptive state [..., 128] (zeros where the robot has none)."""
+        if self.state_key is None:
+            ref = next(iter(lowdim.values()))
+            return _scatter(ref[..., :0], ())
+        return self.adapter.state_to_unified(lowdim[self.state_key])[0]
+
+    def context(self, lowdim: dict):
+        """{key: [..., D]} → [..., context_dim]: the values the unified state leaves out, zero-padded."""
+        parts = [lowdim[k][..., idx] for k, idx in self._context_index() if idx]
+        ref = next(iter(lowdim.values()))
+        if isinstance(ref, torch.Tensor):
+            out = ref.new_zeros(*ref.shape[:-1], self.context_dim)
+            if parts:
+                out[..., :self.context_width] = torch.cat(parts, dim=-1)
+            return out
+        out = np.zeros((*ref.shape[:-1], self.context_dim), np.float32)
+        if parts:
+            out[..., :self.context_width] = np.concatenate(parts, axis=-1)
+        return out
+
+    def action(self, action):
+        return self.adapter.action_to_unified(action)[0]
+
+    def native_action(self, unified):
+        return self.adapter.action_from_unified(unified)
+
+    def affine(self, stats: dict) -> dict[str, np.ndarray]:
+        """Native per-key (offset, scale) → the same affine map on the unified state / context / action (identity
+        where the robot has nothing): normalising native values then scattering equals scattering then this."""
+        dims = dict(self.lowdim)
+        zero = {k: np.zeros(d, np.float32) for k, d in dims.items()}
+        off = {k: np.asarray(stats[k][0], np.float32) if k in stats else zero[k] for k in dims}
+        sc = {k: np.asarray(stats[k][1], np.float32) - 1 if k in stats else zero[k] for k in dims}  # 0 = scale 1
+        a_dim = self.adapter.action_dim
+        a_off, a_sc = stats.get("action", (np.zeros(a_dim, np.float32), np.ones(a_dim, np.float32)))
+        if not dims:  # no low-dim keys at all: identity state and context
+            off = sc = {"_": np.zeros(1, np.float32)}
+        return {"state_offset": self.state(off), "state_scale": self.state(sc) + 1,
+                "context_offset": self.context(off), "context_scale": self.context(sc) + 1,
+                "action_offset": self.action(np.asarray(a_off, np.float32)),
+                "action_scale": self.action(np.asarray(a_sc, np.float32) - 1) + 1}
+
+
 # -- the embodiments we ship -----------------------------------------------------------------------------------
 def metaworld_sawyer() -> Adapter:
     """Meta-World: action = xyz EEF delta + gripper effort (4); state[0:3] hand xyz, state[3] gripper opening."""
@@ -221,6 +312,7 @@ __all__ = [
     "SLOTS",
     "UNIFIED_DIM",
     "Adapter",
+    "UnifiedLayout",
     "adapter_for",
     "joint_arm",
     "register_adapter",

@@ -8,12 +8,14 @@ reset only (and restores it), which makes one seed one layout. Cameras are rende
 robosuite's MuJoCo model (robosuite's own offscreen path is 3-4x slower) and come out upright.
 
 Scripted experts (`expert_action`, robosuite ships none), measured on seeds 100-129: Lift 30/30 (~44 steps),
-TwoArmLift 30/30 (~55 steps), TwoArmHandover 16/30 within 400 steps (below the 80% target: the hammer often
-hangs steeply from arm 0 and arm 1's top-down grasp misses).
+TwoArmLift 30/30 (~55 steps), TwoArmHandover 27/30, 28/30 and 27/30 (~200 steps) with the env built with
+seed 0, 1 and 2 (robosuite draws the hammer's size when the env is built: `seed` fixes it, so a run is
+reproducible across processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -50,6 +52,28 @@ class _Phase(NamedTuple):
 _PICK = (_Phase(0.10, -1.0, 0.015), _Phase(0.0, -1.0, 0.008, max_steps=60), _Phase(0.0, 1.0, 1.0, 12, 12, True),
          _Phase(0.25, 1.0, 0.01, max_steps=10_000, hold=True))
 _PLANS = {"Lift": _PICK, "TwoArmLift": _PICK}
+_TURN = 4  # the handover phase that carries and turns the hammer
+_TURN_RATE = 0.5  # of full OSC rotation speed: a faster turn swings the hammer about the fingers
+_AIM = 0.5  # rad: the free end may point this far from +y (arm 1 grasps it where it is); less turning
+_WRIST_MARGIN = 0.3  # rad a planned wrist turn keeps from the joint's limits
+
+
+@contextlib.contextmanager
+def _global_seed(seed: int):
+    """Seed NumPy's global generator for the block, then restore it (robosuite draws from it)."""
+    saved = np.random.get_state()
+    np.random.seed(int(seed) % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+def _wrist_margin(sim, robot, turn: float) -> float:
+    """How far (rad) the arm's last joint would stay from its limits after turning by `turn`."""
+    q = float(sim.data.qpos[robot._ref_joint_pos_indexes][-1]) + turn
+    lo, hi = sim.model.jnt_range[robot._ref_joint_indexes[-1]]
+    return min(q - lo, hi - q)
 
 
 def check_task(task: str) -> str:
@@ -86,10 +110,11 @@ class RobosuiteEnv(ControlInterface):
         logging.getLogger("robosuite").setLevel(logging.ERROR)  # it warns about every absent body part
         controller = load_composite_controller_config(controller="BASIC", robot="Panda")
         kwargs = {"env_configuration": env_configuration} if arms == 2 else {}
-        self._env = suite.make(self.task, robots=["Panda"] * arms if arms > 1 else "Panda",
-                               controller_configs=controller, has_renderer=False, has_offscreen_renderer=False,
-                               use_camera_obs=False, horizon=self.max_episode_steps + 1, ignore_done=True,
-                               control_freq=control_freq, hard_reset=False, reward_shaping=False, **kwargs)
+        with _global_seed(seed):  # model building draws from it too (TwoArmHandover's hammer size)
+            self._env = suite.make(self.task, robots=["Panda"] * arms if arms > 1 else "Panda",
+                                   controller_configs=controller, has_renderer=False, has_offscreen_renderer=False,
+                                   use_camera_obs=False, horizon=self.max_episode_steps + 1, ignore_done=True,
+                                   control_freq=control_freq, hard_reset=False, reward_shaping=False, **kwargs)
         self._renderer: FastRenderer | None = None
         self._raw: dict[str, np.ndarray] | None = None
         self._t = 0
@@ -98,7 +123,8 @@ class RobosuiteEnv(ControlInterface):
         self.action_dim = 7 * arms
         low, high = (np.asarray(b, np.float32) for b in self._env.action_spec)
         self._low, self._high = low, high
-        object_dim = len(self._env.reset()["object-state"])
+        with _global_seed(seed):
+            object_dim = len(self._env.reset()["object-state"])
         self._new_renderer()
         obs_spec = {"state": ArraySpec((arms * ROBOSUITE_ARM_STATE + object_dim,), "float32")}
         for cam in self.cameras:
@@ -133,12 +159,8 @@ class RobosuiteEnv(ControlInterface):
         if seed is None:
             seed = int(self._seed_rng.integers(2**31 - 1))
         self.episode_seed = int(seed)
-        saved = np.random.get_state()
-        np.random.seed(self.episode_seed)  # robosuite's placement samplers and init noise use the global RNG
-        try:
+        with _global_seed(self.episode_seed):  # robosuite's placement samplers and init noise use the global RNG
             self._raw = self._env.reset()
-        finally:
-            np.random.set_state(saved)
         if self._env.sim.model._model is not self._model:  # robosuite rebuilt the model: renderer must follow
             self._new_renderer()
         self._t = 0
@@ -206,9 +228,11 @@ class RobosuiteEnv(ControlInterface):
             self._phase, self._phase_t = min(self._phase + 1, len(plan) - 1), 0
         return action
 
-    def _arm_command(self, r: int, target: np.ndarray, closing: np.ndarray | None, grip: float) -> np.ndarray:
+    def _arm_command(self, r: int, target: np.ndarray, closing: np.ndarray | None, grip: float,
+                     wrist_limits: bool = False) -> np.ndarray:
         """OSC delta for arm r toward a world target (deltas are in the base frame), turning the fingers' closing
-        axis (eef site x) onto `closing` when given."""
+        axis (eef site x) onto `closing` when given, the short way round (fingers are symmetric) — or, with
+        `wrist_limits`, the long way when the short one would drive the last joint into its limit."""
         sim, robot = self._env.sim, self._env.robots[r]
         eef = sim.data.site_xpos[robot.eef_site_id["right"]]
         cmd = np.zeros(7, np.float32)
@@ -216,13 +240,20 @@ class RobosuiteEnv(ControlInterface):
         if closing is not None:
             axis = sim.data.site_xmat[robot.eef_site_id["right"]].reshape(3, 3)[:, 0]
             yaw = np.arctan2(axis[0] * closing[1] - axis[1] * closing[0], axis @ closing)
-            cmd[5] = np.clip(((yaw + np.pi / 2) % np.pi - np.pi / 2) * 2.0, -1, 1)
+            yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
+            if wrist_limits and _wrist_margin(sim, robot, -yaw) < _WRIST_MARGIN:  # the last joint turns by -yaw
+                yaw -= np.pi * np.sign(yaw)
+            cmd[5] = np.clip(yaw * 2.0, -1, 1)
         cmd[6] = grip
         return cmd
 
     def _handover_action(self) -> np.ndarray:
-        """Arm 0 picks the hammer by the handle's head end, carries it to the middle and turns its free end toward
-        arm 1; arm 1 takes that end from above; arm 0 lets go and backs off. ~53% success (see module doc)."""
+        """Arm 0 picks the hammer by the handle's head end and lifts it straight up, then carries it to the
+        middle while turning its free end toward arm 1; arm 1 takes that end from above; arm 0 lets go and backs
+        off. Why it is shaped so (it was 16/30): the turn goes the way that keeps each wrist's last joint off its
+        limits (±2.9 rad; turning into the limit left the hammer sideways and arm 1 unable to align), it starts
+        only after a straight lift and at half speed (a fast turn swung the hammer about the fingers until it hung
+        vertical), and the grasp points scale with the hammer's handle (drawn per env, 0.10-0.21 m)."""
         sim, env = self._env.sim, self._env
         center = sim.data.geom_xpos[env.hammer_handle_geom_id].copy()
         axis = sim.data.geom_xmat[env.hammer_handle_geom_id].reshape(3, 3)[:, 2] * np.array([1.0, 1.0, 0.0])
@@ -232,37 +263,57 @@ class RobosuiteEnv(ControlInterface):
             axis = -axis
         across = np.array([-axis[1], axis[0], 0.0])  # fingers close across the handle
         eef = [sim.data.site_xpos[r.eef_site_id["right"]].copy() for r in env.robots]
+        angle = float(np.arctan2(-axis[0], -axis[1]))  # of the free end from +y (toward arm 1)
         if self._phase_t == 0:
             self._anchor = eef
-        # far apart, so the grippers do not touch
-        g0, g1 = center + 0.06 * axis, center - 0.075 * axis
+        if self._phase == _TURN and self._phase_t == 0:
+            self._turn = self._plan_turn(angle)
+        if self._phase >= _TURN:  # unwrap: the turn may pass ±pi
+            self._turn["angle"] += (angle - self._turn["last"] + np.pi) % (2 * np.pi) - np.pi
+            self._turn["last"] = angle
+        # far apart, so the grippers do not touch (hammer sizes are drawn when the env is built)
+        half = env.hammer.handle_length / 2
+        g0, g1 = center + min(0.06, half - 0.015) * axis, center - (half - 0.025) * axis
         meet = np.array([0.0, -0.12, 1.15])
         up = np.array([0.0, 0.0, 1.0])
         # phase: (arm0 target, arm0 grip, arm1 target, arm1 grip, tolerance, min steps, max steps)
         plans = [
-            (g0 + 0.1 * up, -1, self._anchor[1], -1, 0.015, 0, 80),
-            (g0, -1, self._anchor[1], -1, 0.008, 0, 60),
-            (self._anchor[0], 1, self._anchor[1], -1, 1.0, 12, 12),
-            (meet, 1, g1 + 0.12 * up, -1, 0.02, 10, 120),
-            (meet, 1, g1 + 0.06 * up, -1, 0.012, 0, 80),
-            (meet, 1, g1, -1, 0.008, 0, 60),
-            (self._anchor[0], 1, self._anchor[1], 1, 1.0, 12, 12),
-            (self._anchor[0], -1, self._anchor[1], 1, 1.0, 10, 10),
-            (self._anchor[0] + 0.12 * up, -1, self._anchor[1] + 0.03 * up, 1, 0.01, 0, 10_000),
+            (g0 + 0.1 * up, -1, self._anchor[1], -1, 0.015, 0, 80),  # 0 above the handle's head end
+            (g0, -1, self._anchor[1], -1, 0.008, 0, 60),  # 1 down to it
+            (self._anchor[0], 1, self._anchor[1], -1, 1.0, 12, 12),  # 2 close
+            (self._anchor[0] + 0.15 * up, 1, self._anchor[1], -1, 0.02, 0, 40),  # 3 lift, no turn
+            (meet, 1, g1 + 0.12 * up, -1, 0.02, 10, 160),  # 4 carry to the middle, turn; arm 1 above the free end
+            (meet, 1, g1 + 0.06 * up, -1, 0.012, 0, 80),  # 5 arm 1 down
+            (meet, 1, g1, -1, 0.008, 0, 60),  # 6
+            (self._anchor[0], 1, self._anchor[1], 1, 1.0, 12, 12),  # 7 arm 1 closes
+            (self._anchor[0], -1, self._anchor[1], 1, 1.0, 10, 10),  # 8 arm 0 opens
+            (self._anchor[0] + 0.12 * up, -1, self._anchor[1] + 0.03 * up, 1, 0.01, 0, 10_000),  # 9 apart
         ]
         t0, grip0, t1, grip1, tol, lo, hi = plans[min(self._phase, len(plans) - 1)]
         turn0 = across if self._phase < 2 else None
-        turn1 = across if 3 <= self._phase < 6 else None
-        cmd0 = self._arm_command(0, t0, turn0, grip0)
-        if 3 <= self._phase < 6:  # turn the carried hammer so its free end points at arm 1 (+y), head away
-            cmd0[5] = np.clip(np.arctan2(-axis[0], -axis[1]) * 2.0, -1, 1)  # angle of the free end from +y
-        action = np.concatenate([cmd0, self._arm_command(1, t1, turn1, grip1)])
+        turn1 = across if _TURN <= self._phase < 7 else None
+        cmd0 = self._arm_command(0, t0, turn0, grip0, wrist_limits=True)
+        turn_left = 0.0
+        if _TURN <= self._phase < 7:  # turn the carried hammer so its free end points at arm 1, head away
+            turn_left = self._turn["angle"] - self._turn["goal"]
+            cmd0[5] = np.clip(turn_left * 2.0, -_TURN_RATE, _TURN_RATE)
+        action = np.concatenate([cmd0, self._arm_command(1, t1, turn1, grip1, wrist_limits=True)])
         reached = np.linalg.norm(t0 - eef[0]) < tol and np.linalg.norm(t1 - eef[1]) < tol
-        reached &= self._phase != 3 or abs(np.arctan2(-axis[0], -axis[1])) < 0.15
+        reached &= self._phase != _TURN or abs(turn_left) < 0.15
         self._phase_t += 1
         if (reached and self._phase_t >= lo) or self._phase_t >= hi:
             self._phase, self._phase_t = min(self._phase + 1, len(plans) - 1), 0
         return action
+
+    def _plan_turn(self, angle: float) -> dict[str, float]:
+        """Where the free end should end up (unwrapped angle from +y): within ±_AIM of +y, by the shortest turn
+        that keeps arm 0's last joint (it turns with the hammer, same sign) off its limits."""
+        sim, robot = self._env.sim, self._env.robots[0]
+        options = []
+        for k in (-1, 0, 1):
+            goal = float(np.clip(angle, -_AIM, _AIM)) + 2 * np.pi * k
+            options.append((_wrist_margin(sim, robot, goal - angle) < _WRIST_MARGIN, abs(goal - angle), goal))
+        return {"angle": angle, "last": angle, "goal": min(options)[2]}
 
     def _objects(self, raw) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Per arm: the grasp point and (for handles) the horizontal pot-centre → handle direction, along which
