@@ -119,3 +119,17 @@ def test_record_for_env_picks_the_store():
                                                             {"env": {"name": "robosuite/Lift", "tasks": ["Lift"]}}]}
     assert record_for_env(rec, "robosuite/Lift")["env"]["tasks"] == ["Lift"]
     assert record_for_env(rec, None) is rec and record_for_env({"env": {}}, "robosuite/Lift") == {"env": {}}
+
+
+def test_eval_builds_the_env_of_the_store_it_is_asked_for():
+    """A multi-store checkpoint evaluated with env=<store 1's env> gets store 1's env kwargs, not store 0's."""
+    from types import SimpleNamespace
+
+    from robodit.evaluation.evaluate import _store_record
+
+    s0 = {"env": {"name": "metaworld/reach-v3", "goal_observable": True}, "robot": "metaworld_sawyer"}
+    s1 = {"env": {"name": "robosuite/TwoArmLift", "max_episode_steps": 300}, "robot": "robosuite_two_panda"}
+    policy = SimpleNamespace(checkpoint_config={"store": {**s0, "tasks": ["reach-v3", "TwoArmLift"], "stores": [s0, s1]}})
+    assert _store_record(policy, "robosuite/TwoArmLift")["env"] == s1["env"]
+    assert _store_record(policy, None)["env"] == s0["env"]  # default: store 0
+    assert _store_record(policy, "metaworld/drawer-open-v3")["env"] == s0["env"]

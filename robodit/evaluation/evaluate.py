@@ -85,7 +85,7 @@ def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str 
             for t in s.tasks:
                 t.max_steps = None
         return s
-    store = (policy.checkpoint_config.get("store", {}) if policy is not None else {})
+    store = _store_record(policy, env)
     record = dict(store.get("env") or {})
     env_name = env or record.get("name")
     if not env_name:
@@ -96,6 +96,16 @@ def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str 
     if not task_list:
         raise ValueError(f"env={env_name!r} names no task; expected SIMULATOR/TASK")
     return suite_from_tasks(simulator, task_list, 50 if episodes is None else int(episodes), seed, max_steps)
+
+
+def _store_record(policy, env: str | None) -> dict:
+    """The checkpoint's training-store record for `env`: a multi-store checkpoint (RDT over several robots)
+    records every store; the one whose env is `env` says how to build it (else store 0's)."""
+    if policy is None:
+        return {}
+    from robodit.datasets.multi import record_for_env
+
+    return record_for_env(policy.checkpoint_config.get("store") or {}, env)
 
 
 def make_goal_fn(policy, suite: Suite):
@@ -203,7 +213,9 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         raise ValueError(f"instructions must be 'train' or 'heldout', got {instructions!r}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
     s = resolve_suite(policy, suite, suite_source, env, tasks, episodes, seed, max_steps)
-    record = dict(((policy.checkpoint_config.get("store") or {}).get("env") or {}) if policy is not None else {})
+    record = dict(_store_record(policy, env).get("env") or {})
+    if env and callable(getattr(policy, "select_store", None)) and record.get("name") == env:
+        policy.select_store(env)  # a multi-robot (RDT) policy answers in this store's robot units
     env_kwargs = env_kwargs_from_record(record, policy)
     modality = _set_goal_modality(policy, goal)
     if instructions == "heldout":
