@@ -1,16 +1,17 @@
 """Milliseconds per action chunk on this machine: each policy / size / sampler, CPU, fixed thread count.
 
-    python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING] [--images]
+    python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING] [--images] [--merge]
 
-Prints a table and writes benchmarks/results/latency.json. Median of `repeats` timed calls after warm-up;
-batch 1, as at control time. FLOPs per chunk are counted once per row with torch.utils.flop_counter
-(matmuls and attention; elementwise ops are not counted).
+Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
+Median of `repeats` timed calls after warm-up; batch 1, as at control time. FLOPs per chunk are counted once per
+row with torch.utils.flop_counter (matmuls and attention; elementwise ops are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -22,6 +23,7 @@ import torch
 from robodit.datasets.normalizer import Normalizer
 from robodit.policies.dit import DiTPolicy
 from robodit.policies.mode import MoDEPolicy
+from robodit.policies.pad import PADPolicy
 
 # (label, class, kwargs) — new families add rows here.
 CONFIGS = [
@@ -51,13 +53,20 @@ CONFIGS = [
     ("dit/w320-d6 edm ddim-10 (=mode total)", DiTPolicy, dict(size="base", width=320, depth=6,
                                                               formulation={"name": "edm"}, sampler="ddim",
                                                               num_inference_steps=10)),
+    # PAD denoises 2 future 64 px frames (64 tokens of 8 px patches, stacked on channels) with the chunk:
+    # its default DDIM-50, with and without the (step, task) modulation cache, and DDIM-10.
+    ("pad/base ddim-50 cached", PADPolicy, dict(size="base", num_inference_steps=50)),
+    ("pad/base ddim-50 uncached", PADPolicy, dict(size="base", num_inference_steps=50, inference_cache=False)),
+    ("pad/base ddim-10 cached", PADPolicy, dict(size="base", num_inference_steps=10)),
+    ("pad/tiny ddim-50 cached", PADPolicy, dict(size="tiny", num_inference_steps=50)),
 ]
+NEEDS_IMAGES = (PADPolicy,)  # these rows always get a 64 px camera (their model resolution), --images or not
 
 
-def shape_meta(images: bool, state_dim: int = 39, action_dim: int = 4) -> dict:
+def shape_meta(images: bool, state_dim: int = 39, action_dim: int = 4, image_size: int = 84) -> dict:
     obs = {"state": {"shape": [state_dim], "dtype": "float32"}}
     if images:
-        obs["image_corner2"] = {"shape": [84, 84, 3], "dtype": "uint8"}
+        obs["image_corner2"] = {"shape": [image_size, image_size, 3], "dtype": "uint8"}
     return {"obs": obs, "action": {"shape": [action_dim]}, "num_tasks": 1}
 
 
@@ -66,6 +75,16 @@ def identity_normalizer(meta: dict) -> Normalizer:
     for key, dim in [("state", meta["obs"]["state"]["shape"][0]), ("action", meta["action"]["shape"][0])]:
         stats[key] = {"min": -np.ones(dim), "max": np.ones(dim), "mean": np.zeros(dim), "std": np.ones(dim)}
     return Normalizer(stats)
+
+
+def random_obs(policy, device) -> dict:
+    """Batch-1 observation with the policy's own keys and history length."""
+    obs = {}
+    for key, (shape, dtype) in policy.obs_shapes.items():
+        size = (1, policy.obs_horizon, *shape)
+        obs[key] = (torch.randint(0, 255, size, dtype=torch.uint8, device=device) if dtype == "uint8"
+                    else torch.randn(size, device=device))
+    return obs
 
 
 def time_policy(policy, obs, repeats: int, warmup: int = 5) -> dict:
@@ -95,6 +114,16 @@ def count_flops(policy, obs) -> int:
     return counter.get_total_flops()
 
 
+def merge_rows(old: dict, rows: list[dict]) -> dict:
+    """Old rows keep their thread count (from the file's header when they predate per-row counts); new rows
+    replace old ones of the same label, in CONFIGS order, so a one-family re-run does not erase the others."""
+    by_label = {r["policy"]: {"threads": old.get("machine", {}).get("threads"), **r} for r in old.get("rows", [])}
+    by_label.update({r["policy"]: r for r in rows})
+    order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
+    merged = sorted(by_label.values(), key=lambda r: order.get(r["policy"], len(order)))
+    return {**old, "rows": merged}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -103,23 +132,25 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring filter on the row label")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the measured rows in an existing --out (each row records its thread count)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    meta = shape_meta(args.images)
     device = torch.device(args.device)
     args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
-    obs = {"state": torch.randn(1, 2, 39, device=device)}
-    if args.images:
-        obs["image_corner2"] = torch.randint(0, 255, (1, 2, 84, 84, 3), dtype=torch.uint8, device=device)
     rows = []
     for label, cls, kw in CONFIGS:
         if args.only and args.only not in label:
             continue
         torch.manual_seed(0)
+        meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
         policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
+        obs = random_obs(policy, device)
         params = sum(p.numel() for p in policy.parameters())
         active = policy.parameter_counts()["active"] if hasattr(policy, "parameter_counts") else params
-        row = {"policy": label, "params_M": round(params / 1e6, 2), "active_params_M": round(active / 1e6, 2),
+        load = round(os.getloadavg()[0], 2)  # 1-min load average before timing: > cores means shared CPU
+        row = {"policy": label, "threads": args.threads, "load_avg": load, "params_M": round(params / 1e6, 2),
+               "active_params_M": round(active / 1e6, 2),
                **time_policy(policy, obs, args.repeats)}
         row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
         rows.append(row)
@@ -129,11 +160,15 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "gpu": gpu,
                           "torch": torch.__version__}, "images": args.images, "rows": rows}
+    if args.merge and Path(args.out).exists():
+        result = merge_rows(json.loads(Path(args.out).read_text()), rows)
+        rows = result["rows"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| policy | params | active | GFLOP/chunk | median ms/chunk | p90 |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| policy | params | active | GFLOP/chunk | threads | median ms/chunk | p90 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | "
+        print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | {r['threads']} | "
               f"{r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
     print(f"\nwrote {args.out}")
 

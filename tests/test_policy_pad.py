@@ -232,3 +232,37 @@ def test_eval_writes_a_grid_of_predicted_vs_real_frames(tmp_path, capsys):
     env.close()
     assert [r["step"] for r in rows] == [0, 4]  # each replan executes k * stride = 4 actions open-loop
     assert all(f.shape == (16, 16, 3) for r in rows for f in r["predicted"] + r["real"] + [r["current"]])
+
+
+def test_inference_cache_matches_uncached_and_is_dropped_when_weights_change():
+    policy = _randomise(_policy(num_inference_steps=4)).eval()
+    obs = {"state": torch.randn(3, 1, 5), "image_cam": torch.randint(0, 256, (3, 1, 16, 16, 3), dtype=torch.uint8)}
+    goal = {"task_id": torch.tensor([1, 0, 1])}  # mixed tasks in one batch: each sample gathers its own row
+
+    def run(cached=True):
+        orig = policy.denoise
+        if not cached:
+            policy.denoise = lambda x, c, cond, step_index=None: orig(x, c, cond, None)
+        try:
+            return policy.predict(obs, goal, generator=torch.Generator().manual_seed(3))
+        finally:
+            policy.__dict__.pop("denoise", None)
+
+    (a_c, f_c), (a_u, f_u) = run(), run(cached=False)
+    assert policy._mod_cache  # the cached path really ran
+    assert torch.allclose(a_c, a_u, atol=1e-5) and torch.allclose(f_c["image_cam"], f_u["image_cam"], atol=1e-5)
+    # a weight change (what the trainer's optimizer step does) must not leave stale modulations behind
+    with torch.no_grad():
+        for block in policy.blocks:
+            block.ada[-1].weight.mul_(-1.5)
+        policy.task_embedding.weight.add_(0.3)
+    stale = run()[0]
+    assert not torch.allclose(stale, run(cached=False)[0], atol=1e-3)  # the stale cache does give wrong answers
+    policy.on_weights_changed()
+    assert torch.allclose(run()[0], run(cached=False)[0], atol=1e-5)
+    run()
+    policy.train().eval()  # a round through training mode drops it too
+    assert not policy._mod_cache
+    run()
+    policy.load_state_dict(_policy(num_inference_steps=4).state_dict())  # and a reload
+    assert not policy._mod_cache and torch.allclose(run()[0], run(cached=False)[0], atol=1e-5)
