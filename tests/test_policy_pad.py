@@ -266,3 +266,28 @@ def test_inference_cache_matches_uncached_and_is_dropped_when_weights_change():
     run()
     policy.load_state_dict(_policy(num_inference_steps=4).state_dict())  # and a reload
     assert not policy._mod_cache and torch.allclose(run()[0], run(cached=False)[0], atol=1e-5)
+
+
+def test_instruction_conditioning_replaces_the_task_id_where_present():
+    """With a language encoder PAD conditions on goal.lang_emb (sampler key) and falls back to the task id."""
+    policy = _randomise(_policy(language_encoder="minilm", lang_dim=8)).train()
+    batch = _batch(b=4)
+    batch["goal.lang_emb"] = torch.randn(4, 8)
+    batch["goal.has_lang"] = torch.tensor([True, False, True, False])
+    out = policy.compute_loss(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and policy.lang_proj[0].weight.grad.abs().sum() > 0
+    policy.eval()
+    obs = {"state": batch["obs.state"][:1], "image_cam": batch["obs.image_cam"][:1]}
+    e1, e2 = torch.randn(1, 8), torch.randn(1, 8)
+    gen = lambda: torch.Generator().manual_seed(0)
+    a1 = policy.predict_action(obs, goal={"lang_emb": e1}, generator=gen())  # no task id needed with language
+    assert a1.shape == (1, 4, 3)
+    obs_n = policy.normalize_obs(policy.prepare_obs(obs))
+    c1, c2 = (policy.encode(obs_n, {"lang_emb": e}) for e in (e1, e2))
+    c_task = policy.encode(obs_n, {"task_id": torch.tensor([1])})
+    assert not torch.allclose(c1["task"], c2["task"]) and not torch.allclose(c1["task"], c_task["task"])
+    x, level = torch.randn(1, policy.flat_dim), torch.full((1,), 500.0)
+    assert not torch.allclose(policy.denoise(x, level, c1), policy.denoise(x, level, c2))
+    with pytest.raises(ValueError, match="task_id"):
+        policy.predict_action(obs, goal=None)

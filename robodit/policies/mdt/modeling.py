@@ -25,6 +25,7 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.nn.encoders import is_image_key
 from robodit.policies.base import register_policy
 from robodit.policies.dit.modeling import DiTPolicy
+from robodit.policies.language_goals import LanguageGoals
 from robodit.policies.mdt.foresight import ContrastiveAlignment, MaskedForesight
 
 SIZES = {
@@ -38,7 +39,7 @@ GOAL_MODALITIES = ("language", "image")
 
 
 @register_policy("mdt")
-class MDTPolicy(DiTPolicy):
+class MDTPolicy(LanguageGoals, DiTPolicy):
     SIZES = SIZES
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
@@ -79,7 +80,6 @@ class MDTPolicy(DiTPolicy):
                                           depth=mgf_depth, heads=max(1, mgf_width // 32), mask_ratio=mgf_mask_ratio)
                           if mgf_weight > 0 else None)
         self.alignment = ContrastiveAlignment(w, h, cla_temperature) if cla_weight > 0 else None
-        self._lang_cache: dict[str, np.ndarray] = {}
 
     # -- goals ------------------------------------------------------------------------------------------------
     def image_goal_token(self, goal: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,19 +121,6 @@ class MDTPolicy(DiTPolicy):
             return {"tokens": tokens, "kv": [None] * len(self.blocks)}
         return {"tokens": tokens, "kv": [block.cross.keys_values(tokens) for block in self.blocks]}
 
-    def embed_instructions(self, texts: list[str]) -> np.ndarray:
-        """[N, lang_dim] embeddings of any instructions (seen in training or not), encoded once and cached."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._lang_cache]
-        if todo:
-            from robodit.nn.language import get_language_encoder
-
-            encoder = get_language_encoder(self.language_encoder)
-            if encoder.dim != self.lang_dim:
-                raise ValueError(f"language encoder {self.language_encoder!r} gives {encoder.dim}-d embeddings; this "
-                                 f"policy was built for {self.lang_dim}")
-            self._lang_cache.update(zip(todo, encoder.encode(todo)))
-        return np.stack([self._lang_cache[t] for t in texts])
-
     def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
         """The evaluator's goal for `task` under `goal_modality` (see robodit/evaluation/evaluate.py)."""
         if self.goal_modality == "language":
@@ -148,12 +135,7 @@ class MDTPolicy(DiTPolicy):
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """goal: {"instruction": str | list[str]} (embedded here), {"lang_emb": ...} or goal images."""
-        goal = dict(goal or {})
-        if "instruction" in goal:
-            texts = goal.pop("instruction")
-            texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
-            goal["lang_emb"] = self.embed_instructions(texts)
-        return super().predict_action(obs, goal, generator)
+        return super().predict_action(obs, self.embed_goal_instruction(goal), generator)
 
     # -- training ---------------------------------------------------------------------------------------------
     def _dropout(self, token: torch.Tensor) -> torch.Tensor:

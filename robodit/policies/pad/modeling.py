@@ -2,7 +2,8 @@
 
 Tokens: for each camera, the patches of k noisy future frames stacked on channels, concatenated on channels with
 the clean current frame; then one token per future action step (noisy action + current robot state). One
-AdaLN-Zero DiT over all of them, conditioned on noise level + task embedding (no language encoder yet). Image
+AdaLN-Zero DiT over all of them, conditioned on noise level + instruction embedding (`language_encoder`, the
+store's cached `goal.lang_emb`) or, without one, a task embedding. Image
 tokens do not attend to action tokens, so video prediction never depends on actions and action-free video can
 train it; action tokens attend to everything. One shared noise level, separate noise, separate weighted losses.
 
@@ -27,6 +28,7 @@ from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import is_image_key
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
+from robodit.policies.language_goals import LanguageGoals
 
 SIZES = {"tiny": (64, 2, 2), "base": (256, 6, 4), "large": (512, 12, 8)}  # width, depth, heads
 
@@ -43,16 +45,18 @@ def image_attention_mask(num_image: int, num_action: int, device=None) -> torch.
 
 
 @register_policy("pad")
-class PADPolicy(DiffusionPolicy):
+class PADPolicy(LanguageGoals, DiffusionPolicy):
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 1, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 50,
                  future_frames: int = 2, future_stride: int = 8, image_size: int = 64, patch_size: int = 8,
                  image_loss_weight: float = 1.0, action_loss_weight: float = 1.0, action_loss_start_step: int = 0,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
-                 dropout: float = 0.0, noise_cond_scale: float | None = None, inference_cache: bool = True):
+                 dropout: float = 0.0, noise_cond_scale: float | None = None, inference_cache: bool = True,
+                 language_encoder: str | None = None, lang_dim: int = 384):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
                          formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
+        self.language_encoder, self.lang_dim = language_encoder, int(lang_dim)
         if size not in SIZES:
             raise ValueError(f"unknown pad size {size!r}; choose one of {sorted(SIZES)}")
         if future_frames < 1 or future_stride < 1:
@@ -91,6 +95,10 @@ class PADPolicy(DiffusionPolicy):
         self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
         self.task_embedding = nn.Embedding(self.num_tasks, w)
         nn.init.normal_(self.task_embedding.weight, std=0.02)
+        # instruction conditioning (the MDT language encoder's cached embeddings); the task embedding stays for
+        # samples without an instruction (action-free video of unlabelled tasks, stores without language)
+        self.lang_proj = (nn.Sequential(nn.Linear(self.lang_dim, w), nn.SiLU(), nn.Linear(w, w))
+                          if language_encoder else None)
         self.blocks = nn.ModuleList(AdaLNZeroBlock(w, h, cross_attention=False, dropout=dropout) for _ in range(d))
         self.image_head = AdaLNFinal(w, self.frame_dim)
         self.action_head = AdaLNFinal(w, self.action_dim)
@@ -170,15 +178,29 @@ class PADPolicy(DiffusionPolicy):
         state = None
         if self.state_in is not None:
             state = self.state_in(torch.cat([obs[k].flatten(1) for k in self.state_keys], -1))[:, None]
-        task = (goal or {}).get("task_id")
+        goal = goal or {}
+        lang = goal.get("lang_emb") if self.lang_proj is not None else None
+        has_lang = None
+        if lang is not None:
+            has_lang = torch.as_tensor(goal.get("has_lang", True), device=device).bool().reshape(-1).expand(batch)
+        task = goal.get("task_id")
         if task is None:
-            if self.num_tasks > 1:
-                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+            if self.num_tasks > 1 and (has_lang is None or not bool(has_lang.all())):
+                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}"
+                                 + (" or an instruction" if self.lang_proj is not None else ""))
             task = torch.zeros(batch, dtype=torch.long, device=device)
         task = torch.as_tensor(task, device=device).long().reshape(-1).expand(batch)
         action = self.action_pos if state is None else self.action_pos + state  # the action tokens' clean part
-        out = {"image": image, "action": action, "task": self.task_embedding(task)}
-        if self.inference_cache and not self.training:  # the cache's rows: the chunk's tasks, each sample's row
+        goal_vec = self.task_embedding(task)
+        if has_lang is not None:
+            if lang.shape[-1] != self.lang_dim:
+                raise ValueError(f"goal lang_emb has {lang.shape[-1]} features; this policy expects {self.lang_dim}")
+            lang_vec = self.lang_proj(torch.as_tensor(lang, device=device).float().reshape(-1, self.lang_dim))
+            goal_vec = torch.where(has_lang[:, None], lang_vec.expand(batch, -1), goal_vec)
+        elif self.lang_proj is not None and self.training:  # keep lang_proj in the graph (DDP) at zero cost
+            goal_vec = goal_vec + 0.0 * sum(p.sum() for p in self.lang_proj.parameters())
+        out = {"image": image, "action": action, "task": goal_vec}
+        if self.inference_cache and not self.training and has_lang is None:  # cache rows: the chunk's tasks
             rows, index = torch.unique(task, return_inverse=True)
             out.update(task_rows=tuple(rows.tolist()), task_index=index)
         return out
@@ -238,7 +260,8 @@ class PADPolicy(DiffusionPolicy):
         """One joint denoising run: (actions [B, Tp, A] in robot units, {image key: frames [B, k, C, S, S] in [0, 1]})."""
         obs_t = self.normalize_obs(self.prepare_obs(obs))
         batch = next(iter(obs_t.values())).shape[0]
-        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
+        goal = self.embed_goal_instruction(goal)  # goal={"instruction": ...} → lang_emb
+        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in goal.items()}
         cond = self.encode(obs_t, goal_t)
         x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), (batch, self.flat_dim),
                                     sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
@@ -253,6 +276,12 @@ class PADPolicy(DiffusionPolicy):
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         return self.predict(obs, goal, generator)[0]
+
+    def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
+        """Evaluation: with a language encoder the task's instruction (embedded), else the evaluator's task id."""
+        if self.lang_proj is None or not instruction:
+            return {}
+        return {"lang_emb": self.embed_instructions([instruction])[0]}
 
     def predict_frames(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
