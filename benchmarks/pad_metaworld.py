@@ -45,6 +45,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # the DiT's measured-good diffusion at small budgets, for both policies (PAD's paper default is epsilon / 1000)
 DIFFUSION = ["formulation.prediction=sample", "formulation.beta_schedule=squaredcos_cap_v2",
              "formulation.num_train_timesteps=100", "sampler=ddim", "num_inference_steps=10"]
+# PAD's paper process (epsilon, linear betas, 1000 steps, DDIM-50)
+PAPER = ["formulation.prediction=epsilon", "formulation.beta_schedule=linear", "formulation.num_train_timesteps=1000",
+         "sampler=ddim", "num_inference_steps=50"]
 
 
 def store_for(task: str, args, video: bool = False) -> Path:
@@ -71,7 +74,7 @@ def store_for(task: str, args, video: bool = False) -> Path:
 def overrides_for(policy: str, args) -> list[str]:
     net = [f"++policy.width={args.width}", f"++policy.depth={args.depth}", f"++policy.heads={args.heads}"]
     if policy == "pad":
-        diffusion = DIFFUSION if args.diffusion == "x0" else []  # [] = configs/policy/pad.yaml (the paper's)
+        diffusion = DIFFUSION if args.diffusion == "x0" else PAPER
         return ["policy=pad", "policy.size=base", f"policy.image_size={args.image_size}", *net,
                 *(f"policy.{o}" for o in diffusion)]
     return [f"policy={policy}", "policy.size=tiny", *net, *(f"policy.{o}" for o in DIFFUSION)]
