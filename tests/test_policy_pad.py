@@ -157,7 +157,8 @@ def test_sampler_future_frames(tmp_path):
     assert video["action_is_pad"].all() and video["future.image_cam"][:, 0, 0, 0].tolist() == [42, 72]
 
 
-def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path):
+@pytest.mark.parametrize("action_fraction", [None, 0.5])
+def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path, action_fraction):
     store = _mixed_store(tmp_path / "mixed.zarr")
     base = OmegaConf.load("configs/train.yaml")
     policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/pad.yaml")), size="tiny",
@@ -165,13 +166,20 @@ def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path):
                       patch_size=4, num_inference_steps=2, action_loss_start_step=1)
     cfg = OmegaConf.create({
         "out_dir": str(tmp_path / "run"), "policy": policy_cfg,
-        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store)),
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store),
+                        action_fraction=action_fraction),
         "logger": {"kind": "none"},
         "train": dict(OmegaConf.to_container(base.train), steps=3, batch_size=8, checkpoint_every=3, log_every=1,
                       val_every=0, warmup_steps=1, progress=False, device="cpu"),
     })
     last = train(cfg)
     assert last is not None and last.name == "step_00000003"
+    if action_fraction:  # every logged batch had exactly half its windows with actions
+        import json
+
+        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        logged = [r["train/action_fraction"] for r in rows if "train/action_fraction" in r]
+        assert logged and all(f == 0.5 for f in logged)
     policy = robodit.load_policy(tmp_path / "run")
     assert isinstance(policy, PADPolicy) and policy.num_tasks == 3 and int(policy.train_steps) == 3
     obs = {"state": np.zeros((1, 5), np.float32), "image_cam": np.zeros((1, 16, 16, 3), np.uint8)}

@@ -70,3 +70,21 @@ def test_ddp_ranks_split_one_global_batch(toy_store):
 def test_bad_key_is_named(toy_store):
     with pytest.raises(ValueError, match="nope"):
         WindowDataset(toy_store, WindowConfig(obs_keys=("nope",)))
+
+
+def test_co_training_batches_hold_a_fixed_share_of_action_windows():
+    mask = np.zeros(200, dtype=bool)
+    mask[::5] = True  # 20% of windows have actions, as with much action-free video
+    full = ResumableBatchSampler(200, 10, seed=4, action_mask=mask, action_fraction=0.5)
+    it = iter(full)
+    batches = [[i for i, _ in next(it)] for _ in range(12)]
+    assert all(mask[b].sum() == 5 for b in batches)  # exactly half of every batch, not ~20%
+    seen = sorted({i for b in batches[:8] for i in b if mask[i]})
+    assert seen == list(np.flatnonzero(mask))  # 8 batches x 5 = one full pass over the 40 action windows
+    resumed = next(iter(ResumableBatchSampler(200, 10, seed=4, start_batch=7, action_mask=mask, action_fraction=0.5)))
+    assert [i for i, _ in resumed] == batches[7]  # exact resume
+    r0 = next(iter(ResumableBatchSampler(200, 5, seed=4, rank=0, world_size=2, action_mask=mask, action_fraction=0.5)))
+    r1 = next(iter(ResumableBatchSampler(200, 5, seed=4, rank=1, world_size=2, action_mask=mask, action_fraction=0.5)))
+    assert sorted(i for i, _ in r0 + r1) == sorted(batches[0])  # ranks split the same global batch
+    with pytest.raises(ValueError, match="action_fraction"):
+        ResumableBatchSampler(200, 10, action_mask=mask, action_fraction=1.5)

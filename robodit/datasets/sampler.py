@@ -123,6 +123,11 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self._index_frame)
 
+    @property
+    def window_has_actions(self) -> np.ndarray:
+        """[len(self)] bool: whether each window comes from an episode with actions (co-training batches)."""
+        return self._has_actions[self._index_episode]
+
     def _read(self, key: str, frames: np.ndarray) -> np.ndarray:
         if key in self._cache:
             return self._cache[key][frames]
@@ -182,10 +187,16 @@ class ResumableBatchSampler(Sampler):
     Epoch `k // batches_per_epoch` uses permutation(seed + epoch); so training resumed at step k reads exactly
     the batches an uninterrupted run would, whatever DataLoader prefetching did. Each index comes with its own
     augmentation seed. Under DDP each rank takes a strided slice of the same global batch.
+
+    Co-training (`action_mask` + `action_fraction`): every global batch holds round(fraction * batch) windows with
+    actions and the rest from action-free video, each pool walked through its own seeded permutations. Without it
+    a store that is mostly video gives the action loss a few samples per batch, and more video means fewer action
+    samples per unit of compute.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, action_mask: np.ndarray | None = None,
+                 action_fraction: float | None = None):
         if batch_size * world_size > num_samples:
             raise ValueError(f"global batch {batch_size * world_size} is larger than the dataset "
                              f"({num_samples} windows); lower train.batch_size")
@@ -193,16 +204,47 @@ class ResumableBatchSampler(Sampler):
         self.rank, self.world = rank, world_size
         self.global_bs = batch_size * world_size
         self.batches_per_epoch = num_samples // self.global_bs
+        self.pools: list[tuple[np.ndarray, int]] = []  # (window indices, how many per global batch)
+        if action_fraction is not None:
+            if not 0.0 < action_fraction <= 1.0:
+                raise ValueError(f"action_fraction must be in (0, 1], got {action_fraction}")
+            if action_mask is None or len(action_mask) != num_samples:
+                raise ValueError("action_fraction needs action_mask with one flag per window")
+            with_actions = np.flatnonzero(action_mask)
+            video = np.flatnonzero(~np.asarray(action_mask, dtype=bool))
+            n_act = int(round(action_fraction * self.global_bs)) if len(video) else self.global_bs
+            if len(with_actions) == 0:
+                raise ValueError("action_fraction is set but no window has actions")
+            self.pools = [(with_actions, n_act), (video, self.global_bs - n_act)]
+
+    def _pooled_rows(self, k: int, perms: dict) -> np.ndarray:
+        rows = []
+        for p, (pool, count) in enumerate(self.pools):
+            if count == 0:
+                continue
+            j = np.arange(k * count, (k + 1) * count)
+            epochs, pos = np.divmod(j, len(pool))
+            for e in np.unique(epochs):
+                if (p, e) not in perms:
+                    perms[(p, e)] = np.random.default_rng([self.seed, p, int(e)]).permutation(len(pool))
+                    if len(perms) > 8:
+                        perms.pop(next(iter(perms)))
+                sel = epochs == e
+                rows.append(pool[perms[(p, e)][pos[sel]]])
+        return np.concatenate(rows)
 
     def __iter__(self):
         k = self.start
-        perm, perm_epoch = None, -1
+        perm, perm_epoch, perms = None, -1, {}
         while True:
-            epoch, j = divmod(k, self.batches_per_epoch)
-            if epoch != perm_epoch:
-                perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
-                perm_epoch = epoch
-            rows = perm[j * self.global_bs:(j + 1) * self.global_bs][self.rank::self.world]
+            if self.pools:
+                rows = self._pooled_rows(k, perms)[self.rank::self.world]
+            else:
+                epoch, j = divmod(k, self.batches_per_epoch)
+                if epoch != perm_epoch:
+                    perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+                    perm_epoch = epoch
+                rows = perm[j * self.global_bs:(j + 1) * self.global_bs][self.rank::self.world]
             base = (self.seed * 1_000_003 + k) * self.global_bs
             yield [(int(i), int(base + self.rank + r * self.world)) for r, i in enumerate(rows)]
             k += 1

@@ -117,8 +117,13 @@ class Trainer:
         store.close()
 
     def _build_loader(self, start_step: int) -> DataLoader:
+        fraction = self.cfg.dataset.get("action_fraction")  # co-training: a fixed share of windows with actions
+        mask = getattr(self.train_set, "window_has_actions", None) if fraction is not None else None
+        if fraction is not None and mask is None:
+            raise ValueError("dataset.action_fraction is supported for single-store training only")
         sampler = ResumableBatchSampler(len(self.train_set), self.tc.batch_size, seed=self.tc.seed,
-                                        start_batch=start_step, rank=self.dist.rank, world_size=self.dist.world_size)
+                                        start_batch=start_step, rank=self.dist.rank, world_size=self.dist.world_size,
+                                        action_mask=mask, action_fraction=fraction)
         workers = self.cfg.dataset.get("num_workers", 0)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
