@@ -128,9 +128,10 @@ def planned_rows(args) -> list[tuple[str, str, str, bool]]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| task | policy | diffusion | video eps | success | train steps (schedule) | train min (cap) | "
-             "ms/chunk |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| task | policy | diffusion | video eps | variant | success | train steps (schedule) | train min (cap) | "
+             "ms/chunk |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['task']} | {r['policy']} | {r['diffusion']} {r['sampler']} | {r['video_episodes']} | "
+              f"{r['tag'] or '-'} | "
               f"{100 * r['success_rate']:.0f}% ({r['successes']}/{r['episodes']}) | {r['train_steps']} "
               f"({r['schedule_steps']}) | {r['train_minutes']} ({r['budget_minutes']:g}) | {r['ms_per_chunk']} |"
               for r in rows]
