@@ -478,8 +478,7 @@ class DemoStore:
         emb = np.stack([np.asarray(table[t], np.float32) for t in texts]) if texts else np.zeros((0, 1), np.float32)
         if emb.ndim != 2 or not np.isfinite(emb).all():
             raise ValueError(f"language embeddings must be finite [N, D] rows, got shape {emb.shape}")
-        if "lang_emb" in self._meta_group.array_keys():
-            self._meta_group["lang_emb"].update_attributes({"instructions": None})  # invalidate first
+        # overwrite=True drops the old table first; the new one is valid only once its attrs land (last write)
         arr = self._meta_group.create_array("lang_emb", shape=emb.shape, chunks=(max(1, len(emb)), emb.shape[1]),
                                             dtype=np.float32, fill_value=0, overwrite=True,
                                             compressors=ZstdCodec(level=3))

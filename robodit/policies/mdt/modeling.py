@@ -212,7 +212,8 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
 
         cfg = WindowConfig(obs_horizon=self.obs_horizon, action_horizon=self.action_horizon,
                            obs_keys=tuple(sorted(self.obs_shapes)), future_frames=self.future_frames,
-                           future_stride=self.future_stride, goal_offsets=self.goal_offsets)
+                           future_stride=self.future_stride, goal_offsets=self.goal_offsets,
+                           cache=False)  # a few windows: stream their images, don't load the whole store
         data = WindowDataset(store_path, cfg, train=False)
         picks = np.linspace(0, len(data) - 1, n).astype(int)
         items = [data[int(i)] for i in picks]
