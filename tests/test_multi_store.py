@@ -11,7 +11,7 @@ from robodit.datasets.multi import build_multi_store, store_paths
 from robodit.datasets.sampler import WindowConfig
 from robodit.envs.action_space import adapter_for
 from robodit.training.checkpoint import read_config, resolve_checkpoint
-from robodit.training.trainer import train
+from robodit.training.trainer import Trainer, train
 from tests.conftest import make_toy_store
 
 MW, TWO = "metaworld_sawyer", "robosuite_two_panda"
@@ -110,6 +110,23 @@ def test_train_on_two_robots_then_fine_tune_on_one(tmp_path):
     single = robodit.load_policy(tuned)
     assert single.robot == TWO and len(single.layouts) == 1
     assert single.predict_action({"state": np.zeros((2, 60), np.float32)}, goal={"task_id": 0}).shape == (1, 8, 14)
+
+
+def test_store_weights_set_each_robots_share_of_a_batch(tmp_path):
+    paths = _stores(tmp_path)
+    trainer = Trainer(_cfg(tmp_path, "w", {"paths": list(paths), "weights": [1, 3]}))
+    trainer._build_data()
+    batch = next(iter(trainer._build_loader(0)))
+    assert torch.bincount(batch["store_id"], minlength=2).tolist() == [2, 6]  # batch 8 split 1:3
+    assert train(_cfg(tmp_path, "run", {"paths": list(paths), "weights": [1, 3]}, steps=2)) is not None
+    single = Trainer(_cfg(tmp_path, "one", {"path": paths[0], "weights": [1]}))
+    single._build_data()
+    with pytest.raises(ValueError, match="dataset.weights needs several stores"):
+        single._build_loader(0)
+    bad = Trainer(_cfg(tmp_path, "bad", {"paths": list(paths), "weights": [1, 1, 1]}))
+    bad._build_data()
+    with pytest.raises(ValueError, match="3 sampling weights for 2 stores"):
+        bad._build_loader(0)
 
 
 def test_record_for_env_picks_the_store():

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
+from robodit.datasets.sampler import (ResumableBatchSampler, WindowConfig, WindowDataset, batch_shares,
+                                      split_episodes)
 from robodit.datasets.store import DemoStore
 from tests.conftest import make_toy_store
 
@@ -88,3 +89,28 @@ def test_co_training_batches_hold_a_fixed_share_of_action_windows():
     assert sorted(i for i, _ in r0 + r1) == sorted(batches[0])  # ranks split the same global batch
     with pytest.raises(ValueError, match="action_fraction"):
         ResumableBatchSampler(200, 10, action_mask=mask, action_fraction=1.5)
+
+
+def test_store_weights_fix_each_stores_share_of_every_batch():
+    groups = np.repeat([0, 1, 2], [150, 40, 10])  # three stores of very different sizes
+    full = ResumableBatchSampler(200, 8, seed=1, groups=groups, group_weights=[1, 2, 1])
+    it = iter(full)
+    batches = [[i for i, _ in next(it)] for _ in range(10)]
+    assert all(np.bincount(groups[b], minlength=3).tolist() == [2, 4, 2] for b in batches)
+    assert sorted({i for b in batches[:5] for i in b if groups[i] == 2}) == list(range(190, 200))  # small store cycles
+    resumed = next(iter(ResumableBatchSampler(200, 8, seed=1, start_batch=6, groups=groups, group_weights=[1, 2, 1])))
+    assert [i for i, _ in resumed] == batches[6]
+    r0 = next(iter(ResumableBatchSampler(200, 4, seed=1, rank=0, world_size=2, groups=groups, group_weights=[1, 2, 1])))
+    r1 = next(iter(ResumableBatchSampler(200, 4, seed=1, rank=1, world_size=2, groups=groups, group_weights=[1, 2, 1])))
+    assert sorted(i for i, _ in r0 + r1) == sorted(batches[0])
+    skip = next(iter(ResumableBatchSampler(200, 8, groups=groups, group_weights=[1, 0, 3])))
+    assert np.bincount(groups[[i for i, _ in skip]], minlength=3).tolist() == [2, 0, 6]  # weight 0 leaves it out
+    assert batch_shares([1, 1, 1], 8) == [3, 3, 2] and sum(batch_shares([0.3, 0.7], 7)) == 7
+
+
+@pytest.mark.parametrize("weights, match", [([1, 1], "2 sampling weights for 3 stores"),
+                                            ([1, -1, 1], "finite, >= 0"), ([0, 0, 0], "not all 0"),
+                                            ([100, 100, 1], "store 2's weight 1 is less than one window")])
+def test_bad_store_weights_are_named(weights, match):
+    with pytest.raises(ValueError, match=match):
+        ResumableBatchSampler(200, 8, groups=np.repeat([0, 1, 2], [150, 40, 10]), group_weights=weights)

@@ -15,6 +15,7 @@ zeros without one) and `goal.has_lang`; the embeddings come from the store's `me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,43 @@ class WindowDataset(Dataset):
         return sample
 
 
+def batch_shares(weights: Sequence[float], total: int) -> list[int]:
+    """Split `total` batch slots by `weights` with largest-remainder rounding (the shares sum to `total`)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    shares = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - shares), kind="stable")[:total - shares.sum()]:
+        shares[i] += 1
+    return shares.tolist()
+
+
+def weighted_pools(groups: np.ndarray | None, weights: Sequence[float],
+                   global_batch: int) -> list[tuple[np.ndarray, int]]:
+    """(window indices, windows per global batch) for each group with a positive weight; clear errors for a
+    weight list that does not fit the groups, a negative / non-finite weight, or a share that rounds to nothing."""
+    if groups is None:
+        raise ValueError("group weights need `groups`: the group of every window")
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    weights = [float(w) for w in weights]
+    if len(weights) != n_groups:
+        raise ValueError(f"{len(weights)} sampling weights for {n_groups} stores: give one weight per store")
+    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"sampling weights must be finite, >= 0 and not all 0, got {weights}")
+    shares = batch_shares(weights, global_batch)
+    pools = []
+    for g, (w, count) in enumerate(zip(weights, shares)):
+        members = np.flatnonzero(groups == g)
+        if w > 0 and count == 0:
+            raise ValueError(f"store {g}'s weight {w:g} is less than one window of the global batch "
+                             f"({global_batch}); raise its weight or the batch size")
+        if count and len(members) == 0:
+            raise ValueError(f"store {g} has weight {w:g} but no training windows")
+        if count:
+            pools.append((members, count))
+    return pools
+
+
 class ResumableBatchSampler(Sampler):
     """Infinite, deterministic stream of batches: batch `k` depends only on (seed, k, world layout).
 
@@ -192,11 +230,17 @@ class ResumableBatchSampler(Sampler):
     actions and the rest from action-free video, each pool walked through its own seeded permutations. Without it
     a store that is mostly video gives the action loss a few samples per batch, and more video means fewer action
     samples per unit of compute.
+
+    Mixing weights (`groups` + `group_weights`, e.g. one group per store of a multi-robot run): every global batch
+    holds a fixed number of windows from each group, in proportion to its weight (largest remainder), each group
+    walked through its own permutations, so a small store with a large weight is revisited more often. Without
+    weights, groups are mixed in proportion to their windows.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world_size: int = 1, action_mask: np.ndarray | None = None,
-                 action_fraction: float | None = None):
+                 action_fraction: float | None = None, groups: np.ndarray | None = None,
+                 group_weights: Sequence[float] | None = None):
         if batch_size * world_size > num_samples:
             raise ValueError(f"global batch {batch_size * world_size} is larger than the dataset "
                              f"({num_samples} windows); lower train.batch_size")
@@ -216,6 +260,10 @@ class ResumableBatchSampler(Sampler):
             if len(with_actions) == 0:
                 raise ValueError("action_fraction is set but no window has actions")
             self.pools = [(with_actions, n_act), (video, self.global_bs - n_act)]
+        if group_weights is not None:
+            if self.pools:
+                raise ValueError("action_fraction and group weights cannot be combined")
+            self.pools = weighted_pools(groups, group_weights, self.global_bs)
 
     def _pooled_rows(self, k: int, perms: dict) -> np.ndarray:
         rows = []
@@ -227,7 +275,7 @@ class ResumableBatchSampler(Sampler):
             for e in np.unique(epochs):
                 if (p, e) not in perms:
                     perms[(p, e)] = np.random.default_rng([self.seed, p, int(e)]).permutation(len(pool))
-                    if len(perms) > 8:
+                    if len(perms) > 2 * len(self.pools) + 4:  # a few epochs per pool, not all
                         perms.pop(next(iter(perms)))
                 sel = epochs == e
                 rows.append(pool[perms[(p, e)][pos[sel]]])

@@ -121,9 +121,18 @@ class Trainer:
         mask = getattr(self.train_set, "window_has_actions", None) if fraction is not None else None
         if fraction is not None and mask is None:
             raise ValueError("dataset.action_fraction is supported for single-store training only")
+        weights = self.cfg.dataset.get("weights")  # several stores: a fixed share of every batch from each
+        groups = None
+        if weights is not None:
+            offsets = getattr(self.train_set, "offsets", None)
+            if offsets is None:
+                raise ValueError("dataset.weights needs several stores (dataset.paths=[A,B,...]): one weight per store")
+            groups = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+            weights = list(weights)
         sampler = ResumableBatchSampler(len(self.train_set), self.tc.batch_size, seed=self.tc.seed,
                                         start_batch=start_step, rank=self.dist.rank, world_size=self.dist.world_size,
-                                        action_mask=mask, action_fraction=fraction)
+                                        action_mask=mask, action_fraction=fraction, groups=groups,
+                                        group_weights=weights)
         workers = self.cfg.dataset.get("num_workers", 0)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
