@@ -2,6 +2,7 @@
 training through the real trainer, paper-size parameter counts."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,12 +118,15 @@ def test_compute_loss_reports_router_losses_and_usage():
         assert block.moe.router[0].weight.grad.abs().sum() > 0 and block.moe.w_in.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "heun"])
-def test_cached_and_uncached_predict_action_agree(sampler):
-    """≤ 1e-5 in fp32 with the same noise. Heun (two evaluations per step, more than `steps` cache entries) is
-    held to 1e-5 of the output scale: its corrector, evaluated at the end of the σ=80→4.8 step and applied over
-    that whole step, amplifies the ~2e-7 per-evaluation rounding difference of fused vs dispatched experts."""
-    policy = _policy(sampler=sampler, num_inference_steps=5)
+@pytest.mark.parametrize("formulation, sampler", [(None, "ddim"), (None, "dpmsolver++"), ("edm", "ddim"),
+                                                   ("edm", "dpmsolver++"), ("edm", "heun")])
+def test_cached_and_uncached_predict_action_agree(formulation, sampler):
+    """≤ 1e-5 in fp32 with the same noise, for the default x0 process and the paper's EDM. Heun (two evaluations
+    per step, more than `steps` cache entries) is held to 1e-5 of the output scale: its corrector, evaluated at the
+    end of the σ=80→4.8 step and applied over that whole step, amplifies the ~2e-7 per-evaluation rounding
+    difference of fused vs dispatched experts."""
+    policy = _policy(sampler=sampler, num_inference_steps=5, formulation=formulation)
+    assert policy.formulation.name == (formulation or "ddpm")
     obs = _obs()
     cached = _predict(policy, obs, cached=True)
     key = policy.formulation.schedule_key(sampler, 5)
@@ -252,3 +256,17 @@ def test_tiny_mode_trains_through_the_trainer_and_reloads(toy_store, tmp_path):
     out = _predict(policy, obs)
     assert out.shape == (2, 8, 3)
     assert (out - _predict(policy, obs, cached=False)).abs().max() <= 1e-5
+
+
+def test_formulation_by_name_from_the_command_line():
+    """`policy.formulation=edm` replaces the config's x0-DDPM block (Hydra would merge a dict into it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path("configs").resolve()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["policy=mode", "policy.formulation=edm", "policy.size=tiny"])
+    policy_cfg = {k: v for k, v in OmegaConf.to_container(cfg.policy).items() if k != "_target_"}
+    policy = MoDEPolicy(SHAPES, _normalizer(), **policy_cfg)
+    assert policy.formulation.name == "edm" and policy.noise_embedding.scale == 250.0
+    assert MoDEPolicy(SHAPES, _normalizer(), size="tiny").formulation.name == "ddpm"  # the measured default
+    with pytest.raises(ValueError, match="unknown diffusion formulation 'edn'"):
+        MoDEPolicy(SHAPES, _normalizer(), size="tiny", formulation="edn")

@@ -17,6 +17,8 @@ _ALIASES = {"karras": "edm", "rectified_flow": "flow"}
 def _as_dict(cfg) -> dict:
     if cfg is None:
         return {}
+    if isinstance(cfg, str):  # a bare name, e.g. the Hydra override `policy.formulation=edm`: its defaults
+        return {"name": cfg}
     if isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
         return dict(cfg)
     try:  # omegaconf DictConfig (imported lazily: it is only needed when one is passed)
@@ -30,7 +32,8 @@ def _as_dict(cfg) -> dict:
 
 
 def make_formulation(cfg=None, /, **kwargs) -> Formulation:
-    """make_formulation({"name": "edm", ...}) / make_formulation(name="ddpm", prediction="sample") / (DictConfig).
+    """make_formulation({"name": "edm", ...}) / make_formulation("edm") / make_formulation(name="ddpm",
+    prediction="sample") / (DictConfig).
 
     kwargs override cfg; a `_target_` key (Hydra) is ignored; a Formulation passes through unchanged.
     """

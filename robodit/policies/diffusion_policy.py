@@ -19,9 +19,11 @@ from robodit.policies.base import Policy
 
 class DiffusionPolicy(Policy):
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
-                 action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | None = None,
+                 action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | str | None = None,
                  sampler: str = "ddim", num_inference_steps: int = 10):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps)
+        if isinstance(formulation, str):  # `policy.formulation=edm`: that process with its own defaults
+            formulation = {"name": formulation}
         self.formulation_cfg = dict(formulation or {"name": "ddpm", "prediction": "epsilon"})
         self.formulation = make_formulation(self.formulation_cfg)
         if sampler not in self.formulation.samplers:

@@ -23,6 +23,14 @@ from robodit.nn.moe import (FusedSwiGLU, NoiseRoutedMoE, Route, check_experts, d
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 
+# Default diffusion process: the DiT baseline's x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to
+# the normalised action range), sampled with DDIM-5. The paper's EDM (`{"name": "edm"}`) is one override away, but
+# on Meta-World reach-v3 (2500 steps, 50 held-out episodes) it reached 56% against 98% with this process: EDM's
+# sampler starts at sigma 80, where the log-logistic training law (loc log 0.5, scale 0.5) puts ~0.0002% of its
+# mass, so the first steps - and their noise routes - run at levels the network has hardly seen.
+DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
+                       "num_train_timesteps": 100, "clip_sample": 1.0}
+
 SIZES = {
     # name: (width, depth, heads, image channels)
     "tiny": (64, 2, 2, (8, 16, 32, 32)),
@@ -68,7 +76,7 @@ class CachedStep(NamedTuple):
 class MoDEPolicy(DiffusionPolicy):
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
-                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
+                 formulation: dict | str | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
                  load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool = True,
@@ -80,7 +88,7 @@ class MoDEPolicy(DiffusionPolicy):
         if size not in SIZES:
             raise ValueError(f"unknown mode size {size!r}; choose one of {sorted(SIZES)}")
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
-                         formulation or {"name": "edm"}, sampler, num_inference_steps)
+                         formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
         w, d, h, channels = SIZES[size]
         w, d, h = width or w, depth or d, heads or h
         hidden = expert_hidden or _round_up(8 * w // 3, 64)  # SwiGLU at ~8/3·width: a 4x GELU MLP's parameters
