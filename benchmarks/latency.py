@@ -26,6 +26,7 @@ from robodit.policies.mode import MoDEPolicy
 from robodit.policies.pad import PADPolicy
 
 # (label, class, kwargs) — new families add rows here.
+PAPER_HORIZONS = dict(obs_horizon=1, action_horizon=10, n_action_steps=10)
 CONFIGS = [
     ("dit/tiny ddim-10", DiTPolicy, dict(size="tiny", sampler="ddim", num_inference_steps=10)),
     ("dit/base ddim-10", DiTPolicy, dict(size="base", sampler="ddim", num_inference_steps=10)),
@@ -53,6 +54,18 @@ CONFIGS = [
     ("dit/w320-d6 edm ddim-10 (=mode total)", DiTPolicy, dict(size="base", width=320, depth=6,
                                                               formulation={"name": "edm"}, sampler="ddim",
                                                               num_inference_steps=10)),
+    # The paper's horizons (one observation step, chunk 10 executed fully), which the MT1/MT10 runs use, for
+    # MoDE, its dense twin (same decoder-only network, one SwiGLU as wide as the two active experts) and the
+    # equal-active DiT; the DiT also at its own defaults (2 observation steps, chunk 16 of which 8 run, DDIM-10).
+    ("mode/base ddim-5 To1 c10 cached", MoDEPolicy, dict(size="base", num_inference_steps=5, **PAPER_HORIZONS)),
+    ("mode/base ddim-5 To1 c10 uncached", MoDEPolicy, dict(size="base", num_inference_steps=5, expert_cache=False,
+                                                           **PAPER_HORIZONS)),
+    ("mode-dense/base ddim-5 To1 c10 (dense twin)", MoDEPolicy, dict(size="base", num_inference_steps=5,
+                                                                      num_experts=1, top_k=1, expert_hidden=1408,
+                                                                      **PAPER_HORIZONS)),
+    ("dit/base-d5 edm ddim-5 To1 c10 (=mode active)", DiTPolicy, dict(size="base", depth=5, formulation={"name": "edm"},
+                                                                      sampler="ddim", num_inference_steps=5,
+                                                                      **PAPER_HORIZONS)),
     # PAD denoises 2 future 64 px frames (64 tokens of 8 px patches, stacked on channels) with the chunk:
     # its default DDIM-50, with and without the (step, task) modulation cache, and DDIM-10.
     ("pad/base ddim-50 cached", PADPolicy, dict(size="base", num_inference_steps=50)),
@@ -153,9 +166,12 @@ def main() -> None:
                "active_params_M": round(active / 1e6, 2),
                **time_policy(policy, obs, args.repeats)}
         row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
+        # A chunk of 16 of which 8 run is not a chunk of 10 that all run: compare cost per executed action too.
+        row["actions_per_chunk"] = policy.n_action_steps
+        row["gflops_per_action"] = round(row["gflops"] / policy.n_action_steps, 4)
         rows.append(row)
         print(f"{label:40s} {row['params_M']:7.2f}M ({row['active_params_M']:.2f}M active)  "
-              f"{row['gflops']:7.3f} GFLOP  "
+              f"{row['gflops']:7.3f} GFLOP ({row['gflops_per_action']:.3f}/action)  "
               f"median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms", flush=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "gpu": gpu,
@@ -165,10 +181,12 @@ def main() -> None:
         rows = result["rows"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| policy | params | active | GFLOP/chunk | threads | median ms/chunk | p90 |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| policy | params | active | GFLOP/chunk | GFLOP/action | threads | median ms/chunk | p90 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | {r['threads']} | "
+        per_action = r.get("gflops_per_action")
+        print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | "
+              f"{'' if per_action is None else f'{per_action:.3f}'} | {r['threads']} | "
               f"{r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
     print(f"\nwrote {args.out}")
 
