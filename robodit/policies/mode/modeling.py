@@ -26,8 +26,8 @@ from robodit.policies.diffusion_policy import DiffusionPolicy
 # Default diffusion process: the DiT baseline's x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to
 # the normalised action range), sampled with DDIM-5. The paper's EDM (`{"name": "edm"}`) is one override away, but
 # on Meta-World reach-v3 (2500 steps, 50 held-out episodes) it reached 56% against 98% with this process: EDM's
-# 5-step sampler visits sigma 80 and 5.3 first, and the log-logistic training law (loc log 0.5, scale 0.5) puts
-# 0.004% of its mass above 80 and 0.9% above 5.3, so the first steps - and their noise routes - run at levels the
+# 5-step sampler visits sigma 80 and 4.8 first, and the log-logistic training law (loc log 0.5, scale 0.5) puts
+# 0.004% of its mass above 80 and 1.1% above 4.8, so the first steps - and their noise routes - run at levels the
 # network has hardly seen.
 DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
                        "num_train_timesteps": 100, "clip_sample": 1.0}
