@@ -101,3 +101,11 @@ def test_inference_cache_matches_uncached_and_follows_weight_changes():
     other = DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8, num_inference_steps=4)
     policy.load_state_dict(other.state_dict())
     assert torch.allclose(policy.predict_action(obs, generator=torch.Generator().manual_seed(3)), uncached(), atol=1e-6)
+
+
+@pytest.mark.parametrize("formulation, scale", [({"name": "karras"}, 250.0), ("edm", 250.0), ({"name": "ddpm"}, 1.0)])
+def test_noise_embedding_scale_follows_the_resolved_process(formulation, scale):
+    """EDM's log(σ)/4 is spread like DDPM timesteps, also when EDM is named by its alias or by a bare name."""
+    policy = DiTPolicy(SHAPES, _normalizer(), size="tiny", formulation=formulation)
+    assert policy.noise_embedding.scale == scale
+    assert DiTPolicy(SHAPES, _normalizer(), size="tiny", formulation="edm", noise_cond_scale=7.0).noise_embedding.scale == 7.0

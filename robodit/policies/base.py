@@ -121,6 +121,11 @@ class Policy(nn.Module, abc.ABC):
     def on_weights_changed(self) -> None:  # noqa: B027 - hook for inference caches
         """Called by the trainer after each optimizer step and after `load_state_dict`: drop inference caches."""
 
+    def train(self, mode: bool = True):
+        """Switching train/eval drops inference caches too (their weights are about to change, or just did)."""
+        self.on_weights_changed()
+        return super().train(mode)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.on_weights_changed()

@@ -22,16 +22,21 @@ class DiffusionPolicy(Policy):
                  action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | str | None = None,
                  sampler: str = "ddim", num_inference_steps: int = 10):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps)
-        if isinstance(formulation, str):  # `policy.formulation=edm`: that process with its own defaults
-            formulation = {"name": formulation}
-        self.formulation_cfg = dict(formulation or {"name": "ddpm", "prediction": "epsilon"})
-        self.formulation = make_formulation(self.formulation_cfg)
+        # a dict, a DictConfig or a bare name (`policy.formulation=edm`: that process with its own defaults)
+        self.formulation = make_formulation(formulation or {"name": "ddpm", "prediction": "epsilon"})
         if sampler not in self.formulation.samplers:
             raise ValueError(f"sampler {sampler!r} is not available for formulation "
-                             f"{self.formulation_cfg.get('name')!r}; choose one of {self.formulation.samplers}")
+                             f"{self.formulation.name!r}; choose one of {self.formulation.samplers}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
+
+    def noise_cond_scale(self, scale: float | None = None) -> float:
+        """Scale for the sinusoidal noise embedding: EDM feeds log(σ)/4 (≈ -2..1), spread like DDPM's 0..999
+        timesteps so one embedding fits every process; `scale` (a policy's explicit setting) wins."""
+        if scale is not None:
+            return float(scale)
+        return 250.0 if self.formulation.name == "edm" else 1.0
 
     @abc.abstractmethod
     def encode(self, obs: dict[str, torch.Tensor], goal: dict[str, torch.Tensor] | None) -> Any:

@@ -44,10 +44,7 @@ class DiTPolicy(DiffusionPolicy):
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.context_encoder = nn.ModuleList(TransformerEncoderBlock(w, h, dropout=dropout) for _ in range(enc_depth))
-        # EDM feeds log(σ)/4 (≈ -2..1): spread it like DDPM's 0..999 timesteps so one embedding fits all.
-        if noise_cond_scale is None:
-            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") == "edm" else 1.0
-        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
         self.action_in = nn.Linear(self.action_dim, w)
         self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
         self.blocks = nn.ModuleList(AdaLNZeroBlock(w, h, dropout=dropout) for _ in range(d))
@@ -57,10 +54,6 @@ class DiTPolicy(DiffusionPolicy):
     # -- inference caches: everything that does not depend on the noisy actions is computed once --------------
     def on_weights_changed(self) -> None:
         self._noise_cache = {}
-
-    def train(self, mode: bool = True):
-        self._noise_cache = {}
-        return super().train(mode)
 
     def _noise_modulations(self, noise_cond: torch.Tensor) -> list[torch.Tensor]:
         """Per-block AdaLN modulations (+ the head's, last) for a batch of noise levels [S] → [S, ...]."""

@@ -99,10 +99,7 @@ class MoDEPolicy(DiffusionPolicy):
         self.expert_cache = bool(expert_cache)
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
-        # EDM feeds log(σ)/4 (≈ -2..1): spread it like DDPM's 0..999 timesteps (as the DiT baseline does).
-        if noise_cond_scale is None:
-            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") in ("edm", "karras") else 1.0
-        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
         self.action_in = nn.Linear(self.action_dim, w)
         self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
         self.blocks = nn.ModuleList(MoDEBlock(w, h, hidden, num_experts, top_k, dropout) for _ in range(d))
@@ -128,10 +125,6 @@ class MoDEPolicy(DiffusionPolicy):
     # -- expert cache -------------------------------------------------------------------------------------------
     def on_weights_changed(self) -> None:
         self._expert_cache, self._cache_fingerprint = {}, None
-
-    def train(self, mode: bool = True):
-        self.on_weights_changed()
-        return super().train(mode)
 
     def _fingerprint(self) -> tuple:
         """Storage and in-place version of every tensor the cache is derived from: a change the trainer's hook

@@ -90,9 +90,7 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         self.state_in = nn.Linear(state_dim, w) if state_dim else None
         self.action_in = nn.Linear(self.action_dim, w)
         self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
-        if noise_cond_scale is None:  # EDM feeds log(σ)/4: spread it like DDPM's 0..999 (as in dit)
-            noise_cond_scale = 250.0 if self.formulation_cfg.get("name") == "edm" else 1.0
-        self.noise_embedding = SinusoidalEmbedding(w, scale=noise_cond_scale)
+        self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
         self.task_embedding = nn.Embedding(self.num_tasks, w)
         nn.init.normal_(self.task_embedding.weight, std=0.02)
         # instruction conditioning (the MDT language encoder's cached embeddings); the task embedding stays for
@@ -112,10 +110,6 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
     # -- inference cache: the AdaLN modulations depend on (noise level, task) only, never on the noisy input ----
     def on_weights_changed(self) -> None:
         self._mod_cache = {}
-
-    def train(self, mode: bool = True):
-        self._mod_cache = {}
-        return super().train(mode)
 
     def _modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Per-block AdaLN modulations, then the image head's and the action head's, for conditions c [..., W]."""
