@@ -27,6 +27,18 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
+    from robodit.training.info import is_checkpoint
+
+    if is_checkpoint(args.path):
+        import json
+
+        from robodit.training.info import format_checkpoint, summarize_checkpoint
+
+        summary = summarize_checkpoint(args.path, routes=args.routes)
+        print(json.dumps(summary, indent=2) if args.json else format_checkpoint(summary))
+        return
+    if args.routes:
+        raise CLIError(f"--routes is for checkpoints; {args.path} is not one")
     from robodit.datasets.info import info_command
 
     info_command(args)
@@ -77,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="minilm", help="language encoder (robodit.nn.language.ENCODERS)")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("info", help="summarise a demonstration store")
-    p.add_argument("path")
+    p = sub.add_parser("info", help="summarise a demonstration store or a checkpoint")
+    p.add_argument("path", help="a NAME.zarr store, a checkpoint dir, or a training out_dir (its latest checkpoint)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--routes", action="store_true",
+                   help="checkpoints: load the weights and show MoDE's experts per sampling step and layer")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert a LeRobot dataset or a robomimic HDF5 file into a store")

@@ -67,3 +67,61 @@ def test_info_errors_exit_2_one_line(tmp_path, capsys):
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and err.count("\n") == 1
+
+
+def _checkpoint(store, out, policy):
+    """A 2-step tiny training run of `policy`: its checkpoint is what `info` describes."""
+    from omegaconf import OmegaConf
+
+    from robodit.training.trainer import train
+
+    base = OmegaConf.load("configs/train.yaml")
+    cfg = OmegaConf.create({
+        "out_dir": str(out),
+        "policy": dict(OmegaConf.to_container(OmegaConf.load(f"configs/policy/{policy}.yaml")), size="tiny",
+                       num_inference_steps=3),
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store)),
+        "logger": {"kind": "none"},
+        "train": dict(OmegaConf.to_container(base.train), steps=2, batch_size=4, checkpoint_every=100, log_every=1,
+                      val_every=0, warmup_steps=1, progress=False),
+    })
+    return train(cfg)
+
+
+def test_info_checkpoint_text_json_and_routes(toy_store, tmp_path, capsys):
+    """A run dir resolves to its latest checkpoint; sizes come from the headers; --routes shows MoDE's plan."""
+    import robodit
+
+    ckpt = _checkpoint(toy_store, tmp_path / "run", "mode")
+    assert main(["info", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {ckpt} (step 2)" in out and "MoDEPolicy, size tiny" in out
+    assert "sampler ddim x 3 steps" in out and "observes:   state (5,)" in out and "action:     (3,)" in out
+    assert str(toy_store.resolve()) in out and "routes:" not in out
+
+    assert main(["info", str(ckpt), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    policy = robodit.load_policy(ckpt)
+    counts = policy.parameter_counts()
+    assert s["parameters"]["total"] == counts["total"] == sum(p.numel() for p in policy.parameters())
+    assert s["parameters"]["active"] == counts["active"] < counts["total"]
+    assert s["step"] == 2 and s["action"] == [3] and s["stores"][0]["tasks"] == ["toy-task"]
+    assert s["policy"]["formulation"]["name"] == "ddpm"
+
+    assert main(["info", str(ckpt), "--json", "--routes"]) == 0
+    routes = json.loads(capsys.readouterr().out)["routes"]
+    expected = policy.inference_routing()
+    assert len(routes) == 3 and [r["experts"] for r in routes] == [[list(e) for e in r["experts"]] for r in expected]
+    assert main(["info", str(ckpt), "--routes"]) == 0
+    assert capsys.readouterr().out.count("+") == 3 * policy.depth  # top-2: one "a+b" per step and layer
+
+
+def test_info_routes_errors(toy_store, tmp_path, capsys):
+    ckpt = _checkpoint(toy_store, tmp_path / "run", "dit")
+    assert main(["info", str(ckpt)]) == 0
+    assert "DiTPolicy" in capsys.readouterr().out
+    assert main(["info", str(ckpt), "--routes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DiTPolicy has no expert routing" in err
+    assert main(["info", str(toy_store), "--routes"]) == 2
+    assert "--routes is for checkpoints" in capsys.readouterr().err

@@ -49,5 +49,7 @@ def make_formulation(cfg=None, /, **kwargs) -> Formulation:
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for formulation {name!r}; allowed: {', '.join(allowed)}")
+        raise ValueError(f"unknown option(s) {unknown} for formulation {name!r}; allowed: {', '.join(allowed)} "
+                         f"(to switch a config's process, replace its whole block: policy.formulation={name}; "
+                         f"overriding policy.formulation.name keeps the old process's options)")
     return cls(**data)

@@ -1,0 +1,145 @@
+"""`robodit info CHECKPOINT [--routes] [--json]`: what a checkpoint is, without loading its weights.
+
+A user holding a checkpoint directory wants to know which policy and process it is, what it observes and
+outputs, what it was trained on and for how long, and how big it is: all of that comes from `config.yaml` and
+the safetensors headers, so this is instant even for a 1B-parameter model. `--routes` loads the weights and
+adds a MoDE checkpoint's inference routing (each sampling step's experts per layer, the fused cache's plan).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from robodit.training.checkpoint import STEP_DIR, read_config, resolve_checkpoint
+
+POLICY_KEYS = ("size", "obs_horizon", "action_horizon", "n_action_steps", "sampler", "num_inference_steps")
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a checkpoint dir, a training out_dir with checkpoints, or its checkpoints/ folder."""
+    try:
+        resolve_checkpoint(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _tensor_count(path: Path) -> tuple[int, int]:
+    """(number of values, tensors) from a safetensors header: no tensor data is read."""
+    values = tensors = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            values, tensors = values + n, tensors + 1
+    return values, tensors
+
+
+def _formulation(policy_cfg: dict) -> dict:
+    f = policy_cfg.get("formulation")
+    if f is None:
+        return {"name": "(class default)"}
+    return {"name": f} if isinstance(f, str) else dict(f)
+
+
+def _active_parameters(cfg: dict) -> dict[str, int] | None:
+    """The family's own count (total / active) where it has one, built on the meta device (no memory)."""
+    import torch
+
+    from robodit.datasets.normalizer import Normalizer
+    from robodit.training.checkpoint import build_policy
+
+    with torch.device("meta"):
+        policy = build_policy(cfg["policy"], cfg["shape_meta"], Normalizer())
+    counts = getattr(policy, "parameter_counts", None)
+    return dict(counts()) if callable(counts) else None
+
+
+def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, Any]:
+    """Everything `info` reports about a checkpoint, as JSON-ready values."""
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    for key in ("policy", "shape_meta"):
+        if key not in cfg:
+            raise ValueError(f"{ckpt / 'config.yaml'} has no {key!r} section (not a robodit checkpoint?)")
+    policy_cfg = cfg["policy"]
+    step = STEP_DIR.match(ckpt.name)
+    weights = ckpt / ("ema.safetensors" if (ckpt / "ema.safetensors").exists() else "model.safetensors")
+    values, tensors = _tensor_count(ckpt / "model.safetensors")
+    meta = cfg["shape_meta"]
+    train = (cfg.get("train") or {}).get("train") or {}
+    store = cfg.get("store") or {}
+    stores = store.get("stores") or ([store] if store else [])
+    summary: dict[str, Any] = {
+        "path": str(ckpt),
+        "step": int(step.group(1)) if step else None,
+        "policy": {"class": policy_cfg.get("_target_"),
+                   **{k: policy_cfg[k] for k in POLICY_KEYS if k in policy_cfg},
+                   "formulation": _formulation(policy_cfg)},
+        "parameters": {"total": values, "tensors": tensors},
+        "weights": weights.name,
+        "bytes": sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file()),
+        "observations": {k: list(v["shape"]) for k, v in (meta.get("obs") or {}).items()},
+        "action": list((meta.get("action") or {}).get("shape", [])),
+        "num_tasks": meta.get("num_tasks"),
+        "stores": [{"path": s.get("path"), "env": (s.get("env") or {}).get("name"), "robot": s.get("robot"),
+                    "episodes": s.get("episodes"), "tasks": list(s.get("tasks") or [])} for s in stores],
+        "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed") if k in train},
+    }
+    counts = _active_parameters(cfg)
+    if counts:
+        summary["parameters"].update({k: int(v) for k, v in counts.items() if k != "total"})
+    if routes:
+        from robodit.training.checkpoint import load_policy
+
+        policy = load_policy(ckpt)
+        if not hasattr(policy, "inference_routing"):
+            raise ValueError(f"--routes: {policy_cfg.get('_target_')} has no expert routing (MoDE checkpoints do)")
+        summary["routes"] = [{"noise_cond": round(float(r["noise_cond"]), 4),
+                              "experts": [list(e) for e in r["experts"]],
+                              "weights": [[round(float(w), 3) for w in ws] for ws in r["weights"]]}
+                             for r in policy.inference_routing()]
+    return summary
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def format_checkpoint(s: dict) -> str:
+    p = s["policy"]
+    params = s["parameters"]
+    extra = ", ".join(f"{k} {_millions(v)}" for k, v in params.items() if k not in ("total", "tensors"))
+    form = p["formulation"]
+    lines = [
+        f"checkpoint: {s['path']}" + (f" (step {s['step']})" if s["step"] is not None else ""),
+        f"policy:     {p['class']}" + (f", size {p['size']}" if "size" in p else ""),
+        f"process:    {form.get('name')}" + "".join(f", {k} {v}" for k, v in form.items() if k != "name")
+        + (f"; sampler {p['sampler']} x {p['num_inference_steps']} steps" if "sampler" in p else ""),
+        f"horizons:   {p.get('obs_horizon', '?')} observation step(s), chunk {p.get('action_horizon', '?')}, "
+        f"{p.get('n_action_steps', '?')} executed",
+        f"parameters: {_millions(params['total'])} in {params['tensors']} tensors" + (f" ({extra})" if extra else ""),
+        "observes:   " + ", ".join(f"{k} {tuple(v)}" for k, v in s["observations"].items())
+        + (f"; {s['num_tasks']} task ids" if s.get("num_tasks") else ""),
+        f"action:     {tuple(s['action'])}",
+        f"weights:    {s['weights']} (checkpoint {s['bytes'] / 2**20:.1f} MiB on disk)",
+    ]
+    t = s["training"]
+    if t:
+        lines.append("training:   " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    for st in s["stores"]:
+        tasks = st["tasks"]
+        shown = ", ".join(tasks[:6]) + (f", ... ({len(tasks)} tasks)" if len(tasks) > 6 else "")
+        lines.append(f"store:      {st['path']} ({st['episodes']} episodes, env {st['env']}, robot {st['robot']})"
+                     + (f"\n            tasks: {shown}" if tasks else ""))
+    for i, r in enumerate(s.get("routes", [])):
+        if i == 0:
+            lines.append("routes:     step  noise_cond  experts per layer (weights)")
+        layers = "  ".join(f"{'+'.join(map(str, e))}({'/'.join(f'{w:.2f}' for w in ws)})"
+                           for e, ws in zip(r["experts"], r["weights"]))
+        lines.append(f"            {i:>4}  {r['noise_cond']:>10.4g}  {layers}")
+    return "\n".join(lines)
