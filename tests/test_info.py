@@ -112,8 +112,13 @@ def test_info_checkpoint_text_json_and_routes(toy_store, tmp_path, capsys):
     routes = json.loads(capsys.readouterr().out)["routes"]
     expected = policy.inference_routing()
     assert len(routes) == 3 and [r["experts"] for r in routes] == [[list(e) for e in r["experts"]] for r in expected]
+    assert main(["info", str(ckpt), "--json", "--routes"]) == 0
+    cache = json.loads(capsys.readouterr().out)["expert_cache"]
+    assert cache["bytes"] == policy.expert_cache_bytes() > 0 and cache["fused_mlps"] == 3 * policy.depth
     assert main(["info", str(ckpt), "--routes"]) == 0
-    assert capsys.readouterr().out.count("+") == 3 * policy.depth  # top-2: one "a+b" per step and layer
+    out = capsys.readouterr().out
+    assert out.count("+") == 3 * policy.depth  # top-2: one "a+b" per step and layer
+    assert f"cache:      {cache['bytes'] / 2**20:.1f} MiB for {3 * policy.depth} fused MLPs" in out
 
 
 def test_info_routes_errors(toy_store, tmp_path, capsys):

@@ -139,6 +139,20 @@ def test_cached_and_uncached_predict_action_agree(formulation, sampler):
     assert cached.abs().max() > 1e-2  # the outputs are not trivially equal
 
 
+def test_expert_cache_bytes_count_shared_first_layers_once():
+    """Steps of one layer that pick the same experts share the fused first-layer matrix; the gated second layer
+    is per (step, layer). The reported size is what the cache holds, not steps x layers x a full MLP."""
+    policy = _policy(num_inference_steps=5)
+    routing = policy.inference_routing()  # builds the cache
+    width, hidden, k = policy.width, policy.expert_hidden, policy.top_k
+    sets = {(layer, tuple(sorted(step["experts"][layer]))) for step in routing for layer in range(policy.depth)}
+    expected = 4 * (len(routing) * policy.depth * k * hidden * width  # w_out: [k * hidden, width] per step, layer
+                    + len(sets) * width * 2 * k * hidden  # w_in: [width, 2 * k * hidden] per distinct set
+                    + len(routing) * width)  # the cached noise embedding of each step
+    assert len(sets) < len(routing) * policy.depth  # the toy has repeated sets, so sharing is exercised
+    assert policy.expert_cache_bytes() == expected
+
+
 def test_expert_cache_is_rebuilt_when_weights_change():
     policy = _policy(num_inference_steps=4)
     obs = _obs()

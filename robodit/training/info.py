@@ -103,6 +103,10 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
                               "experts": [list(e) for e in r["experts"]],
                               "weights": [[round(float(w), 3) for w in ws] for ws in r["weights"]]}
                              for r in policy.inference_routing()]
+        # The fused MLPs are copies of the chosen experts' weights (gates folded in): memory a deployment pays.
+        summary["expert_cache"] = {"bytes": policy.expert_cache_bytes(), "fused_mlps": len(summary["routes"])
+                                   * policy.depth, "weights_bytes": sum(p.numel() * p.element_size()
+                                                                        for p in policy.parameters())}
     return summary
 
 
@@ -142,4 +146,8 @@ def format_checkpoint(s: dict) -> str:
         layers = "  ".join(f"{'+'.join(map(str, e))}({'/'.join(f'{w:.2f}' for w in ws)})"
                            for e, ws in zip(r["experts"], r["weights"]))
         lines.append(f"            {i:>4}  {r['noise_cond']:>10.4g}  {layers}")
+    if "expert_cache" in s:
+        c = s["expert_cache"]
+        lines.append(f"cache:      {c['bytes'] / 2**20:.1f} MiB for {c['fused_mlps']} fused MLPs "
+                     f"(the weights: {c['weights_bytes'] / 2**20:.1f} MiB)")
     return "\n".join(lines)
