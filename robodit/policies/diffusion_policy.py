@@ -16,6 +16,8 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.diffusion import make_formulation
 from robodit.policies.base import Policy
 
+TASK_CONDITIONING = ("token", "token+global")
+
 
 class DiffusionPolicy(Policy):
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
@@ -47,16 +49,35 @@ class DiffusionPolicy(Policy):
                 step_index: int | None = None) -> torch.Tensor:
         """One denoiser evaluation on the noisy normalised action chunk [B, Tp, A]."""
 
+    def set_task_conditioning(self, value: str) -> None:
+        """'token': the task embedding is one token among the observations, which attention may underweight;
+        'token+global': it is also added to the noise embedding wherever that conditions every layer (DiT's
+        AdaLN, as the DiT paper adds its class; MoDE's attention conditioning, never its routers). Tasks that
+        share one scene (Meta-World reach / push / pick-place) are then told apart by every layer."""
+        if value not in TASK_CONDITIONING:
+            raise ValueError(f"task_conditioning={value!r}: choose one of {TASK_CONDITIONING}")
+        self.task_conditioning = value
+
+    def task_ids(self, goal: dict[str, torch.Tensor] | None, batch: int, device) -> torch.Tensor:
+        task = (goal or {}).get("task_id")
+        if task is None:
+            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+        return torch.as_tensor(task, device=device).long().reshape(-1).expand(batch)
+
     def with_task_token(self, tokens: torch.Tensor, goal: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Prepend the task embedding (a family's `task_embedding`, present when the store held several tasks)."""
         embedding = getattr(self, "task_embedding", None)
         if embedding is None:
             return tokens
-        task = (goal or {}).get("task_id")
-        if task is None:
-            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
-        task = torch.as_tensor(task, device=tokens.device).long().reshape(-1)
-        return torch.cat([embedding(task.expand(tokens.shape[0]))[:, None], tokens], dim=1)
+        task = self.task_ids(goal, tokens.shape[0], tokens.device)
+        return torch.cat([embedding(task)[:, None], tokens], dim=1)
+
+    def global_task_vector(self, goal: dict[str, torch.Tensor] | None, batch: int) -> torch.Tensor | None:
+        """[B, W] task embedding to add to the noise conditioning, or None (single task, or 'token' only)."""
+        embedding = getattr(self, "task_embedding", None)
+        if embedding is None or getattr(self, "task_conditioning", "token") != "token+global":
+            return None
+        return embedding(self.task_ids(goal, batch, embedding.weight.device))
 
     def goal_from_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         goal = self.split_batch(batch, "goal")

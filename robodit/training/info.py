@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from robodit.training.checkpoint import STEP_DIR, read_config, resolve_checkpoint
 
-POLICY_KEYS = ("size", "obs_horizon", "action_horizon", "n_action_steps", "sampler", "num_inference_steps")
+POLICY_KEYS = ("size", "obs_horizon", "action_horizon", "n_action_steps", "sampler", "num_inference_steps",
+               "task_conditioning")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -128,7 +129,8 @@ def format_checkpoint(s: dict) -> str:
         f"{p.get('n_action_steps', '?')} executed",
         f"parameters: {_millions(params['total'])} in {params['tensors']} tensors" + (f" ({extra})" if extra else ""),
         "observes:   " + ", ".join(f"{k} {tuple(v)}" for k, v in s["observations"].items())
-        + (f"; {s['num_tasks']} task ids" if s.get("num_tasks") else ""),
+        + (f"; {s['num_tasks']} task ids" if (s.get("num_tasks") or 0) > 1 else "")
+        + (f" ({p['task_conditioning']})" if (s.get("num_tasks") or 0) > 1 and "task_conditioning" in p else ""),
         f"action:     {tuple(s['action'])}",
         f"weights:    {s['weights']} (checkpoint {s['bytes'] / 2**20:.1f} MiB on disk)",
     ]

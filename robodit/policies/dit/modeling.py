@@ -33,9 +33,10 @@ class DiTPolicy(DiffusionPolicy):
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
-                 dropout: float = 0.0, noise_cond_scale: float | None = None):
+                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token"):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps, formulation,
                          sampler, num_inference_steps)
+        self.set_task_conditioning(task_conditioning)
         if size not in self.SIZES:
             raise ValueError(f"unknown {self.name} size {size!r}; choose one of {sorted(self.SIZES)}")
         w, d, h, enc_depth, channels = self.SIZES[size]
@@ -55,9 +56,12 @@ class DiTPolicy(DiffusionPolicy):
     def on_weights_changed(self) -> None:
         self._noise_cache = {}
 
-    def _noise_modulations(self, noise_cond: torch.Tensor) -> list[torch.Tensor]:
-        """Per-block AdaLN modulations (+ the head's, last) for a batch of noise levels [S] → [S, ...]."""
+    def _noise_modulations(self, noise_cond: torch.Tensor, task: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-block AdaLN modulations (+ the head's, last) for a batch of noise levels [S] → [S, ...], with the
+        global task vector [S, W] added to the noise embedding when the policy conditions on it."""
         c = self.noise_embedding(noise_cond)
+        if task is not None:
+            c = c + task
         return [block.ada(c) for block in self.blocks] + [self.head.ada(c)]
 
     def _cached_modulations(self, step_index: int) -> list[torch.Tensor]:
@@ -75,16 +79,18 @@ class DiTPolicy(DiffusionPolicy):
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
+        task = self.global_task_vector(goal, tokens.shape[0])
         tokens = self.with_task_token(tokens, goal)
         for block in self.context_encoder:
             tokens = block(tokens)
         if self.training:
-            return {"tokens": tokens, "kv": [None] * len(self.blocks)}
-        return {"tokens": tokens, "kv": [block.cross.keys_values(tokens) for block in self.blocks]}
+            return {"tokens": tokens, "kv": [None] * len(self.blocks), "task": task}
+        return {"tokens": tokens, "kv": [block.cross.keys_values(tokens) for block in self.blocks], "task": task}
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
-        if step_index is None or self.training:
-            mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]))
+        task = cond.get("task")
+        if step_index is None or self.training or task is not None:  # per-sample tasks: depth + 1 small linears
+            mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]), task)
         else:
             mods = self._cached_modulations(step_index)
         x = self.action_in(x_in) + self.action_pos

@@ -55,8 +55,10 @@ class MoDEBlock(nn.Module):
         self.moe = NoiseRoutedMoE(dim, hidden, num_experts, top_k, cond_dim=dim)
 
     def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, fused: FusedSwiGLU | None = None,
-                stochastic: bool = False) -> tuple[torch.Tensor, Route | None]:
-        x = x + self.attn(self.norm1(x) + noise_emb[:, None])
+                stochastic: bool = False, attn_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, Route | None]:
+        """`attn_cond` (default: the noise embedding) is what is added before self-attention; the router always
+        sees the noise embedding alone."""
+        x = x + self.attn(self.norm1(x) + (noise_emb if attn_cond is None else attn_cond)[:, None])
         h = self.norm2(x)
         if fused is not None:
             return x + fused(h), None
@@ -81,7 +83,7 @@ class MoDEPolicy(DiffusionPolicy):
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
                  load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool = True,
-                 dropout: float = 0.0, noise_cond_scale: float | None = None):
+                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token"):
         check_experts(num_experts, top_k)  # before any module is built
         for name, value in (("load_balance_weight", load_balance_weight), ("router_z_weight", router_z_weight)):
             if not value >= 0:
@@ -90,6 +92,7 @@ class MoDEPolicy(DiffusionPolicy):
             raise ValueError(f"unknown mode size {size!r}; choose one of {sorted(SIZES)}")
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
                          formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
+        self.set_task_conditioning(task_conditioning)
         w, d, h, channels = SIZES[size]
         w, d, h = width or w, depth or d, heads or h
         hidden = expert_hidden or _round_up(8 * w // 3, 64)  # SwiGLU at ~8/3·width: a 4x GELU MLP's parameters
@@ -174,8 +177,9 @@ class MoDEPolicy(DiffusionPolicy):
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
+        task = self.global_task_vector(goal, tokens.shape[0])
         tokens = self.with_task_token(tokens, goal)
-        return {"tokens": tokens}
+        return {"tokens": tokens, "task": task}
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
         """With a step index (sampling in eval mode) the cached step of this policy's (sampler, steps) replaces
@@ -188,9 +192,11 @@ class MoDEPolicy(DiffusionPolicy):
             noise_emb, mlps = self.noise_embedding(noise_cond.reshape(-1).expand(batch)), [None] * len(self.blocks)
         actions = self.action_in(x_in) + self.action_pos
         x = torch.cat([noise_emb[:, None].to(actions.dtype), cond["tokens"], actions], dim=1)
+        task = cond.get("task")
+        attn_cond = None if task is None else noise_emb + task.to(noise_emb.dtype)
         routes = []
         for block, mlp in zip(self.blocks, mlps):
-            x, route = block(x, noise_emb, fused=mlp, stochastic=self.training)
+            x, route = block(x, noise_emb, fused=mlp, stochastic=self.training, attn_cond=attn_cond)
             routes.append(route)
         if self._route_log is not None:
             self._route_log.append((noise_cond.reshape(-1).expand(batch), routes))
