@@ -7,6 +7,7 @@ so `robodit --help` stays fast (no torch / simulator import until a command runs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, StoreError, FileNotFoundError, ValueError) as exc:
         print(f"robodit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `robodit info ... | head`: the reader left; say nothing more, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
     return 0
 
 

@@ -130,3 +130,17 @@ def test_info_routes_errors(toy_store, tmp_path, capsys):
     assert err.count("\n") == 1 and "DiTPolicy has no expert routing" in err
     assert main(["info", str(toy_store), "--routes"]) == 2
     assert "--routes is for checkpoints" in capsys.readouterr().err
+
+
+def test_info_piped_into_a_reader_that_stops_early_is_quiet(toy_store):
+    """`robodit info STORE | head -1`: the closed pipe ends the command cleanly, with no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "robodit.cli", "info", str(toy_store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
