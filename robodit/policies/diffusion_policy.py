@@ -52,8 +52,8 @@ class DiffusionPolicy(Policy):
     def set_task_conditioning(self, value: str) -> None:
         """'token': the task embedding is one token among the observations, which attention may underweight;
         'token+global': it is also added to the noise embedding wherever that conditions every layer (DiT's
-        AdaLN, as the DiT paper adds its class; MoDE's attention conditioning, never its routers). Tasks that
-        share one scene (Meta-World reach / push / pick-place) are then told apart by every layer."""
+        AdaLN, as the DiT paper adds its class; MoDE's attention conditioning, never its routers), so every layer
+        can tell apart tasks that share one scene. On MT10 (1500 steps, 2-3 seeds) it gained nothing over 'token'."""
         if value not in TASK_CONDITIONING:
             raise ValueError(f"task_conditioning={value!r}: choose one of {TASK_CONDITIONING}")
         self.task_conditioning = value
