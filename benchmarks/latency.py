@@ -60,6 +60,8 @@ CONFIGS = [
     ("mode/base ddim-5 To1 c10 cached", MoDEPolicy, dict(size="base", num_inference_steps=5, **PAPER_HORIZONS)),
     ("mode/base ddim-5 To1 c10 uncached", MoDEPolicy, dict(size="base", num_inference_steps=5, expert_cache=False,
                                                            **PAPER_HORIZONS)),
+    ("mode/base ddim-5 To1 c10 in-place cache", MoDEPolicy, dict(size="base", num_inference_steps=5,
+                                                                 expert_cache="in_place", **PAPER_HORIZONS)),
     ("mode-dense/base ddim-5 To1 c10 (dense twin)", MoDEPolicy, dict(size="base", num_inference_steps=5,
                                                                       num_experts=1, top_k=1, expert_hidden=1408,
                                                                       **PAPER_HORIZONS)),
@@ -165,6 +167,8 @@ def main() -> None:
         row = {"policy": label, "threads": args.threads, "load_avg": load, "params_M": round(params / 1e6, 2),
                "active_params_M": round(active / 1e6, 2),
                **time_policy(policy, obs, args.repeats)}
+        if hasattr(policy, "expert_cache_bytes"):  # what the inference cache holds beyond the weights
+            row["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
         row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
         # A chunk of 16 of which 8 run is not a chunk of 10 that all run: compare cost per executed action too.
         row["actions_per_chunk"] = policy.n_action_steps

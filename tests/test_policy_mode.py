@@ -284,3 +284,21 @@ def test_formulation_by_name_from_the_command_line():
     assert MoDEPolicy(SHAPES, _normalizer(), size="tiny").formulation.name == "ddpm"  # the measured default
     with pytest.raises(ValueError, match="unknown diffusion formulation 'edn'"):
         MoDEPolicy(SHAPES, _normalizer(), size="tiny", formulation="edn")
+
+
+def test_in_place_expert_cache_matches_and_copies_nothing():
+    """expert_cache='in_place': the fused cache's routes over the experts where they are — same actions
+    (≤ 1e-5 fp32), no weight copies; switching modes rebuilds the cache; a bad value is a clear error."""
+    policy = _policy(num_inference_steps=5)
+    obs = _obs()
+    fused = _predict(policy, obs, cached=True)
+    assert policy.expert_cache_bytes() > 100 * 1024
+    policy.expert_cache_fused = False  # what expert_cache="in_place" sets
+    in_place = _predict(policy, obs, cached=True)
+    assert policy.expert_cache_bytes() == 4 * 5 * policy.width  # only the steps' noise embeddings
+    assert (in_place - fused).abs().max().item() <= 1e-5 and fused.abs().max() > 1e-2
+    assert (in_place - _predict(policy, obs, cached=False)).abs().max().item() <= 1e-5
+    built = MoDEPolicy(SHAPES, _normalizer(), size="tiny", expert_cache="in_place")
+    assert built.expert_cache and not built.expert_cache_fused
+    with pytest.raises(ValueError, match="expert_cache='views'"):
+        MoDEPolicy(SHAPES, _normalizer(), size="tiny", expert_cache="views")

@@ -49,8 +49,29 @@ class FusedSwiGLU:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w_in, self.w_out)
 
-    def nbytes(self) -> int:
-        return self.w_in.numel() * self.w_in.element_size() + self.w_out.numel() * self.w_out.element_size()
+    def owned(self) -> tuple[torch.Tensor, ...]:
+        """The tensors this MLP holds beyond the model's weights (what the cache costs in memory)."""
+        return self.w_in, self.w_out
+
+
+class ChosenExperts:
+    """k experts and their gates applied where they are (views of the expert weights, nothing copied): the
+    cache's routes without its memory. 2% slower than FusedSwiGLU for mode/base on one CPU thread."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.parts = parts  # (w_in view, w_out view, gate)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for w_in, w_out, gate in self.parts:
+            y = swiglu(x, w_in, w_out) * gate.to(x.dtype)
+            out = y if out is None else out + y
+        return out
+
+    def owned(self) -> tuple[torch.Tensor, ...]:
+        return ()
 
 
 def check_experts(num_experts, top_k) -> None:
@@ -122,6 +143,12 @@ class NoiseRoutedMoE(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Route]:
         route = self.route(cond, stochastic, generator)
         return self.dispatch(x, route.experts, route.weights), route
+
+    @torch.no_grad()
+    def chosen(self, experts: list[int], weights: torch.Tensor) -> ChosenExperts:
+        """sum_j weights[j] * expert_{experts[j]} over views of the expert weights (no copies)."""
+        return ChosenExperts([(self.w_in[e].detach(), self.w_out[e].detach(), weights[j].detach())
+                              for j, e in enumerate(experts)])
 
     @torch.no_grad()
     def fuse(self, experts: list[int], weights: torch.Tensor, w_in_memo: dict | None = None) -> FusedSwiGLU:

@@ -18,8 +18,8 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.nn.attention import Attention, RMSNorm
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import ObservationEncoder
-from robodit.nn.moe import (FusedSwiGLU, NoiseRoutedMoE, Route, check_experts, dispatch_mask, load_balancing_loss,
-                            router_z_loss)
+from robodit.nn.moe import (ChosenExperts, FusedSwiGLU, NoiseRoutedMoE, Route, check_experts, dispatch_mask,
+                            load_balancing_loss, router_z_loss)
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 
@@ -54,7 +54,7 @@ class MoDEBlock(nn.Module):
         self.norm2 = RMSNorm(dim)
         self.moe = NoiseRoutedMoE(dim, hidden, num_experts, top_k, cond_dim=dim)
 
-    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, fused: FusedSwiGLU | None = None,
+    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, fused: FusedSwiGLU | ChosenExperts | None = None,
                 stochastic: bool = False, attn_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, Route | None]:
         """`attn_cond` (default: the noise embedding) is what is added before self-attention; the router always
         sees the noise embedding alone."""
@@ -70,7 +70,7 @@ class CachedStep(NamedTuple):
     """Everything one denoising step needs that depends only on its noise level."""
 
     noise_emb: torch.Tensor  # [1, D]
-    mlps: list[FusedSwiGLU]  # one per block
+    mlps: list[FusedSwiGLU | ChosenExperts]  # one per block
     experts: list[tuple[int, ...]]  # per block, for inspection
     weights: list[tuple[float, ...]]
 
@@ -82,7 +82,7 @@ class MoDEPolicy(DiffusionPolicy):
                  formulation: dict | str | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
-                 load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool = True,
+                 load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool | str = True,
                  dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token"):
         check_experts(num_experts, top_k)  # before any module is built
         for name, value in (("load_balance_weight", load_balance_weight), ("router_z_weight", router_z_weight)):
@@ -99,7 +99,14 @@ class MoDEPolicy(DiffusionPolicy):
         self.size, self.width, self.depth, self.heads = size, w, d, h
         self.num_experts, self.top_k, self.expert_hidden = num_experts, top_k, hidden
         self.load_balance_weight, self.router_z_weight = float(load_balance_weight), float(router_z_weight)
-        self.expert_cache = bool(expert_cache)
+        # True / "fused": one dense MLP per (step, layer), copies of the chosen experts (the fastest, the most memory);
+        # "in_place": the same precomputed routes over the experts where they are (no copies); False: route and
+        # dispatch at every step.
+        modes = {True: "fused", "fused": "fused", "in_place": "in_place", False: None, "off": None}
+        if not isinstance(expert_cache, (bool, str)) or expert_cache not in modes:
+            raise ValueError(f"expert_cache={expert_cache!r}: choose true (fused), 'in_place' or false")
+        self.expert_cache = modes[expert_cache] is not None
+        self.expert_cache_fused = modes[expert_cache] != "in_place"
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
@@ -131,9 +138,10 @@ class MoDEPolicy(DiffusionPolicy):
 
     def _fingerprint(self) -> tuple:
         """Storage and in-place version of every tensor the cache is derived from: a change the trainer's hook
-        did not announce (an EMA swap, a manual copy_) still invalidates the cache."""
+        did not announce (an EMA swap, a manual copy_) still invalidates the cache, as does switching between
+        fused and in-place entries."""
         params = list(self.noise_embedding.parameters()) + [p for b in self.blocks for p in b.moe.parameters()]
-        return tuple((p.data_ptr(), p._version) for p in params)
+        return (self.expert_cache_fused, *((p.data_ptr(), p._version) for p in params))
 
     @torch.no_grad()
     def _build_cache(self, key: tuple) -> None:
@@ -145,8 +153,11 @@ class MoDEPolicy(DiffusionPolicy):
         for s in range(len(levels)):
             experts = [tuple(r.experts[s].tolist()) for r in routes]
             weights = [tuple(r.weights[s].tolist()) for r in routes]
-            mlps = [block.moe.fuse(list(e), r.weights[s], memo)
-                    for block, e, r, memo in zip(self.blocks, experts, routes, memos)]
+            if self.expert_cache_fused:
+                mlps = [block.moe.fuse(list(e), r.weights[s], memo)
+                        for block, e, r, memo in zip(self.blocks, experts, routes, memos)]
+            else:
+                mlps = [block.moe.chosen(list(e), r.weights[s]) for block, e, r in zip(self.blocks, experts, routes)]
             cache[(key, s)] = CachedStep(emb[s:s + 1], mlps, experts, weights)
         self._expert_cache, self._cache_fingerprint = cache, self._fingerprint()
 
@@ -170,7 +181,7 @@ class MoDEPolicy(DiffusionPolicy):
     def expert_cache_bytes(self) -> int:
         seen: dict[int, int] = {}
         for entry in self._expert_cache.values():
-            for t in [entry.noise_emb] + [w for m in entry.mlps for w in (m.w_in, m.w_out)]:
+            for t in [entry.noise_emb] + [w for m in entry.mlps for w in m.owned()]:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
