@@ -25,31 +25,21 @@ import torch  # noqa: E402
 
 import robodit  # noqa: E402
 from robodit.envs.metaworld import MetaWorldEnv  # noqa: E402
-from robodit.evaluation.runner import ObservationHistory  # noqa: E402
+from robodit.evaluation.runner import rollout  # noqa: E402
 
 HAND, GRIPPER, GOAL = slice(0, 3), 3, slice(36, 39)
 
 
-def episode(policy, env, seed: int, goal: dict | None, max_steps: int) -> dict:
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
-    policy.reset()
-    obs = env.reset(seed=seed)
-    history = ObservationHistory(policy.obs_horizon)
-    history.reset(obs)
-    keys = list(policy.obs_shapes)
-    dist, grip, steps, success = [], [], 0, False
-    while steps < max_steps and not success:
-        chunk = policy.predict_action(history.stacked(keys), goal=goal, generator=gen)[0].cpu().numpy()
-        for action in chunk[:policy.n_action_steps]:
-            obs, success, done, _ = env.step(np.clip(action, -1, 1))
-            history.push(obs)
-            steps += 1
-            s = obs["state"]
-            dist.append(float(np.linalg.norm(s[HAND] - s[GOAL])))
-            grip.append(float(s[GRIPPER]))
-            if success or done or steps >= max_steps:
-                break
-    return {"seed": seed, "success": bool(success), "steps": steps, "min_goal_dist": min(dist),
+def episode(policy, env, seed: int, task: str, goal: dict | None, max_steps: int) -> dict:
+    dist, grip = [], []
+
+    def watch(obs):
+        s = obs["state"]
+        dist.append(float(np.linalg.norm(s[HAND] - s[GOAL])))
+        grip.append(float(s[GRIPPER]))
+
+    r = rollout(policy, env, seed=seed, task=task, goal=goal, max_steps=max_steps, on_step=watch)
+    return {"seed": seed, "success": r.success, "steps": r.steps, "min_goal_dist": min(dist),
             "final_goal_dist": dist[-1], "min_gripper": min(grip)}
 
 
@@ -64,7 +54,7 @@ def run_checkpoint(path: str, task: str, episodes: int, max_steps: int, top_k: i
     tasks = list((policy.checkpoint_config.get("store") or {}).get("tasks") or [])
     goal = {"task_id": np.int64(tasks.index(task))} if policy.num_tasks > 1 else None
     env = MetaWorldEnv(task, max_episode_steps=max_steps)
-    rows = [episode(policy, env, 100000 + i, goal, max_steps) for i in range(episodes)]
+    rows = [episode(policy, env, 100000 + i, task, goal, max_steps) for i in range(episodes)]
     env.close()
     return {"checkpoint": str(policy.checkpoint_dir), "task": task, "top_k": top_k, "episodes": rows}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,8 +49,10 @@ class EpisodeResult:
 
 def rollout(policy, env: ControlInterface, *, seed: int, task: str | None = None, goal: dict[str, Any] | None = None,
             max_steps: int | None = None, n_action_steps: int | None = None, record: bool = False,
-            generator_seed: int | None = None) -> EpisodeResult:
-    """One episode; the episode ends at the simulator's success, its `done`, or `max_steps`."""
+            generator_seed: int | None = None,
+            on_step: Callable[[dict[str, np.ndarray]], None] | None = None) -> EpisodeResult:
+    """One episode; the episode ends at the simulator's success, its `done`, or `max_steps`. `on_step` sees every
+    observation after a step (for diagnostics that need more than success)."""
     max_steps = max_steps or env.spec.max_episode_steps
     n_exec = n_action_steps or policy.n_action_steps
     keys = list(policy.obs_shapes)
@@ -73,6 +75,8 @@ def rollout(policy, env: ControlInterface, *, seed: int, task: str | None = None
             obs, success, done, _ = env.step(np.clip(action, low, high))
             history.push(obs)
             steps += 1
+            if on_step is not None:
+                on_step(obs)
             if record:
                 frames.append(env.render())
             if success or done or steps >= max_steps:
