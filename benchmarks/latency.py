@@ -1,6 +1,7 @@
 """Milliseconds per action chunk on this machine: each policy / size / sampler, CPU, fixed thread count.
 
-    python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING] [--images] [--merge]
+    python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING[,SUBSTRING...]] [--images] [--merge]
+        [--device cuda] [--bf16]
 
 Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
 Median of `repeats` timed calls after warm-up; batch 1, as at control time. FLOPs per chunk are counted once per
@@ -102,17 +103,20 @@ def random_obs(policy, device) -> dict:
     return obs
 
 
-def time_policy(policy, obs, repeats: int, warmup: int = 5) -> dict:
+def time_policy(policy, obs, repeats: int, warmup: int = 5, bf16: bool = False) -> dict:
     device = policy.device
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     for _ in range(warmup):
-        policy.predict_action(obs, generator=gen)
+        with autocast:
+            policy.predict_action(obs, generator=gen)
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        policy.predict_action(obs, generator=gen)
+        with autocast:
+            policy.predict_action(obs, generator=gen)
         sync()
         times.append(1000 * (time.perf_counter() - t0))
     return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
@@ -144,7 +148,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--images", action="store_true", help="add one 84 px camera to the observation")
-    ap.add_argument("--only", default="", help="substring filter on the row label")
+    ap.add_argument("--only", default="", help="rows whose label contains one of these comma-separated substrings")
+    ap.add_argument("--bf16", action="store_true", help="time under bf16 autocast (rows are labelled '+bf16')")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
     ap.add_argument("--merge", action="store_true",
@@ -155,8 +160,9 @@ def main() -> None:
     args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
     rows = []
     for label, cls, kw in CONFIGS:
-        if args.only and args.only not in label:
+        if args.only and not any(part in label for part in args.only.split(",")):
             continue
+        label = f"{label} +bf16" if args.bf16 else label
         torch.manual_seed(0)
         meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
         policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
@@ -166,7 +172,7 @@ def main() -> None:
         load = round(os.getloadavg()[0], 2)  # 1-min load average before timing: > cores means shared CPU
         row = {"policy": label, "threads": args.threads, "load_avg": load, "params_M": round(params / 1e6, 2),
                "active_params_M": round(active / 1e6, 2),
-               **time_policy(policy, obs, args.repeats)}
+               **time_policy(policy, obs, args.repeats, bf16=args.bf16)}
         if hasattr(policy, "expert_cache_bytes"):  # what the inference cache holds beyond the weights
             row["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
         row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
