@@ -5,7 +5,8 @@
 
 Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
 Median of `repeats` timed calls after warm-up; batch 1, as at control time. FLOPs per chunk are counted once per
-row with torch.utils.flop_counter (matmuls and attention; elementwise ops are not counted).
+row with torch.utils.flop_counter (matmuls and attention; elementwise ops are not counted), and the host-device
+synchronisations per chunk (each one stalls a GPU's launch queue; they cost little on a CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.policies.dit import DiTPolicy
 from robodit.policies.mode import MoDEPolicy
 from robodit.policies.pad import PADPolicy
+from robodit.profiling import count_host_syncs
 
 # (label, class, kwargs) — new families add rows here.
 PAPER_HORIZONS = dict(obs_horizon=1, action_horizon=10, n_action_steps=10)
@@ -176,12 +178,14 @@ def main() -> None:
         if hasattr(policy, "expert_cache_bytes"):  # what the inference cache holds beyond the weights
             row["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
         row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
+        # each stalls a GPU's launch queue: the MoE dispatch's `nonzero` per expert, layer and step
+        row["host_syncs"] = count_host_syncs(policy.predict_action, obs, generator=torch.Generator(device=device))
         # A chunk of 16 of which 8 run is not a chunk of 10 that all run: compare cost per executed action too.
         row["actions_per_chunk"] = policy.n_action_steps
         row["gflops_per_action"] = round(row["gflops"] / policy.n_action_steps, 4)
         rows.append(row)
         print(f"{label:40s} {row['params_M']:7.2f}M ({row['active_params_M']:.2f}M active)  "
-              f"{row['gflops']:7.3f} GFLOP ({row['gflops_per_action']:.3f}/action)  "
+              f"{row['gflops']:7.3f} GFLOP ({row['gflops_per_action']:.3f}/action)  {row['host_syncs']:4d} syncs  "
               f"median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms", flush=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "gpu": gpu,
@@ -191,12 +195,12 @@ def main() -> None:
         rows = result["rows"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| policy | params | active | GFLOP/chunk | GFLOP/action | threads | median ms/chunk | p90 |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| policy | params | active | GFLOP/chunk | GFLOP/action | host syncs | threads | median ms/chunk | p90 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         per_action = r.get("gflops_per_action")
         print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | "
-              f"{'' if per_action is None else f'{per_action:.3f}'} | {r['threads']} | "
+              f"{'' if per_action is None else f'{per_action:.3f}'} | {r.get('host_syncs', '')} | {r['threads']} | "
               f"{r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
     print(f"\nwrote {args.out}")
 
