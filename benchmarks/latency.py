@@ -4,7 +4,8 @@
         [--device cuda] [--bf16]
 
 Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
-Median of `repeats` timed calls after warm-up; batch 1, as at control time. FLOPs per chunk are counted once per
+Median of `repeats` timed calls after warm-up, the rows timed round-robin (one call of each per round) so that
+load changes hit all rows alike; batch 1, as at control time. FLOPs per chunk are counted once per
 row with torch.utils.flop_counter (matmuls and attention; elementwise ops are not counted), and the host-device
 synchronisations per chunk (each one stalls a GPU's launch queue; they cost little on a CPU).
 """
@@ -105,24 +106,30 @@ def random_obs(policy, device) -> dict:
     return obs
 
 
-def time_policy(policy, obs, repeats: int, warmup: int = 5, bf16: bool = False) -> dict:
-    device = policy.device
-    gen = torch.Generator(device=device).manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    for _ in range(warmup):
-        with autocast:
-            policy.predict_action(obs, generator=gen)
-    times = []
+def time_interleaved(entries: list[tuple], repeats: int, warmup: int = 5, bf16: bool = False) -> list[dict]:
+    """ms per predict_action call for each (policy, obs), timed round-robin: one call of each row per round, so
+    a change in the machine's load hits every row alike and ratios between rows hold on a noisy machine."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    gens = [torch.Generator(device=policy.device).manual_seed(0) for policy, _ in entries]
+
+    def call(i: int) -> None:
+        policy, obs = entries[i]
+        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+            policy.predict_action(obs, generator=gens[i])
+
+    for i in range(len(entries)):
+        for _ in range(warmup):
+            call(i)
+    times: list[list[float]] = [[] for _ in entries]
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        with autocast:
-            policy.predict_action(obs, generator=gen)
-        sync()
-        times.append(1000 * (time.perf_counter() - t0))
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)),
-            "min_ms": min(times)}
+        for i in range(len(entries)):
+            sync()
+            t0 = time.perf_counter()
+            call(i)
+            sync()
+            times[i].append(1000 * (time.perf_counter() - t0))
+    return [{"median_ms": statistics.median(t), "p90_ms": float(np.percentile(t, 90)), "min_ms": min(t)}
+            for t in times]
 
 
 def count_flops(policy, obs) -> int:
@@ -160,31 +167,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
-    rows = []
+    rows, entries = [], []
     for label, cls, kw in CONFIGS:
         if args.only and not any(part in label for part in args.only.split(",")):
             continue
-        label = f"{label} +bf16" if args.bf16 else label
         torch.manual_seed(0)
         meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
         policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
         obs = random_obs(policy, device)
         params = sum(p.numel() for p in policy.parameters())
         active = policy.parameter_counts()["active"] if hasattr(policy, "parameter_counts") else params
-        load = round(os.getloadavg()[0], 2)  # 1-min load average before timing: > cores means shared CPU
-        row = {"policy": label, "threads": args.threads, "load_avg": load, "params_M": round(params / 1e6, 2),
-               "active_params_M": round(active / 1e6, 2),
-               **time_policy(policy, obs, args.repeats, bf16=args.bf16)}
+        policy.predict_action(obs, generator=torch.Generator(device=device))  # builds inference caches
+        row = {"policy": f"{label} +bf16" if args.bf16 else label, "threads": args.threads,
+               "params_M": round(params / 1e6, 2), "active_params_M": round(active / 1e6, 2),
+               "gflops": round(count_flops(policy, obs) / 1e9, 3),
+               # each stalls a GPU's launch queue: the MoE dispatch's `nonzero` per expert, layer and step
+               "host_syncs": count_host_syncs(policy.predict_action, obs, generator=torch.Generator(device=device))}
         if hasattr(policy, "expert_cache_bytes"):  # what the inference cache holds beyond the weights
             row["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
-        row["gflops"] = round(count_flops(policy, obs) / 1e9, 3)
-        # each stalls a GPU's launch queue: the MoE dispatch's `nonzero` per expert, layer and step
-        row["host_syncs"] = count_host_syncs(policy.predict_action, obs, generator=torch.Generator(device=device))
         # A chunk of 16 of which 8 run is not a chunk of 10 that all run: compare cost per executed action too.
         row["actions_per_chunk"] = policy.n_action_steps
         row["gflops_per_action"] = round(row["gflops"] / policy.n_action_steps, 4)
         rows.append(row)
-        print(f"{label:40s} {row['params_M']:7.2f}M ({row['active_params_M']:.2f}M active)  "
+        entries.append((policy, obs))
+    load = round(os.getloadavg()[0], 2)  # 1-min load average before timing: > cores means shared CPU
+    print(f"timing {len(entries)} rows round-robin, {args.repeats} rounds (load average {load})", flush=True)
+    for row, timing in zip(rows, time_interleaved(entries, args.repeats, bf16=args.bf16)):
+        row.update(load_avg=load, **timing)
+        print(f"{row['policy']:40s} {row['params_M']:7.2f}M ({row['active_params_M']:.2f}M active)  "
               f"{row['gflops']:7.3f} GFLOP ({row['gflops_per_action']:.3f}/action)  {row['host_syncs']:4d} syncs  "
               f"median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms", flush=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
