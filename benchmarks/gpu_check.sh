@@ -7,9 +7,10 @@
 # `run` checks, each step on its own so one failure does not cost the others:
 #   1. tests/test_cuda.py (bf16 autocast training, torch.compile'd training step, GPU inference) and the MoDE tests
 #   2. ms per chunk on the GPU, batch 1: MoDE/base fused cache vs in-place cache vs routing every step, its dense
-#      twin and the equal-active DiT, fp32 and bf16 autocast (the issue's target: cached >= 3x uncached)
+#      twin and the equal-active DiT, fp32, bf16 autocast, and compiled with CUDA graphs (the issue's target:
+#      cached >= 3x uncached)
 #   3. train.py under torchrun on the GPU (one rank: NCCL between ranks needs a second GPU) to a checkpoint
-# About 4 minutes on an H200 once the machine is up.
+# About 5 minutes on an H200 once the machine is up (compilation included).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -50,6 +51,9 @@ run)
         --out "$OUT/latency_cuda.json" || echo "STEP 2 (fp32) FAILED"
     timeout 120 python3 benchmarks/latency.py --device cuda --repeats 50 --bf16 --only "mode/base ddim-5 To1 c10" \
         --out "$OUT/latency_cuda_bf16.json" || echo "STEP 2 (bf16) FAILED"
+    # CUDA graphs: the cached path has no host syncs, so torch.compile can capture a whole denoiser call
+    timeout 240 python3 benchmarks/latency.py --device cuda --repeats 50 --compile reduce-overhead \
+        --only "mode/base ddim-5 To1 c10" --out "$OUT/latency_cuda_graphs.json" || echo "STEP 2 (CUDA graphs) FAILED"
 
     echo "== 3. train.py under torchrun on the GPU (one rank)"
     python3 -c "

@@ -1,7 +1,7 @@
 """Milliseconds per action chunk on this machine: each policy / size / sampler, CPU, fixed thread count.
 
     python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING[,SUBSTRING...]] [--images] [--merge]
-        [--device cuda] [--bf16]
+        [--device cuda] [--bf16] [--compile default|reduce-overhead]
 
 Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
 Median of `repeats` timed calls after warm-up, the rows timed round-robin (one call of each per round) so that
@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--images", action="store_true", help="add one 84 px camera to the observation")
     ap.add_argument("--only", default="", help="rows whose label contains one of these comma-separated substrings")
     ap.add_argument("--bf16", action="store_true", help="time under bf16 autocast (rows are labelled '+bf16')")
+    ap.add_argument("--compile", default=None, metavar="MODE", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile each policy's denoiser (reduce-overhead: CUDA graphs); rows labelled '+compile'")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
     ap.add_argument("--merge", action="store_true",
@@ -174,6 +176,9 @@ def main() -> None:
         torch.manual_seed(0)
         meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
         policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
+        if args.compile:
+            policy.denoise = torch.compile(policy.denoise, mode=args.compile)
+            label = f"{label} +compile({args.compile})"
         obs = random_obs(policy, device)
         params = sum(p.numel() for p in policy.parameters())
         active = policy.parameter_counts()["active"] if hasattr(policy, "parameter_counts") else params
