@@ -122,11 +122,12 @@ class NoiseRoutedMoE(nn.Module):
         weights = probs.gather(-1, experts)
         return Route(experts, weights / weights.sum(-1, keepdim=True), probs, logits)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w_in[e], self.w_out[e])
-
     def dispatch(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [B, N, D]; each sample's tokens go through its k experts, mixed by its weights."""
+        # One unbind, not an index per expert: indexing's backward writes each expert's gradient into a zero tensor
+        # of the whole stack (E x the expert's size, per expert and layer); unbind's stacks them once. 7-10% off a
+        # mode/base training step on this CPU (batch 64, 1 thread, interleaved A/B).
+        w_ins, w_outs = self.w_in.unbind(0), self.w_out.unbind(0)
         out = None
         for e in range(self.num_experts):
             hit = experts == e  # [B, k]
@@ -134,7 +135,7 @@ class NoiseRoutedMoE(nn.Module):
             if rows.numel() == 0:
                 continue
             gate = (weights * hit).sum(-1)[rows].to(x.dtype)
-            y = self.expert(e, x[rows]) * gate[:, None, None]
+            y = swiglu(x[rows], w_ins[e], w_outs[e]) * gate[:, None, None]
             out = torch.zeros(x.shape, dtype=y.dtype, device=x.device) if out is None else out
             out = out.index_add(0, rows, y.to(out.dtype))
         return torch.zeros_like(x) if out is None else out
