@@ -5,11 +5,11 @@
 #   bash benchmarks/gpu_check.sh run     # there (carry .whl): writes $OUT/gpu_check.log, $OUT/latency_cuda*.json
 #
 # `run` checks, each step on its own so one failure does not cost the others:
-#   1. tests/test_cuda.py (bf16 autocast training, torch.compile'd training step, GPU inference) and the MoDE tests
-#   2. ms per chunk on the GPU, batch 1: MoDE/base fused cache vs in-place cache vs routing every step, its dense
-#      twin and the equal-active DiT, fp32, bf16 autocast, and compiled with CUDA graphs (the issue's target:
-#      cached >= 3x uncached)
-#   3. train.py under torchrun on the GPU (one rank: NCCL between ranks needs a second GPU) to a checkpoint
+#   1. ms per chunk on the GPU, batch 1: MoDE/base fused cache vs in-place cache vs routing every step, its dense
+#      twin and the equal-active DiT (the MoDE issue's target: cached >= 3x uncached)
+#   2. tests/test_cuda.py (bf16 autocast training, torch.compile'd training step, GPU inference) and the MoDE tests
+#   3. MoDE's cached path compiled with CUDA graphs, and under bf16 autocast
+#   4. train.py under torchrun on the GPU (one rank: NCCL between ranks needs a second GPU) to a checkpoint
 # About 5 minutes on an H200 once the machine is up (compilation included).
 set -u
 cd "$(dirname "$0")/.."
@@ -41,29 +41,32 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-    echo "== 1. CUDA tests and MoDE tests"
-    timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_policy_mode.py \
-        || echo "STEP 1 FAILED"
-
-    echo "== 2. latency on the GPU (batch 1)"
+    # Most important first: a run cut short at the device's 10-minute limit still returns what it wrote.
+    echo "== 1. latency on the GPU (batch 1): MoDE cached vs in-place vs routing every step"
     ROWS="mode/base ddim-5 To1 c10,mode-dense/base ddim-5 To1 c10,dit/base-d5 edm ddim-5 To1 c10,dit/base ddim-10"
-    timeout 150 python3 benchmarks/latency.py --device cuda --repeats 50 --only "$ROWS" \
-        --out "$OUT/latency_cuda.json" || echo "STEP 2 (fp32) FAILED"
-    timeout 120 python3 benchmarks/latency.py --device cuda --repeats 50 --bf16 --only "mode/base ddim-5 To1 c10" \
-        --out "$OUT/latency_cuda_bf16.json" || echo "STEP 2 (bf16) FAILED"
-    # CUDA graphs: the cached path has no host syncs, so torch.compile can capture a whole denoiser call
-    timeout 240 python3 benchmarks/latency.py --device cuda --repeats 50 --compile reduce-overhead \
-        --only "mode/base ddim-5 To1 c10" --out "$OUT/latency_cuda_graphs.json" || echo "STEP 2 (CUDA graphs) FAILED"
+    timeout 120 python3 benchmarks/latency.py --device cuda --repeats 50 --only "$ROWS" \
+        --out "$OUT/latency_cuda.json" || echo "STEP 1 (fp32) FAILED"
 
-    echo "== 3. train.py under torchrun on the GPU (one rank)"
+    echo "== 2. CUDA tests and MoDE tests"
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_policy_mode.py \
+        || echo "STEP 2 FAILED"
+
+    echo "== 3. latency under CUDA graphs and bf16 autocast"
+    # the cached path has no host syncs, so torch.compile can capture a whole denoiser call
+    timeout 150 python3 benchmarks/latency.py --device cuda --repeats 50 --compile reduce-overhead \
+        --only "mode/base ddim-5 To1 c10" --out "$OUT/latency_cuda_graphs.json" || echo "STEP 3 (CUDA graphs) FAILED"
+    timeout 90 python3 benchmarks/latency.py --device cuda --repeats 50 --bf16 --only "mode/base ddim-5 To1 c10" \
+        --out "$OUT/latency_cuda_bf16.json" || echo "STEP 3 (bf16) FAILED"
+
+    echo "== 4. train.py under torchrun on the GPU (one rank)"
     python3 -c "
 import sys; sys.path.insert(0, 'tests')
 from conftest import make_toy_store
-make_toy_store('/tmp/toy.zarr')" || echo "STEP 3 FAILED (store)"
-    timeout 180 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py policy=mode \
+make_toy_store('/tmp/toy.zarr')" || echo "STEP 4 FAILED (store)"
+    timeout 90 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py policy=mode \
         policy.size=tiny dataset.path=/tmp/toy.zarr train.steps=20 train.device=cuda train.checkpoint_every=10 \
         train.progress=false logger=none out_dir=/tmp/ddp_nccl && ls /tmp/ddp_nccl/checkpoints \
-        || echo "STEP 3 FAILED"
+        || echo "STEP 4 FAILED"
     echo "== done"
     ;;
 *)
