@@ -293,7 +293,8 @@ def test_in_place_expert_cache_matches_and_copies_nothing():
     obs = _obs()
     fused = _predict(policy, obs, cached=True)
     assert policy.expert_cache_bytes() > 100 * 1024
-    policy.expert_cache_fused = False  # what expert_cache="in_place" sets
+    policy.set_expert_cache("in_place")  # also on a loaded policy: drops the fused copies at once
+    assert policy.expert_cache_bytes() == 0 and policy.expert_cache and not policy.expert_cache_fused
     in_place = _predict(policy, obs, cached=True)
     assert policy.expert_cache_bytes() == 4 * 5 * policy.width  # only the steps' noise embeddings
     assert (in_place - fused).abs().max().item() <= 1e-5 and fused.abs().max() > 1e-2
@@ -302,6 +303,10 @@ def test_in_place_expert_cache_matches_and_copies_nothing():
     assert built.expert_cache and not built.expert_cache_fused
     with pytest.raises(ValueError, match="expert_cache='views'"):
         MoDEPolicy(SHAPES, _normalizer(), size="tiny", expert_cache="views")
+    with pytest.raises(ValueError, match="expert_cache=3"):
+        policy.set_expert_cache(3)
+    policy.set_expert_cache(False)
+    assert not policy.expert_cache
 
 
 def test_cached_sampling_never_waits_on_the_device():
@@ -313,9 +318,9 @@ def test_cached_sampling_never_waits_on_the_device():
     policy = _policy(num_inference_steps=5)
     obs = _obs()
     syncs = {}
-    for mode, cached, fused in (("fused", True, True), ("in_place", True, False), ("off", False, True)):
-        policy.expert_cache_fused = fused
-        _predict(policy, obs, cached=cached)  # builds this mode's cache
-        syncs[mode] = count_host_syncs(_predict, policy, obs, cached=cached)
+    for mode in ("fused", "in_place", "off"):
+        policy.set_expert_cache(mode)
+        policy.predict_action(obs)  # builds this mode's cache
+        syncs[mode] = count_host_syncs(policy.predict_action, obs)
     assert syncs["fused"] == syncs["in_place"] == 1
     assert syncs["off"] >= 5 * policy.depth  # at least one per (step, layer)

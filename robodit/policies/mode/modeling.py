@@ -99,14 +99,7 @@ class MoDEPolicy(DiffusionPolicy):
         self.size, self.width, self.depth, self.heads = size, w, d, h
         self.num_experts, self.top_k, self.expert_hidden = num_experts, top_k, hidden
         self.load_balance_weight, self.router_z_weight = float(load_balance_weight), float(router_z_weight)
-        # True / "fused": one dense MLP per (step, layer), copies of the chosen experts (the fastest, the most memory);
-        # "in_place": the same precomputed routes over the experts where they are (no copies); False: route and
-        # dispatch at every step.
-        modes = {True: "fused", "fused": "fused", "in_place": "in_place", False: None, "off": None}
-        if not isinstance(expert_cache, (bool, str)) or expert_cache not in modes:
-            raise ValueError(f"expert_cache={expert_cache!r}: choose true (fused), 'in_place' or false")
-        self.expert_cache = modes[expert_cache] is not None
-        self.expert_cache_fused = modes[expert_cache] != "in_place"
+        self.set_expert_cache(expert_cache)
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
@@ -133,6 +126,18 @@ class MoDEPolicy(DiffusionPolicy):
                 "experts": self.num_experts * per_expert, "router": router}
 
     # -- expert cache -------------------------------------------------------------------------------------------
+    def set_expert_cache(self, mode: bool | str) -> None:
+        """True / "fused": one dense MLP per (step, layer), copies of the chosen experts (the fastest, the most
+        memory); "in_place": the same precomputed routes over the experts where they are (no copies); False / "off":
+        route and dispatch at every step. Also on a loaded policy (e.g. a deployment short of memory); the next
+        sampling call builds what the new mode needs."""
+        modes = {True: "fused", "fused": "fused", "in_place": "in_place", False: None, "off": None}
+        if not isinstance(mode, (bool, str)) or mode not in modes:
+            raise ValueError(f"expert_cache={mode!r}: choose true (fused), 'in_place' or false")
+        self.expert_cache = modes[mode] is not None
+        self.expert_cache_fused = modes[mode] != "in_place"
+        self.on_weights_changed()  # drop entries of the old mode now rather than at the next call
+
     def on_weights_changed(self) -> None:
         self._expert_cache, self._cache_fingerprint = {}, None
 
