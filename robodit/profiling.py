@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-HOST_SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal"})
+# as the dispatcher sees them: `.item()` / `.tolist()` / `bool(t)` arrive as _local_scalar_dense or is_nonzero
+HOST_SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "is_nonzero", "equal"})
 
 
 class _SyncCounter(TorchDispatchMode):

@@ -110,8 +110,6 @@ class MoDEPolicy(DiffusionPolicy):
         self.head = nn.Linear(w, self.action_dim)
         nn.init.zeros_(self.head.weight)  # EDM: a fresh denoiser outputs c_skip·x
         nn.init.zeros_(self.head.bias)
-        self._expert_cache: dict = {}
-        self._cache_fingerprint = None
         self._route_log: list | None = None
 
     # -- sizes ------------------------------------------------------------------------------------------------
