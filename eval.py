@@ -4,6 +4,7 @@ Thin Hydra entry point; the logic lives in robodit.evaluation.evaluate (heavy im
 config errors and --help come back at once). `checkpoint=expert` evaluates the scripted experts.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from robodit.evaluation.evaluate import evaluate
+    from robodit.evaluation.evaluate import EvaluationError, evaluate
     from robodit.evaluation.report import console_summary
 
     kwargs = OmegaConf.to_container(cfg, resolve=True)
@@ -25,7 +26,11 @@ def main(cfg: DictConfig) -> None:
         dirs = [Path(__file__).parent / "configs"] + [Path(p[7:]) for p in hc.searchpath if p.startswith("file://")]
         found = [d / "suite" / f"{name}.yaml" for d in dirs if (d / "suite" / f"{name}.yaml").exists()]
         kwargs["suite_source"] = str(found[0]) if found else f"suite={name}"
-    print(console_summary(evaluate(**kwargs), cfg.out_dir))
+    try:
+        summary = evaluate(**kwargs)
+    except EvaluationError as exc:
+        sys.exit(f"eval.py: {exc}")
+    print(console_summary(summary, cfg.out_dir))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,17 @@ def test_episode_that_always_kills_its_worker_is_an_error_not_a_failure(reach_ch
     assert results[0].error and "died" in results[0].error and results[0].successes == []
     assert results[1].error is None and sum(results[1].steps) == 12
     assert engine.crashes[0]["action"].startswith("gave up")
+
+
+def test_env_names_the_task_run_and_overlap_with_training_is_flagged(reach_checkpoint, tmp_path):
+    """env=SIM/TASK overrides the store's tasks (it was silently ignored); evaluating on the demos' own seed
+    (0) or on a task the checkpoint never saw is recorded and said, not hidden."""
+    kw = dict(episodes=1, max_steps=4, num_envs=1, workers=0, videos=0, progress=False)
+    other = evaluate(reach_checkpoint, env="metaworld/push-v3", out_dir=tmp_path / "push", **kw)
+    assert list(other["tasks"]) == ["push-v3"] and other["untrained_tasks"] == ["push-v3"]
+    assert other["training_seeds"] == []  # default seeds 100000+ are held out
+    own = evaluate(reach_checkpoint, seed=0, out_dir=tmp_path / "own", **kw)
+    assert list(own["tasks"]) == ["reach-v3"] and own["untrained_tasks"] == [] and own["training_seeds"] == [0]
+    assert own["policy_seed"] == 0 and own["seed"] == 0
+    with pytest.raises(ValueError, match="n_action_steps=9 exceeds the 8 actions"):
+        evaluate(reach_checkpoint, n_action_steps=9, out_dir=tmp_path / "x", **kw)

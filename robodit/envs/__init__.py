@@ -51,10 +51,24 @@ def parse_env_name(name: str) -> tuple[str, str]:
     return sim, task
 
 
+def check_env_kwargs(simulator: str, kwargs: dict) -> None:
+    """Refuse constructor kwargs the simulator's env does not take, before any env is built (a misspelt key
+    would otherwise surface as an error in every episode's worker)."""
+    import inspect
+
+    params = inspect.signature(_load(SIMULATORS[simulator][0])).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if n != "task" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"{simulator} envs take no {', '.join(unknown)}; their options: {', '.join(allowed)}")
+
+
 def make_env(name: str, **kwargs) -> ControlInterface:
     """Build the env "SIM/TASK", e.g. `make_env("metaworld/reach-v3", image_size=84)`."""
     sim, task = parse_env_name(name)
     return _load(SIMULATORS[sim][0])(task, **kwargs)
 
 
-__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "SIMULATORS", "make_env", "parse_env_name", "register_simulator"]
+__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "SIMULATORS", "check_env_kwargs", "make_env", "parse_env_name", "register_simulator"]

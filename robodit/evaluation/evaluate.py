@@ -13,6 +13,7 @@ suite's per-task instruction / goal image reach language- or image-conditioned p
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from tqdm import tqdm
 from robodit.evaluation.engine import JobResult, RolloutEngine
 from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
-from robodit.evaluation.stats import chain_metrics, rate_summary
+from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
 from robodit.evaluation.suites import Suite, SuiteError, load_suite, suite_from_tasks
 
 EXPERT = "expert"
+log = logging.getLogger(__name__)
 
 
 def env_kwargs_from_record(record: dict, policy) -> dict[str, Any]:
@@ -53,49 +55,72 @@ def load_eval_policy(checkpoint, device: str = "cpu", sampler: str | None = None
     policy = robodit.load_policy(checkpoint, device=device)
     if sampler:
         policy.sampler = sampler
-    if num_inference_steps:
+    if num_inference_steps is not None:
         policy.num_inference_steps = int(num_inference_steps)
     return policy
+
+
+def restrict_suite(s: Suite, tasks: list[str] | None = None, episodes: int | None = None,
+                   max_steps: int | None = None) -> Suite:
+    """A loaded suite narrowed to `tasks` (chains: the scenes whose tasks are all among them), with `episodes`
+    per task and seed block (chains: the number of chains) and `max_steps` overriding the suite's."""
+    if tasks:
+        unknown = sorted(set(tasks) - set(s.instructions))
+        if unknown:
+            raise SuiteError(f"{s.source}: tasks {unknown} are not in suite {s.name!r}")
+        s.tasks = [t for t in s.tasks if t.name in tasks]
+        if s.kind == "chains":
+            s.scenes = {k: v for k, v in s.scenes.items() if set(v) <= set(tasks)}
+            if not s.scenes:
+                raise SuiteError(f"{s.source}: no scene has all its tasks in tasks={tasks}")
+    if episodes is not None:
+        if s.kind == "tasks":
+            for t in s.tasks:
+                t.episodes = int(episodes)
+        else:
+            s.chains = int(episodes)
+    if max_steps is not None:
+        s.max_steps = int(max_steps)
+        for t in s.tasks:
+            t.max_steps = None
+    return s
 
 
 def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str | None = None,
                   tasks: list[str] | None = None, episodes: int | None = None, seed: int = 100_000,
                   max_steps: int | None = None) -> Suite:
-    """The suite to run: a named/given suite (with `episodes`, `tasks`, `max_steps` as overrides), or the
-    ad-hoc suite of the tasks the checkpoint was trained on (or `env=SIM/TASK`)."""
+    """The suite to run: a named/given suite (with `episodes`, `tasks`, `max_steps` as overrides), or an ad-hoc
+    suite: `tasks=[...]`, else the task `env=SIM/TASK` names, else the tasks the checkpoint was trained on."""
     if suite is not None:
-        s = load_suite(suite, suite_source)
-        if tasks:
-            unknown = sorted(set(tasks) - set(s.instructions))
-            if unknown:
-                raise SuiteError(f"{s.source}: tasks {unknown} are not in suite {s.name!r}")
-            s.tasks = [t for t in s.tasks if t.name in tasks]
-            if s.kind == "chains":
-                s.scenes = {k: v for k, v in s.scenes.items() if set(v) <= set(tasks)}
-                if not s.scenes:
-                    raise SuiteError(f"{s.source}: no scene has all its tasks in tasks={tasks}")
-        if episodes is not None:
-            if s.kind == "tasks":
-                for t in s.tasks:
-                    t.episodes = int(episodes)
-            else:
-                s.chains = int(episodes)
-        if max_steps is not None:
-            s.max_steps = int(max_steps)
-            for t in s.tasks:
-                t.max_steps = None
-        return s
+        return restrict_suite(load_suite(suite, suite_source), tasks, episodes, max_steps)
     store = _store_record(policy, env)
     record = dict(store.get("env") or {})
     env_name = env or record.get("name")
     if not env_name:
         where = policy.checkpoint_dir if policy is not None else "checkpoint=expert"
         raise ValueError(f"{where} records no environment; pass env=SIMULATOR/TASK or suite=NAME")
-    simulator = env_name.split("/", 1)[0]
-    task_list = list(tasks or record.get("tasks") or ([env_name.split("/", 1)[1]] if "/" in env_name else []))
+    simulator, _, env_task = env_name.partition("/")
+    if tasks:
+        task_list = list(tasks)
+    elif env and env_task:  # env= names the task to run, whatever else the store holds
+        task_list = [env_task]
+    else:
+        task_list = list(record.get("tasks") or ([env_task] if env_task else []))
     if not task_list:
         raise ValueError(f"env={env_name!r} names no task; expected SIMULATOR/TASK")
     return suite_from_tasks(simulator, task_list, 50 if episodes is None else int(episodes), seed, max_steps)
+
+
+def training_overlap(suite: Suite, record: dict, policy) -> dict[str, Any]:
+    """What of this evaluation the checkpoint has seen in training: episode seeds its demos were collected from
+    (those initial states are not held out) and tasks a single-task policy never saw. Recorded, and printed."""
+    if policy is None:
+        return {}
+    used = set(int(x) for x in record.get("seeds_used") or [])
+    seeds = sorted({j.seed for j in suite.jobs(0)} & used)
+    trained = list((policy.checkpoint_config.get("store") or {}).get("tasks") or record.get("tasks") or [])
+    unseen = [t.name for t in suite.tasks if trained and t.name not in trained]
+    return {"training_seeds": seeds, "untrained_tasks": unseen}
 
 
 def _store_record(policy, env: str | None) -> dict:
@@ -211,12 +236,21 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if instructions not in ("train", "heldout"):
         raise ValueError(f"instructions must be 'train' or 'heldout', got {instructions!r}")
+    if num_inference_steps is not None and int(num_inference_steps) < 1:
+        raise ValueError(f"num_inference_steps must be >= 1 (or null for the policy's), got {num_inference_steps}")
+    if n_action_steps is not None and int(n_action_steps) < 1:
+        raise ValueError(f"n_action_steps must be >= 1 (or null for the policy's), got {n_action_steps}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
+    if policy is not None and n_action_steps is not None and int(n_action_steps) > policy.action_horizon:
+        raise ValueError(f"n_action_steps={n_action_steps} exceeds the {policy.action_horizon} actions a chunk of "
+                         f"{policy.name} holds")
     s = resolve_suite(policy, suite, suite_source, env, tasks, episodes, seed, max_steps)
     record = dict(_store_record(policy, env).get("env") or {})
     if env and callable(getattr(policy, "select_store", None)) and record.get("name") == env:
         policy.select_store(env)  # a multi-robot (RDT) policy answers in this store's robot units
     env_kwargs = env_kwargs_from_record(record, policy)
+    overlap = training_overlap(s, record, policy)
+    _warn_overlap(overlap)
     modality = _set_goal_modality(policy, goal)
     if instructions == "heldout":
         from robodit.datasets.language import paraphrases
@@ -229,6 +263,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
 
         fill_goal_images(s, env_kwargs, Path(out_dir) / "goal_images")
     make_goal_fn(policy, s)  # task-id errors before any worker starts
+    if write:
+        clear_previous_outputs(Path(out_dir))
     knobs = dict(num_envs=num_envs, workers=workers, pipeline_groups=pipeline_groups, seed=seed,
                  n_action_steps=n_action_steps, timeout_s=timeout_s)
     t0 = time.time()
@@ -240,10 +276,12 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         "checkpoint": str(policy.checkpoint_dir) if policy is not None else EXPERT,
         "policy": policy.name if policy is not None else EXPERT,
         "env": f"{s.simulator}/{s.tasks[0].name}" if len(s.tasks) == 1 else s.simulator,
-        "episodes_per_task": s.tasks[0].episodes * len(s.seeds) if s.kind == "tasks" else s.chains,
-        "seed": s.seeds[0] if s.kind == "tasks" else s.seed,
+        "episodes_per_task": _episodes_per_task(s),
+        "seed": s.seeds[0] if s.kind == "tasks" else s.seed,  # the first env seed (initial states)
+        "policy_seed": seed,  # seeds the policy's sampling noise (with num_envs, pipeline_groups)
         "sampler": getattr(policy, "sampler", None), "num_inference_steps": getattr(policy, "num_inference_steps", None),
         "n_action_steps": n_action_steps or getattr(policy, "n_action_steps", None), "device": device,
+        **overlap,
     }
     if modality is not None:
         summary["goal"] = {"modality": modality, "instructions": instructions,
@@ -252,7 +290,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
     ok = [r for r in results if r.error is None]
     if s.kind == "tasks":
         summary["tasks"] = _per_key(results, s)
-        summary["success_rate"] = float(np.mean([t["success_rate"] for t in summary["tasks"].values()]))
+        summary["success_rate"] = mean_rate(summary["tasks"])
         pooled = rate_summary([r.success for r in ok])
         summary["pooled"] = pooled
     else:
@@ -285,7 +323,47 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
             summary["foresight_grid"] = str(policy.write_foresight_grid(store_path, Path(out_dir) / "mgf.png"))
     if write:
         write_outputs(Path(out_dir), summary, results, wandb_project=wandb)
+    if results and not ok:
+        raise EvaluationError(f"every one of the {len(results)} episodes errored, so there is no success rate: "
+                              f"see run.errors in {Path(out_dir) / 'results.json'} (first: "
+                              f"{results[0].error.strip().splitlines()[-1]})")
     return summary
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation ran but measured nothing (every episode errored); results.json lists why."""
+
+
+# files an evaluation writes into out_dir; a previous run's are removed first so that nothing stale is mixed in
+_OUTPUT_GLOBS = ("results.json", "report.md", "success.png", "frames.png", "mgf.png", "*_ep[0-9][0-9][0-9].mp4",
+                 "chain_*_[0-9][0-9][0-9].mp4")
+
+
+def clear_previous_outputs(out: Path) -> None:
+    """Remove what an earlier evaluation wrote into `out` (results, report, plots, videos); nothing else."""
+    stale = [p for g in _OUTPUT_GLOBS for p in out.glob(g) if p.is_file()] if out.is_dir() else []
+    if stale:
+        log.warning("%s holds a previous evaluation: replacing its %d output file(s)", out, len(stale))
+    for p in stale:
+        p.unlink()
+
+
+def _episodes_per_task(s: Suite) -> int | dict[str, int]:
+    """Episodes per task: one number when every task runs the same count, else {task: count}."""
+    if s.kind == "chains":
+        return s.chains
+    counts = {t.name: t.episodes * len(s.seeds) for t in s.tasks}
+    return next(iter(counts.values())) if len(set(counts.values())) == 1 else counts
+
+
+def _warn_overlap(overlap: dict) -> None:
+    seeds, unseen = overlap.get("training_seeds"), overlap.get("untrained_tasks")
+    if seeds:
+        log.warning("%d evaluation seed(s) (%s%s) are seeds the training demos were collected from: those "
+                    "initial states are not held out", len(seeds), ", ".join(map(str, seeds[:5])),
+                    ", ..." if len(seeds) > 5 else "")
+    if unseen:
+        log.warning("task(s) %s are not among the tasks the checkpoint was trained on", ", ".join(unseen))
 
 
 def _set_goal_modality(policy, goal: str | None) -> str | None:

@@ -46,8 +46,20 @@ def fill_goal_images(suite, env_kwargs: dict, out_dir: str | Path, seed: int = G
         if spec.goal_image is not None:
             continue
         path = out_dir / f"{spec.name}.npz"
-        if not path.exists():
+        if not _matches(path, env_kwargs):  # missing, or made for other cameras / another image size
             images = expert_goal_image(f"{suite.simulator}/{spec.name}", env_kwargs, seed)
             np.savez(path, **images)
             iio.imwrite(out_dir / f"{spec.name}.png", np.concatenate(list(images.values()), axis=1))
         spec.goal_image = str(path)
+
+
+def _matches(path: Path, env_kwargs: dict) -> bool:
+    """Whether a goal image saved by an earlier evaluation has the cameras and size this one renders."""
+    if not path.exists():
+        return False
+    size, cameras = env_kwargs.get("image_size"), env_kwargs.get("cameras")
+    with np.load(path) as saved:
+        shapes = {k: saved[k].shape for k in saved.files}
+    if cameras is not None and set(shapes) != {f"image_{c}" for c in cameras}:
+        return False
+    return size is None or all(s[:2] == (size, size) for s in shapes.values())

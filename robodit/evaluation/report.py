@@ -6,13 +6,17 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     suite            the validated suite: name, source, simulator, max_steps, env, tasks [{name, instruction,
                      goal_image, episodes, max_steps}], seeds (tasks) | chains, chain_length, seed, scenes
     checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts
-    env, episodes_per_task, seed, sampler, num_inference_steps, n_action_steps, device
+    env, episodes_per_task (a number, or {task: count} when tasks differ), seed (first env seed),
+    policy_seed (seeds the sampling noise), sampler, num_inference_steps, n_action_steps, device
+    training_seeds   evaluation seeds the training demos were collected from (not held out; normally [])
+    untrained_tasks  tasks of this run not in the checkpoint's training store (normally [])
     tasks            {task: {instruction, episodes, successes, success_rate, ci95,
                      [tasks only:] mean_steps, ms_per_chunk (policy time per chunk, batched time shared out
                      over the batch's rows), policy_calls, seeds, success_per_episode, errors, fingerprint
                      (hash of every action executed: equal across runs = identical rollouts)}}
                      (for chains: every attempt of the task at any position in a chain)
-    success_rate     tasks: mean over tasks of success_rate; chains: success at the full chain length
+    success_rate     tasks: mean over tasks of success_rate; chains: success at the full chain length.
+                     A rate over no episodes (none attempted, or all errored) is null, and left out of means
     pooled           tasks only: rate_summary over all episodes (the interval for the overall rate)
     chains           chains only: {"policy" | "expert": {chains, success_at_length {"1".."5": {successes,
                      success_rate, ci95}}, avg_completed, completed_per_chain, per_scene {...}, per_task {...},
@@ -44,12 +48,20 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
             writer.append_data(np.ascontiguousarray(frame))
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def _ci(ci) -> str:
     return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def _avg(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def plot_success(path: Path, summary: dict[str, Any]) -> Path:
@@ -71,7 +83,7 @@ def plot_success(path: Path, summary: dict[str, Any]) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(labels) + 2), 4.0), dpi=110)
     x = np.arange(len(labels))
     for i, (who, vals) in enumerate(rows.items()):
-        rate = np.array([v for _, v, _ in vals])
+        rate = np.array([_nan(v) for _, v, _ in vals])  # no episodes: no bar
         lo = np.array([c[0] for _, _, c in vals])
         hi = np.array([c[1] for _, _, c in vals])
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, rate, width, yerr=[rate - lo, hi - rate], capsize=3,
@@ -117,13 +129,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
         for who, m in summary["chains"].items():
             cells = [f"{_pct(v['success_rate'])} {_ci(v['ci95'])}" for v in m["success_at_length"].values()]
             label = summary["policy"] if who == "policy" else "scripted expert (upper bound)"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | **{m['avg_completed']:.2f}** |")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_avg(m['avg_completed'])}** |")
         for who, m in summary["chains"].items():
             lines += ["", f"Per scene ({who}):", "", "| scene | chains | avg. completed | full chain |",
                       "|---|---:|---:|---:|"]
             for scene, v in m["per_scene"].items():
                 full = v["success_at_length"][str(length)]
-                lines.append(f"| {scene} | {v['chains']} | {v['avg_completed']:.2f} | {_pct(full['success_rate'])} |")
+                lines.append(f"| {scene} | {v['chains']} | {_avg(v['avg_completed'])} | {_pct(full['success_rate'])} |")
             if m["satisfied_at_start"]:
                 lines.append(f"\nNote: {m['satisfied_at_start']} subtask(s) already passed their check on the "
                              "carried state (counted as completed, as the simulator says).")
@@ -222,15 +234,23 @@ def console_summary(summary: dict[str, Any], out_dir) -> str:
         lines.append(f"full-chain success: {_pct(summary['success_rate'])} over {s['chains']} chains of "
                      f"{s['chain_length']} [{s['name']}]")
         for who, m in summary["chains"].items():
-            rates = " ".join(f"{100 * v['success_rate']:.0f}%" for v in m["success_at_length"].values())
+            rates = " ".join(_pct(v["success_rate"]) for v in m["success_at_length"].values())
             lines.append(f"  chains ({who}): success at length 1..{len(m['success_at_length'])}: {rates}; "
-                         f"avg completed {m['avg_completed']:.2f}")
+                         f"avg completed {_avg(m['avg_completed'])}")
     else:
-        lines.append(f"success rate: {_pct(summary['success_rate'])} over {summary['episodes_per_task']} episodes "
-                     f"x {len(summary['tasks'])} task(s) [{summary['suite']['name']}]")
+        per = summary["episodes_per_task"]
+        per = f"{per} episodes" if isinstance(per, int) else f"{min(per.values())}-{max(per.values())} episodes"
+        lines.append(f"success rate: {_pct(summary['success_rate'])} (mean over tasks; {per} x "
+                     f"{len(summary['tasks'])} task(s), {summary['pooled']['episodes']} valid) "
+                     f"[{summary['suite']['name']}]")
         for task, r in summary["tasks"].items():
             lines.append(f"  {task}: {_pct(r['success_rate'])} {_ci(r['ci95'])}  ({r['ms_per_chunk']:.1f} ms per chunk)")
     run = summary["run"]
+    if summary.get("training_seeds"):
+        lines.append(f"warning: {len(summary['training_seeds'])} evaluation seed(s) are seeds the training demos "
+                     "were collected from (not held out)")
+    if summary.get("untrained_tasks"):
+        lines.append(f"warning: not trained on {', '.join(summary['untrained_tasks'])}")
     if run["crashes"] or run["errors"]:
         lines.append(f"env worker crashes: {len(run['crashes'])} (episodes re-run); "
                      f"errored episodes (excluded): {len(run['errors'])}")

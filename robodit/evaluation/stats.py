@@ -31,10 +31,19 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 
 def rate_summary(outcomes: Sequence[bool]) -> dict:
-    """{"episodes", "successes", "success_rate", "ci95": [lo, hi]} for a list of per-episode outcomes."""
+    """{"episodes", "successes", "success_rate", "ci95": [lo, hi]} for a list of per-episode outcomes.
+
+    No outcomes -> success_rate None (not 0.0: a task nobody attempted, or whose episodes all errored, has no
+    rate, and a 0 would read as a measured failure and pull means down)."""
     n, k = len(outcomes), int(sum(bool(o) for o in outcomes))
     lo, hi = wilson_interval(k, n)
-    return {"episodes": n, "successes": k, "success_rate": k / n if n else 0.0, "ci95": [lo, hi]}
+    return {"episodes": n, "successes": k, "success_rate": k / n if n else None, "ci95": [lo, hi]}
+
+
+def mean_rate(per_task: dict[str, dict]) -> float | None:
+    """Mean over tasks of success_rate, skipping tasks without a rate; None when no task has one."""
+    rates = [r["success_rate"] for r in per_task.values() if r.get("success_rate") is not None]
+    return sum(rates) / len(rates) if rates else None
 
 
 def completed_in_row(successes: Sequence[bool]) -> int:
@@ -55,6 +64,6 @@ def chain_metrics(per_chain: Sequence[Sequence[bool]], length: int) -> dict:
     at = {}
     for k in range(1, length + 1):
         hits = sum(d >= k for d in done)
-        at[str(k)] = {"successes": hits, "success_rate": hits / n if n else 0.0, "ci95": list(wilson_interval(hits, n))}
-    return {"chains": n, "success_at_length": at, "avg_completed": sum(done) / n if n else 0.0,
+        at[str(k)] = {"successes": hits, "success_rate": hits / n if n else None, "ci95": list(wilson_interval(hits, n))}
+    return {"chains": n, "success_at_length": at, "avg_completed": sum(done) / n if n else None,
             "completed_per_chain": done}

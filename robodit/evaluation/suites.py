@@ -195,6 +195,12 @@ def _validate(d: dict, src: str) -> Suite:
     env = d.get("env") or {}
     if not isinstance(env, dict):
         raise SuiteError(f"{src}: env: must be a mapping of make_env kwargs, got {env!r}")
+    from robodit.envs import check_env_kwargs
+
+    try:
+        check_env_kwargs(simulator, env)
+    except ValueError as exc:
+        raise SuiteError(f"{src}: env: {exc}") from None
     suite = Suite(name=str(d.get("name") or Path(src).stem), source=src, kind=kind, simulator=simulator,
                   max_steps=max_steps, env=dict(env))
     if kind == "tasks":

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from robodit.evaluation.stats import mean_rate, rate_summary
 from robodit.evaluation.suites import load_suite, suite_from_tasks
 
 DEFAULTS = {"every": 0, "suite": None, "episodes": 5, "tasks": None, "max_steps": None, "keep_best": 3,
@@ -44,12 +45,9 @@ class PeriodicEvaluator:
     def _suite(cfg: dict, record: dict):
         episodes = int(cfg["episodes"])
         if cfg["suite"]:
-            s = load_suite(cfg["suite"])
-            if cfg["tasks"]:
-                s.tasks = [t for t in s.tasks if t.name in set(cfg["tasks"])]
-            for t in s.tasks:
-                t.episodes = episodes
-            s.chains = episodes if s.kind == "chains" else s.chains
+            from robodit.evaluation.evaluate import restrict_suite
+
+            s = restrict_suite(load_suite(cfg["suite"]), cfg["tasks"], episodes, cfg["max_steps"] or None)
         else:
             env = dict(record.get("env") or {})
             if "/" not in str(env.get("name") or ""):
@@ -95,29 +93,38 @@ class PeriodicEvaluator:
                 torch.cuda.set_rng_state_all(cuda)
         ok = [r for r in results if r.error is None]
         metrics: dict[str, Any] = {}
-        if self.suite.kind == "tasks":
-            per = {}
-            for r in ok:
-                per.setdefault(r.job.key, []).append(r.success)
-            rate = float(np.mean([np.mean(v) for v in per.values()])) if per else 0.0
-            metrics.update({f"eval/{k}": float(np.mean(v)) for k, v in per.items()})
-        else:
+        if self.suite.kind == "tasks":  # the numbers eval.py reports: tasks with no valid episode have no rate
+            per = {t.name: rate_summary([r.success for r in ok if r.job.key == t.name]) for t in self.suite.tasks}
+            rate = score = mean_rate(per)
+            metrics.update({f"eval/{k}": v["success_rate"] for k, v in per.items() if v["success_rate"] is not None})
+        else:  # full-chain success as eval.py reports it; ranked by subtasks completed (finer with few chains)
             chains = summarize_chains(results, self.suite)
-            rate = chains["avg_completed"] / self.suite.chain_length
-            metrics["eval/avg_completed"] = chains["avg_completed"]
-        metrics.update({"eval/success_rate": rate, "eval/episodes": len(ok), "eval/errors": len(results) - len(ok),
+            rate = chains["success_at_length"][str(self.suite.chain_length)]["success_rate"]
+            score = chains["avg_completed"]
+            metrics["eval/avg_completed"] = score
+        if rate is not None:
+            metrics["eval/success_rate"] = rate
+        metrics.update({"eval/episodes": len(ok), "eval/errors": len(results) - len(ok),
                         "eval/crashes": len(engine.crashes), "eval/seconds": round(time.time() - t0, 2)})
         evals = self.out_dir / "evals"
         evals.mkdir(parents=True, exist_ok=True)
         (evals / f"step_{step:08d}.json").write_text(json.dumps({"step": step, "suite": self.suite.name, **metrics},
                                                                 indent=2))
-        self._keep_if_best(step, rate, evaluated, config, ckpt_io)
+        if score is not None:  # every episode errored: nothing measured, nothing to rank
+            self._keep_if_best(step, score, evaluated, config, ckpt_io)
         return metrics
 
-    def _keep_if_best(self, step: int, rate: float, policy, config: dict, ckpt_io) -> None:
-        """Insert (rate, step) into the ranking; write its checkpoint only if it makes the top k."""
-        entries = [e for e in self.entries if e["step"] != step] + [{"step": step, "success_rate": rate}]
-        entries.sort(key=lambda e: (-e["success_rate"], -e["step"]))
+    @property
+    def metric(self) -> str:
+        """What the best-k ranking orders by."""
+        return "eval/success_rate" if self.suite.kind == "tasks" else "eval/avg_completed"
+
+    def _keep_if_best(self, step: int, score: float, policy, config: dict, ckpt_io) -> None:
+        """Insert (score, step) into the ranking; write its checkpoint only if it makes the top k."""
+        entries = [e for e in self.entries if e["step"] != step] + [{"step": step, "score": score}]
+        for e in entries:  # best.json written before the "score" key held "success_rate"
+            e.setdefault("score", e.pop("success_rate", None))
+        entries.sort(key=lambda e: (-e["score"], -e["step"]))
         kept, dropped = entries[: self.keep], entries[self.keep:]
         if any(e["step"] == step for e in kept):
             path = self.best_dir / f"step_{step:08d}"
@@ -130,6 +137,6 @@ class PeriodicEvaluator:
         self.entries = kept
         self.best_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.best_dir / "best.json.tmp"
-        tmp.write_text(json.dumps({"suite": self.suite.name, "metric": "eval/success_rate",
+        tmp.write_text(json.dumps({"suite": self.suite.name, "metric": self.metric,
                                    "best": kept[0]["path"] if kept else None, "ranking": kept}, indent=2))
         tmp.replace(self.best_dir / "best.json")

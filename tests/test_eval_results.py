@@ -1,0 +1,111 @@
+"""What results.json says: rates with no episodes are null (not 0%), a run that measured nothing fails, a reused
+out_dir holds only this run's files, counts per task are right, bad knobs and suite env keys fail at once."""
+
+import json
+
+import numpy as np
+import pytest
+
+import robodit.evaluation.evaluate as ev
+from robodit.evaluation.chains import Job
+from robodit.evaluation.engine import JobResult
+from robodit.evaluation.report import console_summary
+from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
+from robodit.evaluation.suites import SuiteError, load_suite
+
+
+class _Engine:
+    env_steps, video_fps, crashes = 10, 20.0, []
+
+
+def _fake_run(outcomes):
+    """run_suite stand-in: task -> list of True / False / "error" per episode, in the suite's job order."""
+
+    def run_suite(suite, policy=None, env_kwargs=None, **kw):
+        out, seen = [], {}
+        for job in suite.jobs(0):
+            o = outcomes[job.key][seen.setdefault(job.key, 0)]
+            seen[job.key] += 1
+            if o == "error":
+                out.append(JobResult(job, error="env error on lane 0:\nValueError: boom"))
+            else:
+                out.append(JobResult(job, successes=[o], steps=[5]))
+        return out, _Engine()
+
+    return run_suite
+
+
+def _suite(episodes):
+    return {"name": "two", "kind": "tasks", "simulator": "metaworld", "episodes": 1, "seeds": [100_000],
+            "tasks": [{"name": t, "episodes": n} for t, n in episodes.items()]}
+
+
+def test_rates_over_no_episodes_are_null_and_left_out_of_means():
+    assert rate_summary([])["success_rate"] is None
+    assert rate_summary([True, False])["success_rate"] == 0.5
+    assert mean_rate({"a": rate_summary([True]), "b": rate_summary([]), "c": rate_summary([False, True])}) == 0.75
+    assert mean_rate({"a": rate_summary([])}) is None
+    empty = chain_metrics([], 3)
+    assert empty["avg_completed"] is None and empty["success_at_length"]["3"]["success_rate"] is None
+
+
+def test_a_task_whose_episodes_all_errored_has_no_rate(monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "run_suite", _fake_run({"reach-v3": [True, False], "push-v3": ["error", "error"]}))
+    s = ev.evaluate("expert", suite=_suite({"reach-v3": 2, "push-v3": 2}), out_dir=tmp_path, progress=False)
+    assert s["tasks"]["push-v3"]["success_rate"] is None and s["tasks"]["push-v3"]["errors"] == 2
+    assert s["success_rate"] == 0.5  # reach's rate alone: push measured nothing, it is not a 0% task
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["push-v3"]["success_rate"] is None
+    assert [ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("| push-v3 |")][0].split(" | ")[2] == "n/a"
+
+
+def test_a_run_where_every_episode_errored_fails_after_writing_results(monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "run_suite", _fake_run({"reach-v3": ["error", "error"]}))
+    with pytest.raises(ev.EvaluationError, match="every one of the 2 episodes errored.*ValueError: boom"):
+        ev.evaluate("expert", env="metaworld/reach-v3", episodes=2, out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["success_rate"] is None and len(saved["run"]["errors"]) == 2
+
+
+def test_episode_counts_are_per_task_when_tasks_differ(monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "run_suite", _fake_run({"reach-v3": [True] * 4, "push-v3": [False]}))
+    s = ev.evaluate("expert", suite=_suite({"reach-v3": 4, "push-v3": 1}), out_dir=tmp_path, progress=False)
+    assert s["episodes_per_task"] == {"reach-v3": 4, "push-v3": 1}
+    assert s["pooled"]["episodes"] == 5
+    assert "1-4 episodes x 2 task(s), 5 valid" in console_summary(s, tmp_path)
+    same = ev.evaluate("expert", suite=_suite({"reach-v3": 1, "push-v3": 1}), out_dir=tmp_path, progress=False)
+    assert same["episodes_per_task"] == 1
+
+
+def test_a_reused_out_dir_keeps_only_this_runs_outputs(monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "run_suite", _fake_run({"reach-v3": [True]}))
+    for stale in ("push-v3_ep000.mp4", "chain_drawer_000.mp4", "frames.png", "report.md"):
+        (tmp_path / stale).write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "goal_images").mkdir()
+    ev.evaluate("expert", env="metaworld/reach-v3", episodes=1, out_dir=tmp_path, progress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["goal_images", "notes.txt", "report.md", "results.json", "success.png"]
+    assert (tmp_path / "report.md").read_text() != "old"
+
+
+@pytest.mark.parametrize("knob, match", [({"n_action_steps": 0}, "n_action_steps must be >= 1"),
+                                          ({"num_inference_steps": 0}, "num_inference_steps must be >= 1")])
+def test_zero_knobs_are_errors_not_silent_defaults(tmp_path, knob, match):
+    with pytest.raises(ValueError, match=match):
+        ev.evaluate("expert", env="metaworld/reach-v3", episodes=1, out_dir=tmp_path, progress=False, **knob)
+
+
+def test_a_misspelt_suite_env_key_fails_before_anything_runs():
+    with pytest.raises(SuiteError, match=r"suite 'x'.*env: metaworld envs take no bogus; their options: image_size"):
+        load_suite({**_suite({"reach-v3": 1}), "name": "x", "env": {"bogus": 1}})
+
+
+def test_cached_goal_images_are_remade_for_other_cameras_or_sizes(tmp_path):
+    from robodit.evaluation.goal_images import _matches
+
+    path = tmp_path / "reach-v3.npz"
+    np.savez(path, image_corner2=np.zeros((32, 32, 3), np.uint8))
+    assert _matches(path, {"image_size": 32, "cameras": ("corner2",)})
+    assert not _matches(path, {"image_size": 48, "cameras": ("corner2",)})
+    assert not _matches(path, {"image_size": 32, "cameras": ("corner2", "topview")})
+    assert not _matches(tmp_path / "missing.npz", {"image_size": 32})
