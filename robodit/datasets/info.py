@@ -48,6 +48,8 @@ def summarize(store: DemoStore) -> dict:
         "bytes_on_disk": stored,
         "bytes_uncompressed": raw,
         "compression_ratio": round(raw / stored, 2) if stored else None,
+        # None: a store from before chunks were always written cannot be checked
+        "missing_chunks": store.missing_chunks() if store.attrs.get("chunks_complete") else None,
     }
 
 
@@ -85,6 +87,10 @@ def format_summary(s: dict) -> str:
     if lang:
         lines.append(f"language:   meta/lang_emb from {lang['encoder']!r}: {lang['instructions']} instruction(s) x "
                      f"{lang['dim']}" + (f", {lang['missing']} instruction(s) not embedded" if lang["missing"] else ""))
+    missing = s.get("missing_chunks")
+    if missing:
+        lines.append(f"DAMAGED:    {sum(map(len, missing.values()))} chunk(s) of committed frames missing (read as "
+                     f"zeros): " + "; ".join(f"{k} chunks {v[:5]}" for k, v in missing.items()))
     ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "n/a"
     lines.append(f"bytes:      {_size(s['bytes_on_disk'])} on disk ({s['bytes_on_disk']}), "
                  f"{_size(s['bytes_uncompressed'])} uncompressed ({s['bytes_uncompressed']}); "

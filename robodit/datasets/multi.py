@@ -40,6 +40,9 @@ def store_paths(dataset_cfg) -> list[str]:
     paths = dataset_cfg.get("paths")
     if isinstance(paths, str):
         paths = [p for p in paths.split(",") if p]
+    if paths and dataset_cfg.get("path"):
+        raise ValueError(f"both dataset.path={dataset_cfg.get('path')} and dataset.paths={list(paths)} are set: "
+                         "give one store with path, or several with paths (list the first one there too)")
     if paths:
         return [str(p) for p in paths]
     if dataset_cfg.get("path"):
@@ -130,6 +133,7 @@ def build_multi_store(paths: list[str], wcfg: WindowConfig, dataset_cfg, policy_
     for i, raw_path in enumerate(paths):
         path = Path(raw_path).expanduser()
         with DemoStore.open(path) as store:
+            store.verify()
             name = (store.env or {}).get("name") or path.stem
             train_eps, val_eps = split_episodes(len(store), dataset_cfg.get("val_fraction", 0.0), seed)
             train = WindowDataset(path, wcfg, train_eps, train=True)

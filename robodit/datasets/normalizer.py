@@ -14,17 +14,16 @@ from torch import nn
 MODES = ("limits", "gaussian", "identity")
 
 
-def compute_stats(store, keys, max_frames: int = 2_000_000) -> dict[str, dict[str, np.ndarray]]:
-    """min / max / mean / std per dimension over the committed frames (and only action-bearing episodes for
-    `action`), streamed chunk by chunk so a store larger than RAM works."""
+def compute_stats(store, keys) -> dict[str, dict[str, np.ndarray]]:
+    """min / max / mean / std per dimension over every committed frame (and only action-bearing episodes for
+    `action`), streamed in blocks so a store larger than RAM works. Every frame, not a sample: `limits` maps
+    min / max to the sampler's clip at ±1, so an extreme missed here could never be produced."""
     stats = {}
     for key in keys:
         lo = hi = None
         total = 0
         s1 = s2 = 0.0
-        ranges = [(int(a), int(b)) for a, b, ok in zip(store.episode_starts, store.episode_ends,
-                                                       store.episode_has_actions) if ok or key != "action"]
-        for start, stop in ranges:
+        for start, stop in _runs(store, key):
             for a in range(start, stop, 65536):
                 x = store.read(key, a, min(stop, a + 65536)).astype(np.float64)
                 x = x.reshape(len(x), -1)
@@ -33,8 +32,6 @@ def compute_stats(store, keys, max_frames: int = 2_000_000) -> dict[str, dict[st
                 s1 = s1 + x.sum(0)
                 s2 = s2 + (x * x).sum(0)
                 total += len(x)
-            if total >= max_frames:
-                break
         if total == 0:
             raise ValueError(f"cannot compute normalisation stats for {key!r}: no frames")
         mean = s1 / total
@@ -42,6 +39,26 @@ def compute_stats(store, keys, max_frames: int = 2_000_000) -> dict[str, dict[st
         stats[key] = {k: v.astype(np.float32) for k, v in
                       dict(min=lo, max=hi, mean=mean, std=std).items()}
     return stats
+
+
+def _runs(store, key: str) -> list[tuple[int, int]]:
+    """The frame ranges to read for `key`, adjacent episodes merged (one read per block, not per episode)."""
+    runs: list[list[int]] = []
+    for a, b, ok in zip(store.episode_starts, store.episode_ends, store.episode_has_actions):
+        if not ok and key == "action":
+            continue
+        if runs and runs[-1][1] == int(a):
+            runs[-1][1] = int(b)
+        else:
+            runs.append([int(a), int(b)])
+    return [(a, b) for a, b in runs]
+
+
+def normalized_bound(stats: dict[str, np.ndarray], normalizer: "Normalizer", key: str) -> float:
+    """The largest |value| the data of `key` takes after normalisation (1.0 under `limits`)."""
+    lo = normalizer.normalize(key, torch.as_tensor(stats["min"]).float())
+    hi = normalizer.normalize(key, torch.as_tensor(stats["max"]).float())
+    return float(torch.maximum(lo.abs(), hi.abs()).max())
 
 
 class Normalizer(nn.Module):

@@ -77,6 +77,9 @@ class WindowDataset(Dataset):
             raise ValueError(f"observation key(s) {unknown} not in store {self.path} (it has {sorted(store.keys)})")
         if "action" not in store.keys:
             raise ValueError(f"store {self.path} has no 'action' key")
+        if "action" in keys:
+            raise ValueError(f"obs_keys {list(keys)} include 'action': the policy would see the actions it must "
+                             "predict (the observation keys are every key but 'action' by default)")
         self.obs_keys = tuple(keys)
         if cfg.future_frames < 0 or cfg.future_stride < 1:
             raise ValueError(f"future_frames must be >= 0 and future_stride >= 1, got {cfg.future_frames}, "

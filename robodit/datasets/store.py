@@ -39,7 +39,7 @@ _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.
          "episode_ends": np.dtype(np.int64)}
 _META_CHUNK = 4096
 _CHUNK_TARGET_BYTES = 1 << 20
-_RESERVED_ATTRS = {"format", "version", "keys"}
+_RESERVED_ATTRS = {"format", "version", "keys", "chunks_complete"}
 
 
 class StoreError(Exception):
@@ -182,7 +182,10 @@ class DemoStore:
     def _build(root: Path, keys, fps, robot, env) -> None:
         keys_attr = {k: {"shape": list(s), "dtype": d.name, "chunk_frames": chunk_frames(s, d)}
                      for k, (s, d) in keys.items()}
-        attrs = {"format": FORMAT, "version": VERSION, "fps": fps, "robot": robot, "env": env, "keys": keys_attr}
+        # chunks_complete: every chunk of committed frames is written, all-zero ones too (zarr skips those by
+        # default), so a missing chunk object means damage, not zeros (see missing_chunks)
+        attrs = {"format": FORMAT, "version": VERSION, "fps": fps, "robot": robot, "env": env, "keys": keys_attr,
+                 "chunks_complete": True}
         g = zarr.create_group(store=LocalStore(root), zarr_format=3, attributes=attrs)
         data = g.create_group("data")
         for k, (shape, dtype) in keys.items():
@@ -247,7 +250,7 @@ class DemoStore:
             self._meta_group = self._group["meta"]
             tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
                      for t in self._meta_group.attrs.get("tasks", [])]
-            self._data = {k: self._group[f"data/{k}"] for k in self.keys}
+            self._data = {k: self._group[f"data/{k}"].with_config({"write_empty_chunks": True}) for k in self.keys}
         except StoreError:
             raise
         except Exception as exc:  # missing arrays/attrs, bad JSON, zarr errors
@@ -332,6 +335,35 @@ class DemoStore:
         if not 0 <= start <= stop <= self._num_frames:
             raise IndexError(f"frame range [{start}, {stop}) outside the committed [0, {self._num_frames})")
         return self._data[key][start:stop]
+
+    def missing_chunks(self) -> dict[str, list[int]]:
+        """{key: indices of chunks along time} holding committed frames whose object is absent, {} when none.
+        zarr reads an absent chunk as zeros without a word, so a store damaged by an interrupted copy or sync
+        would train on zeros. Stores created before `chunks_complete` was recorded cannot tell an absent chunk
+        from an all-zero one that zarr skipped writing: {} for them."""
+        if not self.attrs.get("chunks_complete"):
+            return {}
+        out = {}
+        for k, arr in self._data.items():
+            zeros = (0,) * (arr.ndim - 1)
+            absent = [i for i in range(-(-self._num_frames // arr.chunks[0]))
+                      if not (self.path / "data" / k / arr.metadata.encode_chunk_key((i, *zeros))).exists()]
+            if absent:
+                out[k] = absent
+        return out
+
+    def verify(self) -> None:
+        """StoreError naming the damage when any chunk of committed frames is missing (see missing_chunks)."""
+        missing = self.missing_chunks()
+        if missing:
+            key, chunks = next(iter(missing.items()))
+            arr, i = self._data[key], chunks[0]
+            frames = (i * arr.chunks[0], min(self._num_frames, (i + 1) * arr.chunks[0]))
+            raise StoreError(f"{self.path}: {sum(map(len, missing.values()))} chunk(s) of committed frames are "
+                             f"missing in {sorted(missing)} (first: data/{key}/"
+                             f"{arr.metadata.encode_chunk_key((i, *(0,) * (arr.ndim - 1)))}, frames "
+                             f"{frames[0]}..{frames[1] - 1}): the store is damaged (an interrupted copy?) and would "
+                             "read zeros there; copy it again")
 
     def array(self, key: str) -> zarr.Array:
         """The zarr array of `key` (rows at or past `num_frames` are not data)."""

@@ -96,6 +96,9 @@ class Policy(nn.Module, abc.ABC):
             if x.ndim != len(frame) + 2 or x.shape[1] != self.obs_horizon:
                 raise ValueError(f"observation {key!r} has shape {tuple(x.shape)}; expected [B, "
                                  f"{self.obs_horizon}, {', '.join(map(str, frame))}] (obs_horizon={self.obs_horizon})")
+            if is_image_key(shape, dtype) and x.dtype != torch.uint8:  # a float image's range is a guess
+                raise ValueError(f"observation {key!r} is {str(x.dtype).removeprefix('torch.')}; images go in as "
+                                 "uint8 0-255, as the store holds them (the policy scales them itself)")
             if not is_image_key(shape, dtype) and not torch.isfinite(x).all():
                 raise ValueError(f"observation {key!r} contains NaN or inf")
             out[key] = x

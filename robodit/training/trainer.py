@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from robodit.datasets.multi import build_multi_store, store_paths, store_record
-from robodit.datasets.normalizer import Normalizer, compute_stats
+from robodit.datasets.normalizer import Normalizer, compute_stats, normalized_bound
 from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
 from robodit.datasets.store import DemoStore
 from robodit.training import checkpoint as ckpt_io
@@ -90,6 +90,7 @@ class Trainer:
         paths = store_paths(dc)  # dataset.paths=[A, B, ...]: several robots, one unified-space policy
         store_path = Path(paths[0]).expanduser()
         store = DemoStore.open(store_path)
+        store.verify()
         self.store_record = store_record(store_path, store)
         policy_cfg = self.cfg.policy
         wcfg = WindowConfig(obs_horizon=policy_cfg.obs_horizon, action_horizon=policy_cfg.action_horizon,
@@ -113,7 +114,12 @@ class Trainer:
         norm_keys = [k for k in self.train_set.obs_keys if len(store.keys[k][0]) == 1] + ["action"]
         stats = compute_stats(store, norm_keys)
         modes = dict(dc.get("normalizer_modes") or {})
+        unknown = sorted(set(modes) - set(norm_keys))
+        if unknown:
+            raise ValueError(f"dataset.normalizer_modes names {unknown}, which {store_path} does not normalise: its "
+                             f"normalised keys are {norm_keys} (images are scaled inside the model)")
         self.normalizer = Normalizer(stats, modes=modes)
+        self.action_bound = (modes.get("action", "limits"), normalized_bound(stats["action"], self.normalizer, "action"))
         store.close()
 
     def _build_loader(self, start_step: int) -> DataLoader:
@@ -150,6 +156,7 @@ class Trainer:
         _seed_everything(tc.seed)
         self._build_data()  # same seed on every rank: identical split and normaliser
         policy = self._build_policy().to(self.device)  # same init on every rank (DDP also broadcasts it)
+        self._check_clip(policy)
         _seed_everything(tc.seed + 1000 * dist.rank)  # each rank draws its own diffusion noise
         if tc.get("init_from"):
             self._init_from(policy, tc.init_from)
@@ -159,8 +166,14 @@ class Trainer:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
                                       betas=tuple(tc.get("betas", (0.9, 0.999))))
+        warmup = int(tc.warmup_steps)
+        if warmup >= tc.steps:  # the learning rate would never reach train.lr
+            warmup = tc.steps // 10
+            if dist.is_main:
+                print(f"[robodit] train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: warming up over "
+                      f"{warmup} steps instead", flush=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(tc.warmup_steps, tc.steps, tc.get("min_lr_ratio", 0.0)))
+            optimizer, _lr_lambda(warmup, tc.steps, tc.get("min_lr_ratio", 0.0)))
         ema = EMAModel(policy.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.get("ema_power", 0.75))
         step, elapsed_before = 0, 0.0
         resume_from = self._find_resume() if tc.get("resume") else None
@@ -193,7 +206,8 @@ class Trainer:
         start_step = step
         loader = iter(self._build_loader(step))
         t0 = time.monotonic()
-        deadline = None if tc.get("max_minutes") in (None, 0) else t0 + 60 * float(tc.max_minutes) - elapsed_before
+        # this invocation's wall time: a resumed run gets max_minutes more (fits a cluster job's time limit)
+        deadline = None if tc.get("max_minutes") in (None, 0) else t0 + 60 * float(tc.max_minutes)
         bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main or not tc.get("progress", True),
                    dynamic_ncols=True, desc="train")
         last_saved, stop_reason = None, "steps"
@@ -308,9 +322,43 @@ class Trainer:
             return None
         return found[-1]
 
+    def _check_clip(self, policy) -> None:
+        """Refuse a sampler clip that would cut off actions the data holds (e.g. `gaussian` action normalisation,
+        whose data reach beyond ±1, under the default clip of 1): the policy could never produce them."""
+        clip = getattr(getattr(policy, "formulation", None), "clip_sample", None)
+        mode, bound = getattr(self, "action_bound", (None, None))
+        if clip is None or bound is None or bound <= clip * (1 + 1e-4):
+            return
+        raise ValueError(f"the sampler clips normalised actions to ±{clip:g}, but with normalizer_modes.action="
+                         f"{mode} this store's actions reach ±{bound:.3g}: the policy could never output the "
+                         "extremes. Use limits (the default), or set policy.formulation.clip_sample="
+                         f"{math.ceil(bound * 100) / 100:g} (or null)")
+
+    def _check_resume(self, path: Path) -> dict:
+        """The checkpoint's record, after checking it was trained with this policy and data layout (a resume
+        under other settings would fail deep inside torch, or silently train under other statistics)."""
+        saved = ckpt_io.read_config(path)
+        now = {"policy": self._policy_config(), "shape_meta": self.shape_meta}
+        diffs = [f"{part}.{k}: {saved.get(part, {}).get(k)!r} then, {now[part].get(k)!r} now"
+                 for part in now for k in sorted(set(saved.get(part, {})) | set(now[part]))
+                 if saved.get(part, {}).get(k) != now[part].get(k)]
+        if diffs:
+            raise ValueError(f"train.resume=true: {path} was trained with other settings ({'; '.join(diffs[:6])}). "
+                             "Resume with the same policy and store, or fine-tune with train.init_from")
+        before, after = saved.get("store") or {}, self.store_record
+        changed = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in ("path", "episodes")
+                   if before.get(k) != after.get(k)]
+        if changed and self.dist.is_main:
+            print(f"[robodit] the training data changed since {path.name} ({', '.join(changed)}): continuing with "
+                  "the checkpoint's normaliser; the data order is no longer a replay", flush=True)
+        return saved
+
     def _restore(self, path: Path, policy, optimizer, scheduler, ema) -> tuple[int, float]:
+        self._check_resume(path)
         state = load_file(str(path / "model.safetensors"))
         policy.load_state_dict(state, strict=False)
+        # the statistics the weights were trained under, not the store's as it is now (it may have grown)
+        policy.normalizer.load_state_dict(load_file(str(path / "normalizer.safetensors")))
         ts = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
@@ -327,6 +375,11 @@ class Trainer:
     def _init_from(self, policy, path) -> None:
         """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's."""
         src = ckpt_io.resolve_checkpoint(path)
+        family = (ckpt_io.read_config(src).get("policy") or {}).get("_target_")
+        if family and family != self.cfg.policy._target_:
+            raise ValueError(f"train.init_from={src} holds a {family.rsplit('.', 1)[-1]}, this run builds a "
+                             f"{self.cfg.policy._target_.rsplit('.', 1)[-1]}: another family's weights do not "
+                             "transfer (only tensor names that happen to match would load)")
         weights = src / ("ema.safetensors" if (src / "ema.safetensors").exists() else "model.safetensors")
         state = load_file(str(weights))
         own = ckpt_io.export_state(policy)
@@ -335,9 +388,12 @@ class Trainer:
         if bad:
             raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}")
         missing = [k for k in own if k not in state]
+        unused = [k for k in state if k not in own]
         policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         if self.dist.is_main:
-            print(f"[robodit] initialised from {weights} ({len(state)} tensors; {len(missing)} new)", flush=True)
+            print(f"[robodit] initialised from {weights} ({len(state) - len(unused)} tensors loaded; "
+                  f"{len(missing)} new" + (f"; {len(unused)} unused, e.g. {unused[:3]}" if unused else "") + ")",
+                  flush=True)
 
 
 def train(cfg: DictConfig | dict) -> Path | None:
