@@ -91,3 +91,20 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "junk.hdf5").write_bytes(b"not hdf5")
     with pytest.raises(ConvertError, match="not a readable HDF5 file"):
         convert_robomimic(tmp_path / "junk.hdf5", tmp_path / "c.zarr", **QUIET)
+
+
+def test_skip_bad_leaves_out_a_corrupt_demo_and_goes_on(tmp_path):
+    want = _write(tmp_path / "lift.hdf5")
+    with h5py.File(tmp_path / "lift.hdf5", "a") as f:
+        f["data/demo_2/actions"][3, 1] = np.nan  # the middle demo (numeric order 0, 2, 10) is corrupt
+    with pytest.raises(ConvertError, match="episode 2, feature 'actions': non-finite value"):
+        convert_robomimic(tmp_path / "lift.hdf5", tmp_path / "a.zarr", **QUIET)
+    lines = []
+    s = convert_robomimic(tmp_path / "lift.hdf5", tmp_path / "b.zarr", skip_bad=True, progress=False,
+                          log=lines.append)
+    assert s["converted"] == 2 and [r["episode"] for r in s["rejected"]] == [2]
+    assert "non-finite value (NaN/inf) at frame 3" in s["rejected"][0]["error"]
+    assert "1 bad episode(s) left out: 2" in lines[-1]
+    store = DemoStore.open(tmp_path / "b.zarr")
+    assert len(store) == 2
+    np.testing.assert_array_equal(store.episode(1)["action"], want[10]["actions"].astype(np.float32))

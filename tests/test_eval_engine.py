@@ -94,3 +94,16 @@ def test_env_names_the_task_run_and_overlap_with_training_is_flagged(reach_check
     assert own["policy_seed"] == 0 and own["seed"] == 0
     with pytest.raises(ValueError, match="n_action_steps=9 exceeds the 8 actions"):
         evaluate(reach_checkpoint, n_action_steps=9, out_dir=tmp_path / "x", **kw)
+
+
+def test_an_episode_does_not_depend_on_what_shares_its_batch(reach_checkpoint):
+    """Noise is drawn per episode: re-running one task alone, or with other num_envs / pipeline_groups,
+    reproduces its episodes exactly (before, noise was per batch, so the suite's other tasks changed them)."""
+    policy = robodit.load_policy(reach_checkpoint)
+    kw = dict(seed=7, videos=0, progress=False, workers=0)
+    both = suite_from_tasks("metaworld", ["reach-v3", "push-v3"], episodes=3, seed=100_000, max_steps=20)
+    alone = suite_from_tasks("metaworld", ["push-v3"], episodes=3, seed=100_000, max_steps=20)
+    mixed, _ = run_suite(both, policy, num_envs=4, pipeline_groups=2, **kw)
+    single, _ = run_suite(alone, policy, num_envs=1, pipeline_groups=1, **kw)
+    assert [r.digest for r in mixed if r.job.key == "push-v3"] == [r.digest for r in single]
+    assert len({r.digest for r in single}) == 3

@@ -46,7 +46,14 @@ def _gen_device(generator, device):
 
 
 def randn(shape, generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """Gaussian noise reproducible from `generator` even when it lives on another device than the result."""
+    """Gaussian noise reproducible from `generator` even when it lives on another device than the result.
+
+    A list of generators, one per row of `shape[0]`, draws each row from its own: a sample's noise then does
+    not depend on which other samples share its batch (evaluation seeds noise per episode this way)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(shape[1:], g, device, dtype) for g in generator])
     x = torch.randn(tuple(shape), generator=generator, device=_gen_device(generator, device), dtype=dtype)
     return x.to(device)
 

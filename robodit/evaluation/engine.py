@@ -5,20 +5,21 @@ split into `pipeline_groups` fixed groups: while the env workers step one group'
 the policy for the next group, so on 2 cores the policy and the simulators overlap. All lanes of a group
 replan together, so the policy sees one batch per group per chunk.
 
-Reproducibility: the schedule (which job runs on which lane when, which lanes share a batch) is a function of
-the jobs, `num_envs` and `pipeline_groups` only; the policy's noise for a batch is seeded from
-(seed, group, round); MuJoCo is deterministic. So fixed seeds give identical results run to run and for any
-`workers` count (0 = in-process), and a worker crash changes nothing: the crashed worker is replaced and each
-of its episodes is re-run from its seed, replaying the actions already taken (checked bit for bit against
-the observation it had reached), then continued. An episode whose own step kills a worker `max_attempts`
-times is reported as an error, never as a failure. Changing `num_envs`/`pipeline_groups` changes the batches
-and so the noise: it is part of an evaluation's identity, like its seeds.
+Reproducibility: each episode draws the policy's noise from a generator of its own, seeded from (seed, the
+episode's env seed, its task or scene), and a batch row's output does not depend on the other rows; MuJoCo is
+deterministic. So an episode's rollout is a function of the checkpoint, `seed` and the episode alone: the same
+run to run, for any `workers` count (0 = in-process), `num_envs` or `pipeline_groups`, and whichever other
+tasks share the suite (re-running one task alone reproduces its episodes). A worker crash changes nothing:
+the crashed worker is replaced and each of its episodes is re-run from its seed, replaying the actions
+already taken (checked bit for bit against the observation it had reached), then continued. An episode whose
+own step kills a worker `max_attempts` times is reported as an error, never as a failure.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ class _Lane:
     token: int | None = None
     calls: int = 0
     seconds: float = 0.0
+    noise: torch.Generator | None = None  # this episode's own sampling noise
+
+
+def episode_generator(seed: int, job: Job, device) -> torch.Generator:
+    """The generator an episode's policy noise comes from: (seed, env seed, task/scene), nothing else."""
+    key = int(np.random.SeedSequence([int(seed), int(job.seed), zlib.crc32(job.key.encode())]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(key)
 
 
 class RolloutEngine:
@@ -98,7 +106,6 @@ class RolloutEngine:
         self.attempts = {j.index: 0 for j in jobs}  # crashes an episode caused itself
         self.reruns = {j.index: 0 for j in jobs}  # times it was re-run after any crash of its worker
         self.queue = deque(jobs)
-        self.rounds = [0] * self.groups_n
         self.low = self.high = None
         w = max(1, self.n_workers)
         self.lanes = [_Lane(i, i * self.groups_n // self.num_envs, i % w) for i in range(self.num_envs)]
@@ -138,6 +145,7 @@ class RolloutEngine:
         for lane in lanes:
             if lane.job is None and self.queue:
                 lane.job = self.queue.popleft()
+                lane.noise = self._episode_noise(lane.job)
                 self._send(lane, self._start_msg(lane, replay=False))
                 fresh.append(lane)
         while any(lane.token is not None for lane in fresh):
@@ -155,17 +163,18 @@ class RolloutEngine:
             rows = [self.goal_fn(lane.job.tasks[lane.sub]) for lane in ready]
             if rows[0]:
                 goal = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
-        round_seed = int(np.random.SeedSequence([self.seed, group, self.rounds[group]]).generate_state(1)[0])
-        self.rounds[group] += 1
-        gen = torch.Generator(device=self.policy.device).manual_seed(round_seed)
         t0 = time.perf_counter()
-        chunk = self.policy.predict_action(obs, goal=goal, generator=gen).detach().cpu().numpy()
+        chunk = self.policy.predict_action(obs, goal=goal, generator=[lane.noise for lane in ready])
+        chunk = chunk.detach().cpu().numpy()
         share = (time.perf_counter() - t0) / len(ready)
         for lane, actions in zip(ready, chunk):
             lane.calls += 1
             lane.seconds += share
             actions = np.clip(actions[: self.n_exec], self.low, self.high).astype(np.float32)
             self._send(lane, ("step", lane.idx, actions))
+
+    def _episode_noise(self, job: Job) -> torch.Generator | None:
+        return episode_generator(self.seed, job, self.policy.device) if self.policy is not None else None
 
     # -- replies ------------------------------------------------------------------------------------------------
     def _collect(self, lane: _Lane) -> None:
@@ -211,7 +220,7 @@ class RolloutEngine:
             res.digest = hashlib.sha1(b"".join(np.asarray(a, np.float32).tobytes() for a in lane.actions)).hexdigest()
         self.results[job.index] = res
         lane.job, lane.started, lane.history, lane.last_obs, lane.sub = None, False, None, None, 0
-        lane.actions, lane.frames, lane.calls, lane.seconds = [], [], 0, 0.0
+        lane.actions, lane.frames, lane.calls, lane.seconds, lane.noise = [], [], 0, 0.0, None
         lane.req = lane.token = None
         if self.on_result is not None:
             self.on_result(res)
@@ -256,6 +265,7 @@ class RolloutEngine:
                 else:  # the simulator did not reproduce: run the episode again from its start instead
                     how = "replay diverged: episode restarted from its seed"
                     lane.started, lane.actions, lane.frames, lane.calls, lane.seconds = False, [], [], 0, 0.0
+                    lane.noise = self._episode_noise(job)
                     pending = self._start_msg(lane, replay=False)
             elif lane.req is not None and lane.req[0] == "start":
                 pending = self._start_msg(lane, replay=False)  # no crash injection on a re-run

@@ -16,31 +16,32 @@ __all__ = ["ConvertError", "convert_lerobot", "convert_robomimic", "convert_comm
 
 
 def convert_lerobot(root: str | Path, out: str | Path, overrides: dict[str, str] | None = None, drop=(),
-                    limit: int | None = None, progress: bool = True, log=None) -> dict:
+                    limit: int | None = None, progress: bool = True, log=None, skip_bad: bool = False) -> dict:
     from robodit.datasets.convert.lerobot import LeRobotSource
 
     source = LeRobotSource(root)
     try:
-        return convert(source, out, overrides, drop, limit, progress, log)
+        return convert(source, out, overrides, drop, limit, progress, log, skip_bad=skip_bad)
     finally:
         source.close()
 
 
 def convert_robomimic(path: str | Path, out: str | Path, overrides: dict[str, str] | None = None, drop=(),
                       limit: int | None = None, filter_key: str | None = None, progress: bool = True,
-                      log=None) -> dict:
+                      log=None, skip_bad: bool = False) -> dict:
     from robodit.datasets.convert.robomimic import RobomimicSource
 
     source = RobomimicSource(path, filter_key=filter_key)
     try:
-        return convert(source, out, overrides, drop, limit, progress, log)
+        return convert(source, out, overrides, drop, limit, progress, log, skip_bad=skip_bad)
     finally:
         source.close()
 
 
 def convert_command(args) -> None:
     """CLI entry (`robodit convert`); ConvertError is a ValueError, which the CLI prints as one line."""
-    kw = dict(overrides=parse_map(args.map), drop=args.drop or (), limit=args.limit, progress=True)
+    kw = dict(overrides=parse_map(args.map), drop=args.drop or (), limit=args.limit, progress=True,
+              skip_bad=getattr(args, "skip_bad", False))
     if args.format == "lerobot":
         convert_lerobot(args.source, args.out, **kw)
     else:

@@ -223,10 +223,13 @@ def _check_arrays(arrays: dict[str, np.ndarray], mapping: dict[str, str], source
 
 
 def convert(source: Source, out: str | Path, overrides: dict[str, str] | None = None, drop: Iterable[str] = (),
-            limit: int | None = None, progress: bool = True, log=None) -> dict:
+            limit: int | None = None, progress: bool = True, log=None, skip_bad: bool = False) -> dict:
     """Append every source episode not yet in the store at `out` (created if missing); returns a summary.
 
-    `limit` converts at most that many new episodes (a partial run; re-run to continue).
+    `limit` converts at most that many new episodes (a partial run; re-run to continue). `skip_bad` leaves out
+    an episode the checks refuse (NaN, missing or misshapen features, unreadable data), says which and why, and
+    goes on: one corrupt demo need not stop a dataset. Nothing of a refused episode is written; a re-run tries
+    it again. Without it the first bad episode stops the conversion (what came before stays stored).
     """
     from tqdm import tqdm
 
@@ -248,13 +251,21 @@ def convert(source: Source, out: str | Path, overrides: dict[str, str] | None = 
             todo = todo[:max(0, int(limit))]
         if skipped:
             log(f"  resuming: {skipped} episodes already in {out}")
-        frames, multi = 0, 0
+        frames, multi, rejected = 0, 0, []
         names = list(mapping.values())
         bar = tqdm(todo, desc=f"convert {source.format}", unit="ep", disable=not progress, file=sys.stderr)
         for ep in bar:
-            episode = source.read_episode(ep, names)
+            try:
+                episode = source.read_episode(ep, names)
+                _check_arrays(episode.arrays, mapping, source, ep)
+            except (ConvertError, ValueError, OSError, KeyError) as exc:
+                if not skip_bad:
+                    raise
+                why = str(exc) if isinstance(exc, ConvertError) else f"episode {ep}: {type(exc).__name__}: {exc}"
+                rejected.append({"episode": int(ep), "error": why})
+                log(f"  skipped (--skip-bad): {why}")
+                continue
             multi += int(episode.several_tasks)
-            _check_arrays(episode.arrays, mapping, source, ep)
             ledger.begin(ep)
             store.append_episode({key: episode.arrays[name] for key, name in mapping.items()},
                                  task=episode.task, instruction=episode.instruction)
@@ -263,10 +274,13 @@ def convert(source: Source, out: str | Path, overrides: dict[str, str] | None = 
         bar.close()
         total = len(store)
     summary = {"source": str(source.path), "format": f"{source.format} {source.version}", "out": str(out),
-               "converted": len(todo), "frames": frames, "skipped_existing": skipped,
+               "converted": len(todo) - len(rejected), "frames": frames, "skipped_existing": skipped,
                "remaining": len(ids) - skipped - len(todo), "total_episodes": total, "mapping": mapping,
-               "episodes_with_several_tasks": multi}
+               "episodes_with_several_tasks": multi, "rejected": rejected}
     note = f"; {multi} episodes had several tasks (the first frame's is kept)" if multi else ""
-    log(f"convert {source.format}: {len(todo)} episodes ({frames} frames) -> {out} ({total} in store"
+    if rejected:
+        note += (f"; {len(rejected)} bad episode(s) left out: "
+                 + ", ".join(str(r["episode"]) for r in rejected[:10]) + (", ..." if len(rejected) > 10 else ""))
+    log(f"convert {source.format}: {summary['converted']} episodes ({frames} frames) -> {out} ({total} in store"
         + (f", {summary['remaining']} left: re-run to continue" if summary["remaining"] else "") + f"){note}")
     return summary
