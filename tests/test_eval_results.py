@@ -109,3 +109,48 @@ def test_cached_goal_images_are_remade_for_other_cameras_or_sizes(tmp_path):
     assert not _matches(path, {"image_size": 48, "cameras": ("corner2",)})
     assert not _matches(path, {"image_size": 32, "cameras": ("corner2", "topview")})
     assert not _matches(tmp_path / "missing.npz", {"image_size": 32})
+
+
+def _eval_into(monkeypatch, out, outcomes, **kw):
+    monkeypatch.setattr(ev, "run_suite", _fake_run(outcomes))
+    episodes = {t: len(v) for t, v in outcomes.items()}
+    return ev.evaluate("expert", suite=_suite(episodes), out_dir=out, progress=False, **kw)
+
+
+def test_compare_puts_runs_side_by_side_with_a_paired_test(monkeypatch, tmp_path):
+    from robodit.evaluation.compare import compare, format_markdown, parse_columns
+
+    _eval_into(monkeypatch, tmp_path / "a", {"reach-v3": [True, True, True, False], "push-v3": [True, True]})
+    _eval_into(monkeypatch, tmp_path / "b", {"reach-v3": [False, True, False, False], "push-v3": [False, True]})
+    result = compare(parse_columns([str(tmp_path / "a"), str(tmp_path / "b" / "results.json")]))
+    assert result["rows"]["reach-v3"] == {"a": 0.75, "b": 0.25}
+    assert result["rows"]["mean over tasks"] == {"a": 0.875, "b": 0.375}
+    assert result["cells"]["reach-v3"]["a"].startswith("75.0% [")
+    # same episodes (tasks, env seeds): a alone solved 3, b alone none -> exact two-sided p = 2 * 1/2^3
+    assert result["paired"] == {"episodes": 6, "only_a": 3, "only_b": 0, "p_value": 0.25}
+    text = format_markdown(result)
+    assert "| **mean over tasks** | 87.5% [" in text and "McNemar exact p = 0.25 (a difference" in text
+    assert not result["settings_that_differ"]
+
+
+def test_compare_groups_seeds_and_says_what_differs(monkeypatch, tmp_path):
+    from robodit.evaluation.compare import compare, parse_columns
+
+    for i, reach in enumerate(([True, True], [True, False], [False, False])):
+        _eval_into(monkeypatch, tmp_path / f"dit_s{i}", {"reach-v3": reach}, seed=i)
+    _eval_into(monkeypatch, tmp_path / "mode", {"reach-v3": [True, True]})
+    result = compare(parse_columns([f"dit={tmp_path}/dit_s*", str(tmp_path / "mode")]))
+    assert result["rows"]["reach-v3"]["dit"] == pytest.approx(0.5)
+    assert result["cells"]["reach-v3"]["dit"] == "50.0% ± 50.0% (3 runs)"
+    assert result["paired"] is None  # only for two single runs
+    assert "policy_seed" in result["settings_that_differ"]
+
+
+def test_compare_refuses_what_is_not_an_evaluation(tmp_path):
+    from robodit.evaluation.compare import parse_columns
+
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        parse_columns([str(tmp_path)])
+    (tmp_path / "results.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a robodit evaluation"):
+        parse_columns([str(tmp_path)])

@@ -1,0 +1,183 @@
+"""`robodit compare`: several evaluations side by side, as a benchmark table.
+
+Each column is one results.json (an eval out_dir or the file), or a group `LABEL=PATTERN` of several (a glob,
+e.g. one evaluation per training seed): a run's cell is its rate with the Wilson 95% interval, a group's the
+mean ± sample std over its runs. With exactly two single runs that evaluated the same episodes (same tasks
+and env seeds), the table adds a paired test: episodes one solved and the other did not, and McNemar's exact
+two-sided p-value, which is what tells "A beats B" from seed noise at equal episodes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MEAN = "mean over tasks"
+
+
+@dataclass
+class Column:
+    label: str
+    runs: list[dict[str, Any]]
+    paths: list[str] = field(default_factory=list)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """results.json from a file or an eval out_dir; a clear error otherwise."""
+    p = Path(path).expanduser()
+    f = p / "results.json" if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no results.json (give an eval out_dir or the file itself)")
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{f}: not valid JSON ({exc})") from None
+    if not str(data.get("schema", "")).startswith("robodit.eval/"):
+        raise ValueError(f"{f}: not a robodit evaluation (schema {data.get('schema')!r})")
+    data["_path"] = str(f)
+    return data
+
+
+def parse_columns(specs: list[str]) -> list[Column]:
+    """`PATH` (one run, labelled by its parent folder) or `LABEL=PATTERN` (every run the glob matches)."""
+    columns = []
+    for spec in specs:
+        label, sep, pattern = spec.partition("=")
+        if not sep or not label or Path(spec).exists():
+            label, pattern = "", spec
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()))) or [pattern]
+        runs = [load_results(m) for m in matches]
+        if not label:
+            label = Path(runs[0]["_path"]).parent.name if len(runs) == 1 else pattern
+        columns.append(Column(label, runs, [r["_path"] for r in runs]))
+    kinds = {r["kind"] for c in columns for r in c.runs}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot compare task suites with chain suites ({sorted(kinds)})")
+    return columns
+
+
+def _rows(run: dict[str, Any]) -> dict[str, float | None]:
+    """row name -> rate (tasks: per task and the mean; chains: success at each length and avg completed)."""
+    if run["kind"] == "tasks":
+        rows = {t: r["success_rate"] for t, r in run["tasks"].items()}
+        rows[MEAN] = run["success_rate"]
+        return rows
+    main = run["chains"]["policy" if "policy" in run["chains"] else "expert"]
+    rows = {f"chain length {k}": v["success_rate"] for k, v in main["success_at_length"].items()}
+    rows["avg completed"] = main["avg_completed"]
+    return rows
+
+
+def _interval(run: dict[str, Any], row: str):
+    if run["kind"] == "tasks" and row in run["tasks"]:
+        r = run["tasks"][row]
+        return r["ci95"], r["episodes"]
+    if run["kind"] == "tasks" and row == MEAN:
+        return run["pooled"]["ci95"], run["pooled"]["episodes"]
+    return None, None
+
+
+def _fmt(row: str, v: float) -> str:
+    return f"{v:.2f}" if row == "avg completed" else f"{100 * v:.1f}%"
+
+
+def _cell(column: Column, row: str) -> tuple[str, float | None]:
+    values = [v for v in (_rows(r).get(row) for r in column.runs) if v is not None]
+    if not values:
+        return "—", None
+    mean = sum(values) / len(values)
+    if len(column.runs) == 1:
+        ci, n = _interval(column.runs[0], row)
+        return _fmt(row, mean) + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}] n={n}" if ci is not None else ""), mean
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{_fmt(row, mean)} ± {_fmt(row, std)} ({len(values)} runs)", mean
+
+
+def mcnemar(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Paired outcome counts over the episodes both runs evaluated (same task and env seed), with McNemar's
+    exact two-sided p-value; None when the runs share no episodes."""
+    if a["kind"] != "tasks" or b["kind"] != "tasks":
+        return None
+    pairs = []
+    for task, ra in a["tasks"].items():
+        rb = b["tasks"].get(task)
+        if rb is None or "seeds" not in ra or "seeds" not in rb:
+            continue
+        got = dict(zip(rb["seeds"], rb["success_per_episode"]))
+        pairs += [(sa, got[s]) for s, sa in zip(ra["seeds"], ra["success_per_episode"]) if s in got]
+    if not pairs:
+        return None
+    only_a = sum(x and not y for x, y in pairs)
+    only_b = sum(y and not x for x, y in pairs)
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
+    return {"episodes": len(pairs), "only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
+
+
+def compare(columns: list[Column]) -> dict[str, Any]:
+    """The comparison as data: rows, cells, what differs between the runs' settings, the paired test."""
+    rows: list[str] = []
+    for c in columns:
+        for r in c.runs:
+            rows += [k for k in _rows(r) if k not in rows]
+    if MEAN in rows:  # the mean goes last
+        rows.remove(MEAN)
+        rows.append(MEAN)
+    table = {row: {c.label: _cell(c, row) for c in columns} for row in rows}
+    settings = {}
+    for key in ("suite.name", "episodes_per_task", "seed", "policy_seed", "sampler", "num_inference_steps",
+                "n_action_steps"):
+        seen = {c.label: sorted({json.dumps(_get(r, key)) for r in c.runs}) for c in columns}
+        if len({tuple(v) for v in seen.values()}) > 1:
+            settings[key] = seen
+    paired = None
+    if len(columns) == 2 and all(len(c.runs) == 1 for c in columns):
+        paired = mcnemar(columns[0].runs[0], columns[1].runs[0])
+    return {"columns": [{"label": c.label, "results": c.paths} for c in columns],
+            "rows": {row: {label: v for label, (_, v) in cells.items()} for row, cells in table.items()},
+            "cells": {row: {label: s for label, (s, _) in cells.items()} for row, cells in table.items()},
+            "settings_that_differ": settings, "paired": paired}
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    labels = [c["label"] for c in result["columns"]]
+    lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for row, cells in result["cells"].items():
+        name = f"**{row}**" if row in (MEAN, "avg completed") else row
+        lines.append(f"| {name} | " + " | ".join(cells[label] for label in labels) + " |")
+    lines.append("")
+    lines.append("Single runs: rate [Wilson 95%] n=episodes; groups: mean ± sample std over runs.")
+    if result["settings_that_differ"]:
+        lines.append("")
+        lines.append("Settings that differ between the runs (the comparison may not be like for like):")
+        for key, seen in result["settings_that_differ"].items():
+            lines.append(f"- {key}: " + "; ".join(f"{k} {', '.join(v)}" for k, v in seen.items()))
+    paired = result["paired"]
+    if paired:
+        a, b = labels
+        lines.append("")
+        lines.append(f"Paired over {paired['episodes']} shared episodes: only {a} succeeded in {paired['only_a']}, "
+                     f"only {b} in {paired['only_b']}; McNemar exact p = {paired['p_value']:.3g}"
+                     + (" (a difference this large is common by chance)" if paired["p_value"] >= 0.05 else ""))
+    return "\n".join(lines)
+
+
+def compare_command(args) -> None:
+    """CLI entry (`robodit compare`)."""
+    result = compare(parse_columns(args.results))
+    text = format_markdown(result)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
