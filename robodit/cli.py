@@ -1,4 +1,4 @@
-"""`robodit collect | embed | info | convert | serve | run` — everything that is not training or evaluation.
+"""`robodit collect | embed | info | convert | compare | serve | run` — everything but training and evaluating.
 
 Each sub-command lives in the module that owns its job; this file only parses arguments and dispatches,
 so `robodit --help` stays fast (no torch / simulator import until a command runs).
@@ -49,6 +49,12 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from robodit.datasets.convert import convert_command
 
     convert_command(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from robodit.evaluation.compare import compare_command
+
+    compare_command(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -105,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", action="append", metavar="FEATURE", help="do not store FEATURE (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="convert at most N more episodes")
     p.add_argument("--filter", default=None, help="robomimic: only demos of mask/FILTER (e.g. train)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out (and list) episodes with NaN / missing / misshapen data instead of stopping")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("compare", help="evaluations side by side: per-task success, seeds, a paired test")
+    p.add_argument("results", nargs="+", metavar="RUN",
+                   help="an eval out_dir or results.json, or LABEL=GLOB: a group of runs (e.g. one per seed)")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--json", default=None, help="also write the comparison as JSON here")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("serve", help="serve a checkpoint's policy over a websocket (token required)")
     p.add_argument("checkpoint", help="checkpoint directory or training out_dir")
@@ -130,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="control ticks to run")
     p.add_argument("--n-action-steps", type=int, default=None, help="actions executed per chunk (receding/async)")
     p.add_argument("--token", default=None, help="server token for a ws:// policy (default: $ROBODIT_TOKEN)")
+    p.add_argument("--policy-timeout", type=float, default=30.0,
+                   help="seconds to wait for a ws:// policy server's reply; past it the robot is e-stopped")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--task", default=None, help="task name for simulators")

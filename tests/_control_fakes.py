@@ -1,7 +1,10 @@
-"""Test doubles for the control tests: a fake clock, a recording robot, a policy with a fixed answer."""
+"""Test doubles for the control tests: a fake clock, a recording robot, policies with a fixed answer (or a
+failure on cue), and a TCP relay that can freeze like a hung server."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import numpy as np
@@ -86,3 +89,57 @@ def tiny_dit(state_dim: int = 5, action_dim: int = 3, steps: int = 2):
     torch.manual_seed(0)
     return DiTPolicy(meta, Normalizer({"state": st(state_dim), "action": st(action_dim)}), size="tiny",
                      action_horizon=8, n_action_steps=4, num_inference_steps=steps).eval()
+
+
+class CuePolicy(ConstantPolicy):
+    """A ConstantPolicy that calls `cue()` on call number `at` (1-based): raise, send a signal, hang..."""
+
+    def __init__(self, value, at: int, cue, **kw):
+        super().__init__(value, **kw)
+        self.at, self.cue = at, cue
+
+    def predict_action(self, obs, goal=None, generator=None):
+        if self.calls + 1 == self.at:
+            self.calls += 1
+            self.cue()
+        return super().predict_action(obs, goal, generator)
+
+
+class FreezableProxy:
+    """A TCP relay in front of a server. While `frozen` is set, bytes are held in both directions: the connection
+    stays open but nothing answers, like a SIGSTOPped server (whose kernel still holds the socket)."""
+
+    def __init__(self, port: int):
+        self.target, self.frozen, self._stop = port, threading.Event(), threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                while self.frozen.is_set() and not self._stop.is_set():
+                    time.sleep(0.01)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()

@@ -5,10 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from _control_fakes import tiny_dit
+from _control_fakes import ConstantPolicy, CuePolicy, tiny_dit
 
 from robodit.cli import main
 from robodit.envs.remote import RemotePolicy, healthz
@@ -70,3 +73,144 @@ def test_serve_and_run_through_it(checkpoint, capsys):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "server stopped" in out, err[-2000:]
+
+
+def run_fake(monkeypatch, policy, *extra, robot="configs/robot/dry_run.yaml", dry_run=True):
+    """`robodit run` with `policy` standing in for a loaded checkpoint."""
+    import robodit
+
+    monkeypatch.setattr(robodit, "load_policy", lambda path, device="cpu": policy)
+    return main(["run", "--policy", "fake-checkpoint", "--robot", str(ROOT / robot), *(["--dry-run"] * dry_run),
+                 *extra])
+
+
+def record_robots(monkeypatch) -> tuple[list, list]:
+    """The robots `robodit run` builds, and an event list where closing one appends "robot.close"."""
+    import robodit.control.robots as robots
+
+    built, events, real = [], [], robots.build_robot
+
+    def build(*args, **kwargs):
+        robot = real(*args, **kwargs)
+        close = robot.close
+        robot.close = lambda: (events.append("robot.close"), close())
+        built.append(robot)
+        return robot
+
+    monkeypatch.setattr(robots, "build_robot", build)
+    return built, events
+
+
+def six_dof(value=(0, 0, 0, 0, 0, 0)):
+    policy = ConstantPolicy(list(value))
+    policy.obs_shapes = {"state": ((6,), "float32")}
+    return policy
+
+
+def test_a_policy_failure_estops_prints_the_summary_and_exits_nonzero(monkeypatch, capsys, caplog):
+    def fail():
+        raise ConnectionError("policy server went away")
+
+    rc = run_fake(monkeypatch, CuePolicy([0.1, 0, 0, 0], at=3, cue=fail), "--hz", "50", "--steps", "100")
+    out, err = capsys.readouterr()
+    assert rc == 2 and "ConnectionError: policy server went away" in err and len(err.strip().splitlines()) == 1
+    assert "E-STOP" in caplog.text
+    summary = json.loads(out[out.index("{"):])
+    assert "went away" in summary["stopped"] and summary["steps"] == 8
+
+
+def test_sigterm_estops_closes_and_exits_nonzero(monkeypatch, capsys, caplog):
+    class Unhandled(Exception):
+        pass
+
+    def guard(signum, frame):
+        raise Unhandled("SIGTERM reached the test's own handler: robodit run did not handle it")
+
+    built, events = record_robots(monkeypatch)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        policy = CuePolicy([0.1, 0, 0, 0], at=3, cue=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        rc = run_fake(monkeypatch, policy, "--hz", "50", "--steps", "1000")
+        assert signal.getsignal(signal.SIGTERM) is guard  # run's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    assert rc == 2 and "SIGTERM" in err and "E-STOP" in caplog.text and '"steps": 8' in out
+    assert "SIGTERM" in built[0].stopped and events == ["robot.close"]
+
+
+def test_an_estop_closes_the_robot_before_waiting_on_a_hung_inference(tmp_path, monkeypatch, capsys):
+    """Async: the server hangs, the watchdog e-stops; the robot is closed at once, and closing the policy (for a
+    RemotePolicy: dropping the connection) ends the hung request, instead of waiting out its timeout first."""
+    release = threading.Event()
+    built, events = record_robots(monkeypatch)
+
+    class HungPolicy(CuePolicy):
+        def close(self):
+            events.append("policy.close")
+            release.set()
+
+    cfg = tmp_path / "robot.yaml"
+    cfg.write_text("robot: {type: dry_run}\nsafety: {action_low: -1, action_high: 1, "
+                   "watchdog: {timeout_ms: 100, on_timeout: stop}}\n")
+    t0 = time.monotonic()
+    rc = run_fake(monkeypatch, HungPolicy([0.1, 0, 0, 0], at=2, cue=lambda: release.wait(4)), "--strategy", "async",
+                  "--hz", "50", "--steps", "1000", robot=cfg)
+    assert rc == 2 and "watchdog" in capsys.readouterr().err
+    assert events[:2] == ["robot.close", "policy.close"] and time.monotonic() - t0 < 2.5
+
+
+def test_a_bad_reference_key_is_refused_before_the_robot_moves(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "mdr.yaml"
+    cfg.write_text("robot: {type: dry_run}\nsafety: {action_low: -1, action_high: 1, max_delta: 0.5, "
+                   "max_delta_reference: {key: joint_pos}}\n")
+    built, _ = record_robots(monkeypatch)
+    rc = run_fake(monkeypatch, ConstantPolicy([0.1, 0, 0, 0]), robot=cfg)
+    assert rc == 2 and "'joint_pos'" in capsys.readouterr().err and not built
+
+
+def test_dry_run_takes_the_configured_robots_bounds():
+    from robodit.control.robots import build_robot, load_robot_config
+
+    cfg = load_robot_config(ROOT / "configs/robot/so101_lerobot.yaml")
+    robot = build_robot(cfg, six_dof(), dry_run=True, hz=30)
+    try:
+        np.testing.assert_allclose(robot.low, [-110, -100, -100, -95, -160, 0])
+        np.testing.assert_allclose(robot.high, [110, 100, 100, 95, 160, 100])
+        assert robot.spec.max_episode_steps == 900 and robot.spec.control_hz == 30
+        robot.reset(seed=0)
+        for _ in range(10):  # ramps at max_delta [5, 5, 5, 5, 10, 10] deg per tick, then holds the target
+            _, _, _, info = robot.step(np.array([30, 40, 0, 0, 0, 80.0]))
+        np.testing.assert_allclose(info["safe_action"], [30, 40, 0, 0, 0, 80])
+    finally:
+        robot.close()
+
+
+def test_dry_run_refuses_a_policy_that_does_not_fit_the_configured_robot(monkeypatch, capsys):
+    policy = ConstantPolicy([0, 0, 0, 0])
+    policy.obs_shapes = {"state": ((6,), "float32")}
+    rc = run_fake(monkeypatch, policy, robot="configs/robot/so101_lerobot.yaml")
+    assert rc == 2 and "4-d actions" in capsys.readouterr().err
+
+
+def test_run_passes_the_policy_timeout(monkeypatch, capsys):
+    import robodit.envs.remote as remote
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, url, token=None, timeout=30.0):
+            seen.update(url=url, timeout=timeout)
+            raise remote.RemotePolicyError("no server here")
+
+    monkeypatch.setattr(remote, "RemotePolicy", Recorder)
+    rc = main(["run", "--policy", "ws://127.0.0.1:9", "--robot", str(ROOT / "configs/robot/dry_run.yaml"),
+               "--dry-run", "--policy-timeout", "2.5"])
+    assert rc == 2 and seen["timeout"] == 2.5 and "no server here" in capsys.readouterr().err
+
+
+def test_a_missing_lerobot_dependency_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "draccus", None)  # `import draccus` fails as if it were not installed
+    rc = run_fake(monkeypatch, six_dof(), robot="configs/robot/so101_lerobot.yaml", dry_run=False)
+    err = capsys.readouterr().err
+    assert rc == 2 and "'draccus'" in err and "pip install" in err and len(err.strip().splitlines()) == 1

@@ -1,12 +1,14 @@
 """Chunk execution strategies, with fake policies and a fake clock."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
-from _control_fakes import ConstantPolicy, FakeClock, RecordingRobot
+from _control_fakes import ConstantPolicy, CuePolicy, FakeClock, RecordingRobot
 
 from robodit.control import AsyncInference, ControlLoop, RecedingHorizon, TemporalEnsemble, make_executor, policy_infer
+from robodit.envs.safety import SafeRobot
 
 OBS = {"state": np.zeros((1, 2, 4), np.float32)}
 
@@ -115,3 +117,57 @@ def test_loop_timing_on_a_fake_clock():
 def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match="receding, ensemble, async"):
         make_executor("fastest", lambda o: None, hz=10, n_action_steps=2)
+
+
+@pytest.mark.parametrize("latency", [0.4, 1.0])
+def test_async_first_chunk_plays_from_its_start(latency):
+    """The robot waits for the first chunk, so none of it is stale: it plays from action 0 when it arrives."""
+    clock = FakeClock()
+
+    def infer(obs):
+        clock.t += latency if not infer.calls else 0.0  # the first inference takes `latency` s
+        infer.calls += 1
+        return np.arange(16, dtype=np.float32)[:, None] + 100 * (infer.calls - 1)
+
+    infer.calls = 0
+    ex = AsyncInference(infer, dt=0.05, n_action_steps=8, clock=clock)
+    played = [ex.next_action(OBS, clock())[0]]
+    for _ in range(5):
+        clock.t += 0.05
+        played.append(ex.next_action(OBS, clock())[0])
+    ex.close()
+    assert played == [0, 1, 2, 3, 4, 5] and ex.stats["dropped_stale"] == 0 and ex.stats["starved"] == 0
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["receding", "async"])
+def test_policy_failure_mid_run_estops_the_robot(strategy):
+    """A policy (or server) that fails mid-run: the robot is e-stopped and the run ends with the reason."""
+    def fail():
+        raise Boom("server gone")
+
+    robot = RecordingRobot(hz=200)
+    s = SafeRobot(robot, {"watchdog": {"timeout_ms": 500}}, watchdog_thread=False)
+    policy = CuePolicy([0.1, 0, 0, 0], at=2, cue=fail, horizon=8, n_action_steps=4)
+    ex = make_executor(strategy, policy_infer(policy), hz=200, n_action_steps=4)
+    t0 = time.monotonic()
+    res = ControlLoop(s, policy, ex, 200).run(400)
+    ex.close()
+    assert "server gone" in res.stopped and "Boom" in res.stopped and isinstance(res.error, Boom)
+    assert s.stopped and robot.stopped == 1 and 4 <= len(robot.commands) <= 8 and time.monotonic() - t0 < 2
+
+
+def test_a_run_after_rearm_starts_clean():
+    clock = FakeClock()
+    policy = ConstantPolicy([0.1, 0, 0, 0])
+    s = SafeRobot(RecordingRobot(), {}, clock=clock, watchdog_thread=False)
+    loop = ControlLoop(s, policy, make_executor("receding", policy_infer(policy), hz=10, n_action_steps=4,
+                                                clock=clock), 10, clock=clock, sleep=clock.sleep)
+    assert loop.run(5).steps == 5
+    s.estop("operator pedal")
+    s.rearm()
+    res = loop.run(5)
+    assert res.steps == 5 and res.stopped is None

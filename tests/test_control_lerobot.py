@@ -3,6 +3,7 @@
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,59 @@ def test_from_config_with_a_factory():
     robot.reset()
     dones = [robot.step(np.zeros(4))[2] for _ in range(3)]
     assert dones == [False, False, True]
+
+
+def test_camera_keys_are_the_ones_convert_lerobot_stores():
+    from robodit.datasets.convert.common import safe_key
+
+    class DottedCamera(FakeSO100):
+        @property
+        def observation_features(self):
+            return {**{k: float for k in self.pos}, "wrist.cam": (24, 32, 3)}
+
+        def get_observation(self):
+            return {**self.pos, "wrist.cam": np.zeros((24, 32, 3), np.uint8)}
+
+    robot = LeRobotRobot(DottedCamera(), action_low=[-1] * 4, action_high=[1] * 4)
+    key = "image_" + safe_key("wrist.cam")
+    assert key == "image_wrist_cam" and key in robot.spec.observation and key in robot.reset()
+
+
+class TorqueConfig:
+    disable_torque_on_disconnect = True  # LeRobot's default
+
+
+class FakeSOWithTorque(FakeSO100):
+    """Records whether disconnect() would turn torque off (as LeRobot's SO follower does from its config)."""
+
+    def __init__(self):
+        super().__init__(camera=False)
+        self.config, self.torque_off_at_disconnect = TorqueConfig(), None
+
+    def disconnect(self):
+        self.torque_off_at_disconnect = self.config.disable_torque_on_disconnect
+        super().disconnect()
+
+
+@pytest.mark.parametrize("estop,torque_off_after_estop,expected", [
+    (True, False, False),  # held by the e-stop: keep torque on, the arm must not drop
+    (True, True, True),  # the user asked for it explicitly
+    (False, False, True),  # no e-stop: LeRobot's own setting applies
+])
+def test_torque_stays_on_at_close_after_an_estop(estop, torque_off_after_estop, expected):
+    fake = FakeSOWithTorque()
+    robot = SafeRobot(LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4,
+                                   torque_off_after_estop=torque_off_after_estop), {}, watchdog_thread=False)
+    robot.reset()
+    robot.step(np.full(4, 0.1))
+    if estop:
+        robot.estop("test")
+    robot.close()
+    assert fake.torque_off_at_disconnect is expected and not fake.connected
+
+
+def test_so101_config_keeps_torque_on_after_an_estop():
+    from robodit.control.robots import load_robot_config
+
+    cfg = load_robot_config(Path(__file__).resolve().parents[1] / "configs/robot/so101_lerobot.yaml")
+    assert cfg["robot"]["torque_off_after_estop"] is False

@@ -7,7 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from _control_fakes import tiny_dit
+from _control_fakes import ConstantPolicy, FreezableProxy, tiny_dit
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -159,3 +159,56 @@ def test_several_clients_at_once(server):
 def test_short_token_is_refused_at_start():
     with pytest.raises(ValueError, match="at least 16"):
         PolicyServer(tiny_dit(), "short")
+
+
+def test_a_timeout_takes_about_the_configured_time(server):
+    """A server that stops answering (frozen relay: the connection stays open) costs `timeout`, not 3x it."""
+    proxy = FreezableProxy(server.port)
+    try:
+        remote = RemotePolicy(proxy.url, TOKEN, timeout=0.5)
+        assert remote.predict_action(obs()).shape == (1, 8, 3)
+        proxy.frozen.set()
+        t0 = time.monotonic()
+        with pytest.raises(RemotePolicyError, match="no reply .* within 0.5 s"):
+            remote.predict_action(obs())
+        assert time.monotonic() - t0 < 0.9
+        proxy.frozen.clear()
+        assert remote.predict_action(obs()).shape == (1, 8, 3)  # reconnects on the next call
+        remote.close()
+    finally:
+        proxy.close()
+
+
+def test_close_ends_a_request_in_flight(server):
+    """An e-stop closes the policy while an async inference waits on a hung server: the request ends at once."""
+    proxy = FreezableProxy(server.port)
+    try:
+        remote = RemotePolicy(proxy.url, TOKEN, timeout=5)
+        remote.ping()
+        proxy.frozen.set()
+        errors = []
+
+        def request():
+            try:
+                remote.predict_action(obs())
+            except RemotePolicyError as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=request)
+        worker.start()
+        time.sleep(0.2)  # the request is out, no reply comes
+        t0 = time.monotonic()
+        remote.close()
+        worker.join(5)
+        assert time.monotonic() - t0 < 1.0 and not worker.is_alive() and errors
+    finally:
+        proxy.close()
+
+
+def test_non_finite_actions_are_an_error_reply():
+    policy = ConstantPolicy([0.0, np.nan, 0.0, np.inf])
+    policy.obs_shapes = {"state": ((5,), "float32")}
+    with PolicyServer(policy, TOKEN) as srv, RemotePolicy(srv.url, TOKEN) as remote:
+        with pytest.raises(RemotePolicyError, match="nonfinite_action.*16 non-finite"):
+            remote.predict_action(obs())
+        assert srv.stats["served"] == 0 and srv.stats["errors"] == 1

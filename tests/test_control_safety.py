@@ -2,6 +2,7 @@
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +11,12 @@ from _control_fakes import ConstantPolicy, FakeClock, RecordingRobot
 from robodit.control import ControlLoop, RecedingHorizon, policy_infer
 from robodit.envs.safety import SafeRobot, SafetyConfig, SafetyStop
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def safe(cfg=None, **kw):
     robot = RecordingRobot()
-    cfg = dict({"watchdog": {"timeout_ms": 0}}, **(cfg or {}))
-    return robot, SafeRobot(robot, cfg, watchdog_thread=False, **kw)
+    return robot, SafeRobot(robot, cfg or {}, watchdog_thread=False, **kw)
 
 
 def test_bounds_are_clipped_and_logged(caplog):
@@ -64,9 +66,8 @@ def test_workspace_box_delta_mode():
 
 
 def test_workspace_needs_a_reported_pose():
-    _, s = safe({"workspace": {"low": [0, 0, 0], "high": [1, 1, 1], "pose_key": "ee_pos"}})
-    with pytest.raises(ValueError, match="ee_pos"):
-        s.reset()
+    with pytest.raises(ValueError, match="ee_pos"):  # refused from the robot's spec, before it is even reset
+        safe({"workspace": {"low": [0, 0, 0], "high": [1, 1, 1], "pose_key": "ee_pos"}})
 
 
 def test_nan_action_estops_and_latches():
@@ -142,10 +143,122 @@ def test_estop_from_another_thread_stops_the_loop():
     import threading
 
     robot = RecordingRobot(hz=100)
-    s = SafeRobot(robot, {"watchdog": {"timeout_ms": 0}})
+    s = SafeRobot(robot, {})
     policy = ConstantPolicy([0.0] * 4)
     loop = ControlLoop(s, policy, RecedingHorizon(policy_infer(policy), 0.01, 4), 100)
     threading.Timer(0.1, s.estop, args=("operator pressed the pedal",)).start()
     t0 = time.monotonic()
     res = loop.run(1000)
+    s.close()
     assert res.stopped and "pedal" in res.stopped and time.monotonic() - t0 < 2 and res.steps < 1000
+
+
+def test_hold_passes_max_delta_and_becomes_its_reference():
+    """A hold of 0 after commands of 1.0 (max_delta 0.2): the hold ramps down, the next command ramps up."""
+    clock = FakeClock()
+    robot = RecordingRobot()
+    s = SafeRobot(robot, {"max_delta": 0.2, "watchdog": {"timeout_ms": 100, "hold_action": [0, 0, 0, 0]}},
+                  clock=clock, watchdog_thread=False)
+    s.reset()
+    for v in (0.2, 0.4, 0.6, 0.8, 1.0):
+        s.step(np.full(4, v))
+    clock.t += 0.5
+    assert s.check_watchdog() == "hold"
+    np.testing.assert_allclose(robot.commands[-1], 0.8)  # the hold is rate-limited like any command
+    clock.t += 0.1
+    s.check_watchdog()
+    np.testing.assert_allclose(robot.commands[-1], 0.6)
+    _, _, _, info = s.step(np.full(4, 1.0))  # limited from the hold actually sent, not from the last 1.0
+    np.testing.assert_allclose(robot.commands[-1], 0.8)
+    assert info["safety"] == ["max_delta"]
+
+
+def test_delta_robot_holds_still_inside_the_workspace():
+    """No hold_action on a delta robot: a hold is a zero action, never a re-sent velocity (which drifts)."""
+    clock = FakeClock()
+    robot = RecordingRobot()
+    box = {"low": [-0.05] * 3, "high": [0.05] * 3, "scale": 0.01}  # mode delta (the default): a delta robot
+    s = SafeRobot(robot, {"workspace": box, "watchdog": {"timeout_ms": 100}}, clock=clock, watchdog_thread=False)
+    s.reset()
+    s.step(np.array([1.0, 0, 0, 0]))
+    for _ in range(30):
+        clock.t += 0.2
+        s.check_watchdog()
+    assert s.stats["watchdog"] == 30 and robot.pose[0] == pytest.approx(0.01)  # moved once, then held
+    np.testing.assert_allclose(robot.commands[-1], 0.0)
+
+
+def test_dry_run_config_holds_with_zero():
+    """configs/robot/dry_run.yaml: a delta dry-run robot without hold_action stands still on a hold."""
+    from robodit.control.robots import build_robot, load_robot_config
+
+    cfg = load_robot_config(ROOT / "configs/robot/dry_run.yaml")
+    s = build_robot(cfg, ConstantPolicy([0.5, 0, 0, 0]), dry_run=True)
+    try:
+        s.reset(seed=0)
+        s.step(np.array([0.5, 0.0, 0.0, 0.0]))
+        assert s.check_watchdog(now=time.monotonic() + 1.0) == "hold"
+        np.testing.assert_allclose(s.robot.commands[-1], 0.0)
+    finally:
+        s.close()
+
+
+def test_hold_action_null_keeps_that_dimension():
+    """Meta-World's gripper (4th dim) is an effort: a hold keeps its last command instead of loosening the grasp."""
+    from robodit.control.robots import load_robot_config
+
+    hold = load_robot_config(ROOT / "configs/robot/metaworld.yaml")["safety"]["watchdog"]["hold_action"]
+    assert hold == [0, 0, 0, None]
+    clock = FakeClock()
+    robot = RecordingRobot()
+    s = SafeRobot(robot, {"watchdog": {"timeout_ms": 100, "hold_action": hold}}, clock=clock, watchdog_thread=False)
+    s.reset()
+    s.step(np.array([0.5, 0.5, 0.5, 1.0]))
+    clock.t += 0.2
+    assert s.check_watchdog() == "hold"
+    np.testing.assert_allclose(robot.commands[-1], [0, 0, 0, 1.0])
+
+
+def test_config_refuses_values_that_move_or_disarm_the_robot():
+    for cfg, words in [({"max_delta": -0.1}, "max_delta"), ({"max_delta": [0.1, -0.1, 0.1, 0.1]}, "max_delta"),
+                       ({"watchdog": {"timeout_ms": -5}}, "timeout_ms"),
+                       ({"watchdog": {"timeout_ms": 0}}, "timeout_ms"),
+                       ({"watchdog": {"timeout": 100}}, "'timeout'"),
+                       ({"workspace": {"low": [1, 0, 0], "high": [0, 1, 1]}}, r"low > high in dims \[0\]"),
+                       ({"max_delta_reference": {"kye": "state"}}, "'kye'"),
+                       ({"action_mode": "velocity"}, "action_mode")]:
+        with pytest.raises(ValueError, match=words):
+            SafetyConfig.from_dict(cfg)
+
+
+def test_max_delta_reference_key_is_checked_before_the_first_command():
+    with pytest.raises(ValueError, match="'joint_pos'"):
+        SafeRobot(RecordingRobot(), {"max_delta": 0.5, "max_delta_reference": {"key": "joint_pos"}},
+                  watchdog_thread=False)
+    with pytest.raises(ValueError, match="index"):
+        SafeRobot(RecordingRobot(), {"max_delta": 0.5, "max_delta_reference": {"index": [0, 1, 2, 9]}},
+                  watchdog_thread=False)
+
+
+def test_watchdog_holds_at_the_loop_rate():
+    """A simulator's spec says 1000 Hz (its physics rate); the loop runs at 10 Hz: holds come at the loop's rate
+    (here every timeout/2 = 50 ms), not every millisecond."""
+    robot = RecordingRobot(hz=1000)
+    s = SafeRobot(robot, {"watchdog": {"timeout_ms": 100}}, control_hz=10)
+    s.reset()
+    s.step(np.zeros(4))
+    time.sleep(0.45)
+    s.close()
+    holds = len(robot.commands) - 1
+    assert 1 <= holds <= 12, holds
+
+
+def test_build_robot_passes_the_loop_rate_to_a_simulator(monkeypatch):
+    import robodit.envs
+
+    monkeypatch.setattr(robodit.envs, "make_env", lambda name, **kw: RecordingRobot(hz=80))
+    from robodit.control.robots import build_robot
+
+    s = build_robot({"robot": {"type": "sim", "env": "fake/task"}, "control_hz": 10}, hz=5)
+    assert s.robot.spec.control_hz == 80 and s.control_hz == 5
+    s.close()

@@ -108,3 +108,6 @@ def test_skip_bad_leaves_out_a_corrupt_demo_and_goes_on(tmp_path):
     store = DemoStore.open(tmp_path / "b.zarr")
     assert len(store) == 2
     np.testing.assert_array_equal(store.episode(1)["action"], want[10]["actions"].astype(np.float32))
+    assert cli_main(["convert", "robomimic", str(tmp_path / "lift.hdf5"), "--out", str(tmp_path / "c.zarr"),
+                     "--skip-bad"]) == 0
+    assert len(DemoStore.open(tmp_path / "c.zarr")) == 2

@@ -154,3 +154,18 @@ def test_compare_refuses_what_is_not_an_evaluation(tmp_path):
     (tmp_path / "results.json").write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match="not a robodit evaluation"):
         parse_columns([str(tmp_path)])
+
+
+def test_compare_cli_prints_and_writes_the_table(monkeypatch, tmp_path, capsys):
+    from robodit.cli import main
+
+    _eval_into(monkeypatch, tmp_path / "a", {"reach-v3": [True, False]})
+    _eval_into(monkeypatch, tmp_path / "b", {"reach-v3": [True, True]})
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.md"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| | a | b |" in out and out.strip() == (tmp_path / "c.md").read_text().strip()
+    assert json.loads((tmp_path / "c.json").read_text())["rows"]["reach-v3"] == {"a": 0.5, "b": 1.0}
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err

@@ -142,7 +142,9 @@ class AsyncInference(ChunkExecutor):
 
     A new inference starts once at most `H - n_action_steps` actions of the current chunk remain, so with no
     latency the chunk boundary matches receding horizon; the unplayed tail covers the inference's latency.
-    Only the very first chunk is waited for. If every action is used up before the next chunk arrives, the
+    Only the very first chunk is waited for, and it plays from its start once it arrives: the robot stood still
+    meanwhile, so its timeline begins then, not at its observation (which would drop the first latency / dt
+    actions as stale, or the whole chunk). If every action is used up before the next chunk arrives, the
     tick is `starved` (None: send nothing, the safety layer's watchdog holds the robot).
     """
 
@@ -193,7 +195,7 @@ class AsyncInference(ChunkExecutor):
             concurrent.futures.wait([self.pending], timeout=self.first_timeout)
             if not self.pending.done():
                 raise TimeoutError(f"first inference took over {self.first_timeout} s")
-            now = self.clock()
+            now = self.pending_t = self.clock()  # nothing played yet: the chunk's first action is due now
             self._accept()
         while self.queue and self.queue[0][0] < now - self.dt / 2:
             self.queue.popleft()

@@ -5,12 +5,19 @@ safety layer, record timing. Ticks are scheduled on an absolute grid (t0 + k/hz)
 accumulate; a tick that overruns a whole period is not replayed in a burst (the grid restarts from now and
 the overrun is counted). Per-step timing goes to a JSONL log and a summary (p50/p99 lateness, command
 interval jitter, inference time, safety events) is printed at the end.
+
+Whatever ends a run early (Ctrl-C, SIGTERM, a policy or server failure, a robot error) e-stops the robot first
+and is then reported in `LoopResult.stopped`: the robot is never left running a stale command while a traceback
+unwinds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +32,19 @@ from robodit.evaluation.runner import ObservationHistory
 log = logging.getLogger("robodit.control")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM) raised as an interrupt, so the robot is stopped exactly as for Ctrl-C."""
+
+
+def describe_stop(exc: BaseException) -> str:
+    """One line naming what ended the run."""
+    if isinstance(exc, Interrupted):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "operator interrupt (Ctrl-C)"
+    return f"failed: {type(exc).__name__}: {exc}"
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -34,6 +54,7 @@ class LoopResult:
     timings: list[dict[str, Any]] = field(repr=False, default_factory=list)
     executor: dict[str, float] = field(default_factory=dict)
     safety: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = field(default=None, repr=False)  # the exception that stopped the run, if any
 
     def summary(self, skip: int = 0) -> dict[str, Any]:
         """Lateness of each command against its scheduled tick, and the jitter of the command interval
@@ -71,6 +92,7 @@ class ControlLoop:
         self.stop_reason = self.stop_reason or reason
 
     def run(self, max_steps: int, task: str | None = None, seed: int | None = None) -> LoopResult:
+        self.stop_reason = None  # a new run starts clean: a stop before rearm() belongs to the previous run
         keys = list(self.policy.obs_shapes)
         history = ObservationHistory(int(self.policy.obs_horizon))
         self.policy.reset()
@@ -79,7 +101,7 @@ class ControlLoop:
         history.reset(obs)
         timings: list[dict[str, Any]] = []
         logf = open(self.log_path, "w") if self.log_path else None  # noqa: SIM115 - closed in finally
-        success, overruns, k = False, 0, 0
+        success, overruns, k, error = False, 0, 0, None
         t0 = t_next = self.clock()
         try:
             for k in range(max_steps):
@@ -121,16 +143,31 @@ class ControlLoop:
                 if self.clock() > t_next + self.dt:  # a whole period missed: restart the grid, no burst
                     overruns += 1
                     t_next = self.clock()
-        except KeyboardInterrupt:
-            self.request_stop("operator interrupt (Ctrl-C)")
-            if hasattr(self.robot, "estop"):
-                self.robot.estop(self.stop_reason)
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the robot is stopped before anything else
+            error = exc
+            self._emergency_stop(describe_stop(exc))
+            if not isinstance(exc, (Exception, KeyboardInterrupt)):  # SystemExit and the like go on up
+                raise
         finally:
             if logf:
                 logf.close()
         stats = dict(self.executor.stats)
         safety = dict(getattr(self.robot, "stats", {}))
-        return LoopResult(len(timings), bool(success), self.stop_reason, overruns, timings, stats, safety)
+        return LoopResult(len(timings), bool(success), self.stop_reason, overruns, timings, stats, safety, error)
+
+    def _emergency_stop(self, reason: str) -> None:
+        """E-stop through the safety layer (latch, hold, callbacks), else the robot's own `stop()`."""
+        self.request_stop(reason)
+        log.debug("control loop stopped", exc_info=True)
+        hook = getattr(self.robot, "estop", None)
+        try:
+            if hook is not None:
+                hook(self.stop_reason)
+            elif hasattr(self.robot, "stop"):
+                log.error("E-STOP: %s", self.stop_reason)
+                self.robot.stop()
+        except Exception as exc:  # noqa: BLE001 - reported; the run is over either way
+            log.error("E-STOP failed: %s", exc)
 
 
 def _check_compatible(robot, policy) -> None:
@@ -149,37 +186,68 @@ def _check_compatible(robot, policy) -> None:
                              f"{tuple(have.shape)}")
 
 
-def run_command(args) -> None:
-    """`robodit run --policy CHECKPOINT_OR_URL --robot CONFIG [--strategy] [--hz] [--dry-run]`."""
-    import torch
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (systemd, `docker stop`, `timeout`) stops the robot as Ctrl-C does. A repeat while shutting down
+    is ignored, so the robot is still closed."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    fired: list[int] = []
 
+    def handler(signum, frame):
+        if fired:
+            log.warning("%s again: already stopping", signal.Signals(signum).name)
+            return
+        fired.append(signum)
+        raise Interrupted(f"{signal.Signals(signum).name} received")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _load_policy(args, hz: float):
     import robodit
     from robodit.cli import CLIError
-    from robodit.control.executors import make_executor, policy_infer
-    from robodit.control.robots import build_robot, load_robot_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_robot_config(args.robot)
-    hz = float(args.hz or cfg.get("control_hz") or 10.0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.policy.startswith(("ws://", "wss://")):
         from robodit.envs.remote import RemotePolicy
 
+        timeout = getattr(args, "policy_timeout", None)
+        timeout = 30.0 if timeout is None else float(timeout)
+        if not timeout > 0:
+            raise CLIError(f"--policy-timeout must be > 0 seconds, got {timeout}")
         try:
-            policy = RemotePolicy(args.policy, token=args.token)
+            return RemotePolicy(args.policy, token=args.token, timeout=timeout)
         except RuntimeError as exc:
             raise CLIError(str(exc)) from None
-    else:
-        policy = robodit.load_policy(args.policy, device=args.device)
-        fps = (getattr(policy, "checkpoint_config", {}).get("store") or {}).get("fps")
-        if fps and abs(float(fps) - hz) > 1e-6:
-            log.warning("the policy was trained on %.1f Hz demonstrations; running at %.1f Hz changes what each "
-                        "action means", float(fps), hz)
+    policy = robodit.load_policy(args.policy, device=args.device)
+    fps = (getattr(policy, "checkpoint_config", {}).get("store") or {}).get("fps")
+    if fps and abs(float(fps) - hz) > 1e-6:
+        log.warning("the policy was trained on %.1f Hz demonstrations; running at %.1f Hz changes what each "
+                    "action means", float(fps), hz)
+    return policy
+
+
+def _drive(args, cfg: dict, policy, hz: float) -> LoopResult:
+    """Build the robot and run the loop. On the way out the robot is closed FIRST (stopped or held, its
+    connection released), then the policy (a remote request still in flight fails at once), and only then is
+    background inference waited for: a hung server never keeps a live arm waiting."""
+    from robodit.cli import CLIError
+    from robodit.control.executors import make_executor, policy_infer
+    from robodit.control.robots import build_robot
+
     strat = dict(cfg.get("strategy") or {})
     name = args.strategy or strat.get("name", "receding")
     n_exec = int(args.n_action_steps or strat.get("n_action_steps") or policy.n_action_steps)
-    robot = build_robot(cfg, policy, dry_run=args.dry_run, hz=hz)
+    try:
+        robot = build_robot(cfg, policy, dry_run=args.dry_run, hz=hz)
+    except ImportError as exc:
+        raise CLIError(f"cannot build the robot: {exc}") from None
+    executor = None
     try:
         _check_compatible(robot, policy)
         executor = make_executor(name, policy_infer(policy, seed=args.seed), hz=hz, n_action_steps=n_exec,
@@ -189,12 +257,46 @@ def run_command(args) -> None:
         dry = " (dry run)" if args.dry_run else ""
         print(f"running {getattr(policy, 'name', 'policy')} on {robot.spec.robot}{dry} "
               f"at {hz:g} Hz, strategy {name}, {args.steps} steps", flush=True)
-        try:
-            result = loop.run(args.steps, task=args.task, seed=args.seed)
-        finally:
-            executor.close()
+        return loop.run(args.steps, task=args.task, seed=args.seed)
     finally:
-        robot.close()
+        _close_in_order(robot.close, getattr(policy, "close", None), executor and executor.close)
+
+
+def _close_in_order(*closers) -> None:
+    """Call every closer even if an earlier one fails (logged); the first failure is raised at the end."""
+    first: Exception | None = None
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 - the rest must still be closed
+            log.error("closing %s failed: %s", getattr(close, "__self__", close), exc)
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def run_command(args) -> None:
+    """`robodit run --policy CHECKPOINT_OR_URL --robot CONFIG [--strategy] [--hz] [--dry-run]`."""
+    import torch
+
+    from robodit.cli import CLIError
+    from robodit.control.robots import load_robot_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_robot_config(args.robot)
+    hz = float(args.hz or cfg.get("control_hz") or 10.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = None
+    try:
+        with _sigterm_as_interrupt():
+            policy = _load_policy(args, hz)
+            result = _drive(args, cfg, policy, hz)
+    except KeyboardInterrupt as exc:  # outside the loop (the loop itself e-stops and returns a result)
+        raise CLIError(f"stopped: {describe_stop(exc)}") from None
+    finally:
         if hasattr(policy, "close"):
             policy.close()
     print(json.dumps(result.summary(), indent=1), flush=True)

@@ -51,26 +51,16 @@ def load_robot_config(path: str | Path) -> dict[str, Any]:
 
 def build_robot(cfg: dict[str, Any], policy=None, *, dry_run: bool = False, hz: float | None = None,
                 on_estop=None) -> SafeRobot:
-    """The configured robot (or, with `dry_run`, a simulated one shaped like the policy) inside a SafeRobot."""
+    """The configured robot (or, with `dry_run`, a simulated one with the configured robot's action bounds and
+    the policy's observations) inside a SafeRobot whose watchdog holds at the loop's rate `hz`."""
     r = dict(cfg.get("robot") or {})
-    kind = "dry_run" if dry_run else r.pop("type", "dry_run")
-    r.pop("type", None)
+    source = r.pop("type", "dry_run")
+    kind = "dry_run" if dry_run else source
     hz = float(hz or cfg.get("control_hz") or 10.0)
     safety = SafetyConfig.from_dict(cfg.get("safety"))
     robot: ControlInterface
     if kind == "dry_run":
-        from robodit.envs.dry_run import DryRunRobot
-
-        if policy is None:
-            raise ValueError("a dry run needs the policy (its observation shapes)")
-        opts = {k: r[k] for k in ("mode", "scale", "max_speed", "step_latency_s", "seed") if k in r}
-        opts.update(r.get("dry_run") or {})
-        ws = safety.workspace
-        if ws is not None and ws["pose_key"] in policy.obs_shapes:  # start in the middle of the allowed box
-            center = (np.asarray(ws["low"], np.float32) + np.asarray(ws["high"], np.float32)) / 2
-            opts.setdefault("initial_pose", (ws["pose_key"], list(ws["pose_index"]), center))
-        robot = DryRunRobot.from_policy(policy, action_low=safety.action_low, action_high=safety.action_high,
-                                        control_hz=hz, **opts)
+        robot = _dry_run_robot(r, source, policy, safety, hz)
     elif kind == "sim":
         from robodit.envs import make_env
 
@@ -81,4 +71,30 @@ def build_robot(cfg: dict[str, Any], policy=None, *, dry_run: bool = False, hz: 
         from robodit.envs.lerobot_robot import LeRobotRobot
 
         robot = LeRobotRobot.from_config(r, control_hz=hz)
-    return SafeRobot(robot, safety, on_estop=on_estop)
+    return SafeRobot(robot, safety, on_estop=on_estop, control_hz=hz)
+
+
+def _dry_run_robot(r: dict[str, Any], source: str, policy, safety: SafetyConfig, hz: float) -> ControlInterface:
+    """A DryRunRobot that takes the commands the configured robot would: its action bounds (so the safety layer
+    clips as it would on hardware), its action size and episode length; observations shaped like the policy's.
+    A LeRobot arm takes joint targets, so its dry run tracks absolute targets."""
+    from robodit.envs.dry_run import DryRunRobot
+
+    if policy is None:
+        raise ValueError("a dry run needs the policy (its observation shapes)")
+    opts: dict[str, Any] = {"mode": "absolute", "max_speed": float("inf")} if source == "lerobot" else {}
+    opts.update({k: r[k] for k in ("mode", "scale", "max_speed", "step_latency_s", "seed") if k in r})
+    opts.update(r.get("dry_run") or {})
+    if "max_episode_steps" in r:
+        opts.setdefault("max_episode_steps", int(r["max_episode_steps"]))
+    low = safety.action_low if safety.action_low is not None else r.get("action_low")
+    high = safety.action_high if safety.action_high is not None else r.get("action_high")
+    sizes = {len(b) for b in (low, high) if b is not None and np.ndim(b) == 1}
+    if len(sizes) > 1:
+        raise ValueError(f"action_low has {len(low)} values and action_high {len(high)}; they must match")
+    ws = safety.workspace
+    if ws is not None and ws["pose_key"] in policy.obs_shapes:  # start in the middle of the allowed box
+        center = (np.asarray(ws["low"], np.float32) + np.asarray(ws["high"], np.float32)) / 2
+        opts.setdefault("initial_pose", (ws["pose_key"], list(ws["pose_index"]), center))
+    return DryRunRobot.from_policy(policy, action_dim=sizes.pop() if sizes else None, action_low=low,
+                                   action_high=high, control_hz=hz, **opts)

@@ -34,17 +34,19 @@ class DryRunRobot(ControlInterface):
         self.initial_pose = initial_pose  # (key, index, values): start there, e.g. inside the safety workspace
         self.spec = EnvSpec(observation={k: ArraySpec(s, d) for k, (s, d) in self.obs_shapes.items()},
                             action_dim=int(action_dim), action_low=low, action_high=high, control_hz=float(control_hz),
-                            robot=robot, max_episode_steps=int(max_episode_steps), extra={"simulator": "dry_run"})
+                            robot=robot, max_episode_steps=int(max_episode_steps),
+                            extra={"simulator": "dry_run", "action_mode": mode})  # the safety layer's hold
         self._rng = np.random.default_rng(seed)
         self._state: dict[str, np.ndarray] = {}
         self._t = 0
         self.commands: list[np.ndarray] = []  # every command received (tests and post-mortems read it)
 
     @classmethod
-    def from_policy(cls, policy, **kwargs) -> "DryRunRobot":
-        """Observation keys/shapes and action size from a policy (local or RemotePolicy)."""
+    def from_policy(cls, policy, action_dim: int | None = None, **kwargs) -> "DryRunRobot":
+        """Observation keys/shapes from a policy (local or RemotePolicy); the action size too unless given (the
+        configured robot's, so a policy that does not fit it is refused as it would be on hardware)."""
         obs = {k: (shape, dtype) for k, (shape, dtype) in policy.obs_shapes.items()}
-        return cls(obs, policy.action_dim, **kwargs)
+        return cls(obs, policy.action_dim if action_dim is None else int(action_dim), **kwargs)
 
     def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed) if seed is not None else self._rng

@@ -3,12 +3,16 @@
 `LeRobotRobot(robot)` wraps any object with LeRobot's robot API: `connect()`, `get_observation() -> {name: value}`,
 `send_action({name: value}) -> {name: value actually sent}`, `disconnect()`, and the `observation_features` /
 `action_features` dicts (name → `float` for a scalar such as "shoulder_pan.pos", or an (H, W, C) tuple for a
-camera). Scalars are packed, in feature order, into `state`; cameras become uint8 `image_<name>`; the action
-vector follows `action_features` order. So an SO-100 arm, a bimanual rig or a test double all look alike.
+camera). Scalars are packed, in feature order, into `state`; cameras become uint8 `image_<name>` (the name made
+a store key by the same `safe_key` as `robodit convert lerobot`, so `wrist.cam` is `image_wrist_cam` in both);
+the action vector follows `action_features` order. So an SO-100 arm, a bimanual rig or a test double all look
+alike.
 
 LeRobot reports no action limits, so bounds come from the robot config; the safety layer refuses to run with
 infinite bounds. `stop()` (what an e-stop calls) commands the present measured positions: a position-controlled
-arm stays where it is instead of finishing its last target.
+arm stays where it is instead of finishing its last target. LeRobot robots turn torque off when they disconnect
+(`disable_torque_on_disconnect`, default true), which would drop an arm the e-stop just held in place; so after
+an e-stop `close()` keeps torque on unless the config sets `torque_off_after_estop: true`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from robodit.datasets.convert.common import safe_key
 from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
 
 log = logging.getLogger("robodit.lerobot")
@@ -32,11 +37,18 @@ def _is_scalar(feature) -> bool:
 
 class LeRobotRobot(ControlInterface):
     def __init__(self, robot, *, control_hz: float = 30.0, action_low=None, action_high=None,
-                 max_episode_steps: int = 10**9, name: str | None = None, calibrate: bool = True):
+                 max_episode_steps: int = 10**9, name: str | None = None, calibrate: bool = True,
+                 torque_off_after_estop: bool = False):
         self.robot, self.calibrate = robot, calibrate
+        self.torque_off_after_estop = bool(torque_off_after_estop)
+        self.estopped = False  # set by stop(): close() then keeps the arm powered where the stop held it
         obs_ft, act_ft = dict(robot.observation_features), dict(robot.action_features)
         self.state_names = [k for k, v in obs_ft.items() if _is_scalar(v)]
         self.cameras = {k: tuple(int(x) for x in v) for k, v in obs_ft.items() if not _is_scalar(v)}
+        self.camera_keys = {k: "image_" + safe_key(k) for k in self.cameras}
+        if len(set(self.camera_keys.values())) < len(self.camera_keys):
+            raise ValueError(f"cameras {sorted(self.cameras)} give clashing observation keys "
+                             f"{sorted(self.camera_keys.values())}; rename a camera")
         bad = [k for k, v in act_ft.items() if not _is_scalar(v)]
         if bad:
             raise ValueError(f"action features {bad} are not scalars; LeRobotRobot sends flat float actions")
@@ -47,11 +59,12 @@ class LeRobotRobot(ControlInterface):
         if low.shape != (n,) or high.shape != (n,):
             raise ValueError(f"action_low/high need {n} values, one per action feature {self.action_names}")
         observation = {"state": ArraySpec((len(self.state_names),), "float32")}
-        observation.update({f"image_{k}": ArraySpec(v, "uint8") for k, v in self.cameras.items()})
+        observation.update({self.camera_keys[k]: ArraySpec(v, "uint8") for k, v in self.cameras.items()})
         self.spec = EnvSpec(observation=observation, action_dim=n, action_low=low, action_high=high,
                             control_hz=float(control_hz), robot=name or type(robot).__name__,
                             max_episode_steps=int(max_episode_steps),
-                            extra={"state_names": self.state_names, "action_names": self.action_names})
+                            extra={"state_names": self.state_names, "action_names": self.action_names,
+                                   "action_mode": "absolute"})  # joint targets: a hold re-sends the last one
         self._t = 0
         self.robot_clipped = 0  # steps where the robot's own limits changed the command
 
@@ -67,7 +80,7 @@ class LeRobotRobot(ControlInterface):
         else:
             raise ValueError("robot.type lerobot needs robot.factory ('module:callable') or robot.lerobot "
                              "({type: so101_follower, port: ..., ...})")
-        keys = ("action_low", "action_high", "max_episode_steps", "name", "calibrate")
+        keys = ("action_low", "action_high", "max_episode_steps", "name", "calibrate", "torque_off_after_estop")
         return cls(robot, control_hz=control_hz, **{k: cfg[k] for k in keys if k in cfg})
 
     # -- conversions -----------------------------------------------------------------------------------------
@@ -80,7 +93,7 @@ class LeRobotRobot(ControlInterface):
             img = np.asarray(raw[k])
             if img.shape != shape:
                 raise RuntimeError(f"camera {k!r} sent a frame of shape {img.shape}; it declared {shape}")
-            obs[f"image_{k}"] = img.astype(np.uint8, copy=False)
+            obs[self.camera_keys[k]] = img.astype(np.uint8, copy=False)
         return obs
 
     def _action_dict(self, action: np.ndarray) -> dict[str, float]:
@@ -101,6 +114,7 @@ class LeRobotRobot(ControlInterface):
         """Connect if needed and read the present observation (a person resets a real scene)."""
         self._connect()
         self._t = 0
+        self.estopped = False
         return self._obs(self.robot.get_observation())
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool, bool, dict[str, Any]]:
@@ -120,6 +134,7 @@ class LeRobotRobot(ControlInterface):
 
     def stop(self) -> None:
         """Command the measured positions of every actuator whose action name is also an observation."""
+        self.estopped = True
         raw = self.robot.get_observation()
         hold = {k: float(raw[k]) for k in self.action_names if k in raw}
         if len(hold) == len(self.action_names):
@@ -129,8 +144,25 @@ class LeRobotRobot(ControlInterface):
                       sorted(set(self.action_names) - set(hold)))
 
     def close(self) -> None:
+        if self.estopped and not self.torque_off_after_estop:
+            _keep_torque_on(self.robot)
         if getattr(self.robot, "is_connected", True):
             self.robot.disconnect()
+
+
+def _keep_torque_on(robot) -> None:
+    """Clear LeRobot's `disable_torque_on_disconnect` on the robot's config and on its arms' (a bimanual robot
+    builds one robot per arm from its own config), so disconnecting leaves the motors holding."""
+    parts = getattr(robot, "__dict__", {}).values()
+    configs = [getattr(robot, "config", None)] + [getattr(part, "config", None) for part in parts]
+    for cfg in configs:
+        if cfg is not None and getattr(cfg, "disable_torque_on_disconnect", False):
+            try:
+                cfg.disable_torque_on_disconnect = False
+                log.warning("after the e-stop the arm keeps torque on at disconnect (it would drop otherwise); "
+                            "set robot.torque_off_after_estop: true to let it go limp")
+            except Exception as exc:  # noqa: BLE001 - e.g. a frozen config: say so, the disconnect still runs
+                log.error("cannot keep torque on at disconnect (%s): the arm may drop", exc)
 
 
 def make_lerobot_robot(type: str, **kwargs):  # noqa: A002 - LeRobot's own key name
@@ -140,12 +172,23 @@ def make_lerobot_robot(type: str, **kwargs):  # noqa: A002 - LeRobot's own key n
         import lerobot.robots as robots
         from lerobot.robots import RobotConfig, make_robot_from_config
     except ImportError as exc:
-        raise ImportError(f"robot.lerobot needs the lerobot package with its dependencies ({exc}); "
-                          "pip install lerobot, or use robot.factory") from None
+        raise _missing(exc) from None
     for mod in pkgutil.iter_modules(robots.__path__):  # config classes register themselves on import
         try:
             importlib.import_module(f"{robots.__name__}.{mod.name}")
         except ImportError as exc:
             log.debug("lerobot robot module %s unavailable: %s", mod.name, exc)
     config = draccus.decode(RobotConfig, {"type": type, **kwargs})
-    return make_robot_from_config(config)
+    try:
+        return make_robot_from_config(config)
+    except ImportError as exc:  # the robot's hardware SDK (e.g. scservo_sdk for Feetech motors)
+        raise _missing(exc, type) from None
+
+
+def _missing(exc: ImportError, robot_type: str | None = None) -> ImportError:
+    """An ImportError naming the missing module and what to install."""
+    what = f"robot type {robot_type!r}" if robot_type else "robot.lerobot"
+    module = exc.name or str(exc)
+    return ImportError(f"{what} needs the Python module {module!r} ({exc}); install "
+                       "lerobot with its robot extras, e.g. pip install 'lerobot[feetech]' for SO-100/101 arms, "
+                       "or use robot.factory")

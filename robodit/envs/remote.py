@@ -11,7 +11,11 @@ as SHA-256 digests with `hmac.compare_digest`: constant time, no length leak), s
 reaches the message handler, let alone the model. Inference runs in one worker thread (`run_in_executor`),
 so the event loop keeps answering /healthz, websocket pings and other clients while the model computes.
 `max_size` makes the websocket library refuse an oversized message (close code 1009) before buffering it.
-Every bad observation gets an error reply naming the key and the problem; the connection stays usable.
+Every bad observation gets an error reply naming the key and the problem; the connection stays usable. So does
+a non-finite action: the server checks what the policy returns and replies with an error instead of NaN/inf.
+
+The client's `timeout` bounds each request: past it the connection is dropped at once (no close handshake with a
+server that has stopped answering), so a timeout costs the configured time, not several times it.
 """
 
 from __future__ import annotations
@@ -149,6 +153,10 @@ class PolicyServer:
             return self._error(rid, "internal", f"inference failed: {type(exc).__name__}: {exc}")
         finally:
             self.stats["inflight"] -= 1
+        bad = int(np.size(action) - np.isfinite(action).sum())
+        if bad:
+            return self._error(rid, "nonfinite_action", f"the policy returned {bad} non-finite (NaN/inf) values in "
+                               f"its {np.size(action)}-value action chunk; nothing was sent")
         self.stats["served"] += 1
         return {"type": "action", "id": rid, "action": action, "infer_ms": 1000 * spent}
 
@@ -241,7 +249,8 @@ class RemotePolicy:
 
         try:
             return connect(self.url, additional_headers={"Authorization": f"Bearer {self.token}"},  # noqa: SIM115
-                           open_timeout=self.timeout, max_size=64 * 2**20, compression=None).__enter__()
+                           open_timeout=self.timeout, close_timeout=min(1.0, self.timeout), max_size=64 * 2**20,
+                           compression=None).__enter__()
         except InvalidStatus as exc:
             code = exc.response.status_code
             why = {401: "missing or wrong token", 503: "server full"}.get(code, exc.response.body.decode()[:200])
@@ -255,17 +264,20 @@ class RemotePolicy:
         with self._lock:
             if self._ws is None:
                 self._ws = self._connect()
+            ws = self._ws  # close() from another thread may clear self._ws meanwhile
             msg = dict(msg, id=next(self._ids))
             payload = pack(msg)
             limit = getattr(self, "meta", {}).get("max_request_bytes")
             if limit and len(payload) > limit:
                 raise RemotePolicyError(f"request of {len(payload)} bytes exceeds the server's {limit}-byte limit")
             try:
-                self._ws.send(payload)
-                reply = unpack(self._ws.recv(timeout=self.timeout))
-            except (ConnectionClosed, TimeoutError) as exc:
-                ws, self._ws = self._ws, None  # reconnect on the next call
-                ws.close()
+                ws.send(payload)
+                reply = unpack(ws.recv(timeout=self.timeout))
+            except TimeoutError:
+                self._drop(ws)
+                raise RemotePolicyError(f"no reply from {self.url} within {self.timeout:g} s") from None
+            except ConnectionClosed as exc:
+                self._drop(ws)
                 raise RemotePolicyError(f"connection to {self.url} lost: {exc}") from None
         if reply.get("type") == "error":
             raise RemotePolicyError(f"server error ({reply.get('code')}): {reply.get('error')}")
@@ -301,11 +313,27 @@ class RemotePolicy:
     def reset(self) -> None:
         """Nothing to forget: served policies are stateless between requests."""
 
+    def _drop(self, ws) -> None:
+        """Forget a failed connection (the next call reconnects) and close its socket without a close handshake:
+        a server that stopped answering would hold `close()` for its close_timeout."""
+        if self._ws is ws:
+            self._ws = None
+        ws.close_socket()
+
     def close(self) -> None:
-        with self._lock:
-            if self._ws is not None:
-                self._ws.close()
-                self._ws = None
+        """Close the connection. A request still in flight in another thread (an async inference abandoned at an
+        e-stop) fails at once instead of keeping the process alive for the rest of its timeout."""
+        if self._lock.acquire(blocking=False):
+            try:
+                ws, self._ws = self._ws, None
+                if ws is not None:
+                    ws.close()  # a short close handshake (close_timeout <= 1 s)
+            finally:
+                self._lock.release()
+        else:
+            ws = self._ws
+            if ws is not None:
+                self._drop(ws)
 
     def __enter__(self):
         return self

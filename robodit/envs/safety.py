@@ -6,9 +6,13 @@ changed is clipped AND reported: counted in `stats`, listed in `info["safety"]`,
 kind, with the count of suppressed repeats, so a 30 Hz loop cannot flood the log yet nothing goes unsaid).
 
 A watchdog thread acts when no fresh action arrives within `timeout_ms` (a slow or crashed policy): `hold`
-re-sends the last safe command (or `hold_action`) at the control rate; `stop` e-stops. `estop(reason)` may be
-called from any thread (keyboard, pedal, the loop's Ctrl-C); it latches until `rearm()`, so a later `reset()`
-cannot silently restart a robot that was stopped for a reason.
+sends a hold command at the loop's rate, `stop` e-stops. A hold is `hold_action` (a `null` entry keeps that
+dimension's last command, e.g. a gripper's grasp), else zero on a delta robot (velocity-like commands: stand
+still) and the last safe command on an absolute one (a position target stays put). A hold passes the same
+bounds / max_delta / workspace filter as any command and becomes the rate limiter's reference.
+
+`estop(reason)` may be called from any thread (keyboard, pedal, the loop's Ctrl-C or error); it latches until
+`rearm()`, so a later `reset()` cannot silently restart a robot that was stopped for a reason.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ class SafetyConfig:
     max_delta: float | list[float] | None = None  # largest change of each dimension between two commands
     max_delta_reference: dict | None = None  # {key, index}: first command is limited relative to measured values
     workspace: dict | None = None  # {low, high, pose_key, pose_index, action_index, mode: delta|absolute, scale}
-    watchdog: dict = field(default_factory=lambda: {"timeout_ms": 500, "on_timeout": "hold"})
+    watchdog: dict = field(default_factory=lambda: {"timeout_ms": 500, "on_timeout": "hold"})  # + hold_action
+    action_mode: str | None = None  # delta | absolute: what a hold sends; default: the robot's, else the workspace's
     nonfinite: str = "estop"  # estop | hold: what a NaN / inf command does
     stop_action: list[float] | None = None  # sent once on e-stop (e.g. zero velocities); default: none
     allow_unbounded: bool = False  # infinite bounds are refused unless explicitly allowed
@@ -57,12 +62,16 @@ class SafetyConfig:
             msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise ValueError(f"unknown safety option {msg}; known: {sorted(known)}")
         cfg = cls(**d)
-        wd = dict(cls().watchdog, **(cfg.watchdog or {}))
-        if wd.get("on_timeout") not in ("hold", "stop"):
-            raise ValueError(f"safety.watchdog.on_timeout must be 'hold' or 'stop', got {wd.get('on_timeout')!r}")
+        cfg.watchdog = _check_watchdog(dict(cls().watchdog, **(cfg.watchdog or {})))
         if cfg.nonfinite not in ("estop", "hold"):
             raise ValueError(f"safety.nonfinite must be 'estop' or 'hold', got {cfg.nonfinite!r}")
-        cfg.watchdog = wd
+        if cfg.action_mode not in (None, "delta", "absolute"):
+            raise ValueError(f"safety.action_mode must be 'delta' or 'absolute', got {cfg.action_mode!r}")
+        if cfg.max_delta is not None and not (np.asarray(cfg.max_delta, np.float64) >= 0).all():
+            raise ValueError(f"safety.max_delta must be >= 0 in every dimension, got {cfg.max_delta}: a negative "
+                             "limit would move the robot by itself")
+        if cfg.max_delta_reference is not None:
+            _check_keys(cfg.max_delta_reference, {"key", "index"}, "safety.max_delta_reference")
         if cfg.workspace is not None:
             ws = dict({"pose_key": "state", "pose_index": [0, 1, 2], "action_index": [0, 1, 2], "mode": "delta",
                        "scale": 1.0}, **cfg.workspace)
@@ -71,15 +80,41 @@ class SafetyConfig:
             for k in ("low", "high"):
                 if k not in ws:
                     raise ValueError(f"safety.workspace needs {k!r} (a box in the pose's units)")
+            _check_keys(ws, {"low", "high", "pose_key", "pose_index", "action_index", "mode", "scale"},
+                        "safety.workspace")
             n = len(ws["pose_index"])
             if not len(ws["low"]) == len(ws["high"]) == len(ws["action_index"]) == n:
                 raise ValueError("safety.workspace: low, high, pose_index and action_index must have equal length")
+            inverted = np.flatnonzero(np.asarray(ws["low"], np.float64) > np.asarray(ws["high"], np.float64))
+            if inverted.size:
+                raise ValueError(f"safety.workspace: low > high in dims {inverted.tolist()} (low {ws['low']}, "
+                                 f"high {ws['high']})")
+            if not float(ws["scale"]) > 0:
+                raise ValueError(f"safety.workspace.scale must be > 0, got {ws['scale']!r}")
             cfg.workspace = ws
         return cfg
 
 
+def _check_keys(d: dict, known: set[str], where: str) -> None:
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ValueError(f"unknown {where} option(s) {unknown}; known: {sorted(known)}")
+
+
+def _check_watchdog(wd: dict) -> dict:
+    """A watchdog cannot be switched off: a non-positive timeout is refused, not read as 'never'."""
+    _check_keys(wd, {"timeout_ms", "on_timeout", "hold_action"}, "safety.watchdog")
+    if wd["on_timeout"] not in ("hold", "stop"):
+        raise ValueError(f"safety.watchdog.on_timeout must be 'hold' or 'stop', got {wd['on_timeout']!r}")
+    timeout = wd["timeout_ms"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"safety.watchdog.timeout_ms must be a positive number of milliseconds, got {timeout!r} "
+                         "(the watchdog cannot be turned off)")
+    return wd
+
+
 def _vec(x, n: int, name: str) -> np.ndarray:
-    v = np.asarray(x, dtype=np.float64)
+    v = np.asarray(x, dtype=np.float64)  # a None entry becomes NaN (hold_action: keep that dimension)
     if v.ndim == 0:
         v = np.full(n, float(v))
     if v.shape != (n,):
@@ -92,7 +127,10 @@ class SafeRobot(ControlInterface):
 
     def __init__(self, robot: ControlInterface, config: SafetyConfig | dict | None = None,
                  on_estop: list[Callable[[str], None]] | Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, watchdog_thread: bool = True):
+                 clock: Callable[[], float] = time.monotonic, watchdog_thread: bool = True,
+                 control_hz: float | None = None):
+        """`control_hz`: the loop's rate, which the watchdog holds at (default: the robot's own control_hz,
+        which for a simulator is its physics rate, not what the loop asked for)."""
         self.robot = robot
         self.config = cfg = config if isinstance(config, SafetyConfig) else SafetyConfig.from_dict(config)
         n = robot.spec.action_dim
@@ -107,10 +145,18 @@ class SafeRobot(ControlInterface):
         self.hold_action = None if cfg.watchdog.get("hold_action") is None else \
             _vec(cfg.watchdog["hold_action"], n, "watchdog.hold_action")
         self.stop_action = None if cfg.stop_action is None else _vec(cfg.stop_action, n, "stop_action")
+        if self.stop_action is not None and not np.isfinite(self.stop_action).all():
+            raise ValueError(f"safety.stop_action {cfg.stop_action} must be finite in every dimension")
+        ws_mode = cfg.workspace["mode"] if cfg.workspace else None
+        self.action_mode = cfg.action_mode or robot.spec.extra.get("action_mode") or ws_mode or "absolute"
         for name, v in (("watchdog.hold_action", self.hold_action), ("stop_action", self.stop_action)):
             if v is not None and (np.any(v < self.low) or np.any(v > self.high)):
                 raise ValueError(f"safety.{name} {v.tolist()} lies outside the action bounds")
-        self.timeout_s = float(cfg.watchdog.get("timeout_ms") or 0) / 1000.0
+        if self.action_mode == "delta" and self.hold_action is None and (np.any(self.low > 0) or np.any(self.high < 0)):
+            raise ValueError("a delta robot holds with a zero action, which lies outside the action bounds "
+                             f"{self.low.tolist()}..{self.high.tolist()}: set safety.watchdog.hold_action")
+        self.timeout_s = float(cfg.watchdog["timeout_ms"]) / 1000.0
+        self.control_hz = float(control_hz or robot.spec.control_hz or 10.0)
         self.spec: EnvSpec = replace(robot.spec, action_low=self.low.astype(np.float32),
                                      action_high=self.high.astype(np.float32))
         self.clock = clock
@@ -127,6 +173,7 @@ class SafeRobot(ControlInterface):
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._use_thread = watchdog_thread and self.timeout_s > 0
+        self._check_reads({k: v.shape for k, v in robot.spec.observation.items()})
 
     # -- reporting --------------------------------------------------------------------------------------------
     def _report(self, kind: str, msg: str, level: int = logging.WARNING) -> None:
@@ -159,8 +206,8 @@ class SafeRobot(ControlInterface):
             if fallback is None:
                 self.estop(f"non-finite action in dims {bad} and no command to hold")
                 raise SafetyStop(self.stopped)
-            self._report("nonfinite", f"NaN/inf in dims {bad}; holding the last safe command")
-            return fallback, ["nonfinite"]
+            self._report("nonfinite", f"NaN/inf in dims {bad}; holding")
+            a, kinds = fallback, ["nonfinite"]  # the hold passes the rest of the filter like any command
         clipped = np.clip(a, self.low, self.high)
         if not np.array_equal(clipped, a):
             dims = np.flatnonzero(clipped != a).tolist()
@@ -189,6 +236,29 @@ class SafeRobot(ControlInterface):
         ref_vals = np.asarray(self._last_obs[ref.get("key", "state")], np.float64).reshape(-1)
         return ref_vals[list(ref.get("index", range(self.low.size)))]
 
+    def _check_reads(self, shapes: dict[str, tuple]) -> None:
+        """Every observation entry the config reads exists: checked from the spec at construction and from the
+        first observation at reset, so a typo is an error before the first command, not a KeyError mid-run."""
+        reads = []
+        ref = self.config.max_delta_reference
+        if ref:
+            index = list(ref.get("index", range(self.low.size)))
+            if len(index) != self.low.size:
+                raise ValueError(f"safety.max_delta_reference.index has {len(index)} values; the robot's action "
+                                 f"has {self.low.size} dimensions")
+            reads.append(("safety.max_delta_reference.key", ref.get("key", "state"), index))
+        ws = self.config.workspace
+        if ws is not None and ws["mode"] == "delta":
+            reads.append(("safety.workspace.pose_key", ws["pose_key"], list(ws["pose_index"])))
+        for name, key, index in reads:
+            if key not in shapes:
+                raise ValueError(f"{name} reads observation {key!r}, which the robot does not report "
+                                 f"(keys: {sorted(shapes)})")
+            size = int(np.prod(shapes[key]))
+            out = [i for i in index if not -size <= int(i) < size]
+            if out:
+                raise ValueError(f"{name}: index {out} out of range for observation {key!r} of size {size}")
+
     def _workspace(self, a: np.ndarray, ws: dict, kinds: list[str]) -> np.ndarray:
         idx = list(ws["action_index"])
         lo, hi = np.asarray(ws["low"], np.float64), np.asarray(ws["high"], np.float64)
@@ -209,7 +279,17 @@ class SafeRobot(ControlInterface):
         return a
 
     def _hold_command(self) -> np.ndarray | None:
-        return self.hold_action if self.hold_action is not None else self._last_safe
+        """hold_action (NaN entries keep the last command), else zero on a delta robot (a re-sent velocity would
+        drift), else the last safe command; None when there is nothing to hold yet."""
+        last = self._last_safe
+        if self.hold_action is not None:
+            keep = np.isnan(self.hold_action)
+            if keep.any() and last is None:
+                return None
+            return np.where(keep, last if last is not None else 0.0, self.hold_action)
+        if self.action_mode == "delta":
+            return np.zeros_like(self.low)
+        return last
 
     # -- ControlInterface -------------------------------------------------------------------------------------
     def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
@@ -221,10 +301,7 @@ class SafeRobot(ControlInterface):
             self._holding = False
             obs = self.robot.reset(task=task, seed=seed)
             self._last_obs = obs
-        ws = self.config.workspace
-        if ws is not None and ws["mode"] == "delta" and ws["pose_key"] not in obs:
-            raise ValueError(f"safety.workspace reads the pose from observation {ws['pose_key']!r}, which the robot "
-                             f"does not report (keys: {sorted(obs)})")
+        self._check_reads({k: np.shape(v) for k, v in obs.items()})
         if self._use_thread and self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="robodit-watchdog", daemon=True)
             self._thread.start()
@@ -265,17 +342,17 @@ class SafeRobot(ControlInterface):
                            f"(timeout {1000 * self.timeout_s:.0f} ms)")
                 return "stop"
             command = self._hold_command()
-            if not self._holding:
-                self._holding = True
+            self._holding = True
             self._report("watchdog", f"no fresh action for {1000 * late:.0f} ms (timeout "
-                                     f"{1000 * self.timeout_s:.0f} ms); holding the last safe command")
+                                     f"{1000 * self.timeout_s:.0f} ms); holding")
             if command is not None:
-                obs, *_ = self.robot.step(command.astype(np.float32))
-                self._last_obs = obs
+                safe, _ = self.filter_action(command)  # bounds, max_delta, workspace: a hold is a command too
+                obs, *_ = self.robot.step(safe.astype(np.float32))
+                self._last_safe, self._last_obs = safe, obs  # the next command is rate-limited from the hold
             return "hold"
 
     def _watch(self) -> None:
-        period = 1.0 / max(float(self.spec.control_hz or 10.0), 1.0)
+        period = 1.0 / max(self.control_hz, 1.0)
         while not self._closing.wait(min(period, self.timeout_s / 2)):
             try:
                 self.check_watchdog()
