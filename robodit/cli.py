@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an eval out_dir or results.json, or LABEL=GLOB: a group of runs (e.g. one per seed)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write the comparison as JSON here")
+    p.add_argument("--plot", default=None, help="also draw grouped bars with intervals into this PNG")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("serve", help="serve a checkpoint's policy over a websocket (token required)")

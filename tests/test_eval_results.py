@@ -144,6 +144,10 @@ def test_compare_groups_seeds_and_says_what_differs(monkeypatch, tmp_path):
     assert result["cells"]["reach-v3"]["dit"] == "50.0% ± 50.0% (3 runs)"
     assert result["paired"] is None  # only for two single runs
     assert "policy_seed" in result["settings_that_differ"]
+    from robodit.evaluation.compare import plot_comparison
+
+    columns = parse_columns([f"dit={tmp_path}/dit_s*", str(tmp_path / "mode")])
+    assert plot_comparison(tmp_path / "c.png", columns, compare(columns)).stat().st_size > 0
 
 
 def test_compare_refuses_what_is_not_an_evaluation(tmp_path):
@@ -163,9 +167,10 @@ def test_compare_cli_prints_and_writes_the_table(monkeypatch, tmp_path, capsys):
     _eval_into(monkeypatch, tmp_path / "b", {"reach-v3": [True, True]})
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.md"),
-                 "--json", str(tmp_path / "c.json")]) == 0
+                 "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
-    assert "| | a | b |" in out and out.strip() == (tmp_path / "c.md").read_text().strip()
+    assert "| | a | b |" in out and out.split("\nplot: ")[0].strip() == (tmp_path / "c.md").read_text().strip()
     assert json.loads((tmp_path / "c.json").read_text())["rows"]["reach-v3"] == {"a": 0.5, "b": 1.0}
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert "no results.json" in capsys.readouterr().err

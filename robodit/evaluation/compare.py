@@ -172,12 +172,58 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_comparison(path: str | Path, columns: list[Column], result: dict[str, Any]) -> Path:
+    """Grouped bars, one group per row (task / chain length) and one bar per column, with each cell's spread:
+    the Wilson 95% interval of a single run, ± one sample std of a group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in result["rows"] if r != "avg completed"]
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(columns) + 2), 4.0), dpi=110)
+    x = np.arange(len(rows))
+    for i, c in enumerate(columns):
+        bars = [_spread(c, row, result["rows"][row][c.label]) for row in rows]  # (value, below, above)
+        ax.bar(x + (i - (len(columns) - 1) / 2) * width, [b[0] for b in bars], width,
+               yerr=[[b[1] for b in bars], [b[2] for b in bars]], capsize=3, label=c.label)
+    ax.set_xticks(x, rows, rotation=60 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",
+                  fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _spread(column: Column, row: str, value: float | None) -> tuple[float, float, float]:
+    """(value, error below, error above) of a cell for a bar: Wilson interval of one run, ± std of a group."""
+    if value is None:
+        return float("nan"), 0.0, 0.0
+    if len(column.runs) == 1:
+        ci, _ = _interval(column.runs[0], row)
+        lo, hi = ci or (value, value)
+    else:
+        values = [v for v in (_rows(r).get(row) for r in column.runs) if v is not None]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        lo, hi = value - sd, value + sd
+    return value, max(0.0, value - lo), max(0.0, hi - value)
+
+
 def compare_command(args) -> None:
     """CLI entry (`robodit compare`)."""
-    result = compare(parse_columns(args.results))
+    columns = parse_columns(args.results)
+    result = compare(columns)
     text = format_markdown(result)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if getattr(args, "plot", None):
+        print(f"plot: {plot_comparison(args.plot, columns, result)}")

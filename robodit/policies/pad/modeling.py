@@ -66,8 +66,9 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
         self.state_keys = sorted(k for k in self.obs_shapes if k not in self.image_keys)
         if not self.image_keys:
-            raise ValueError("pad predicts future frames: the store needs at least one uint8 image key "
-                             f"(it has {sorted(self.obs_shapes)})")
+            raise ValueError("pad predicts future frames: it needs at least one uint8 image key among its "
+                             f"observation keys, which are {sorted(self.obs_shapes)} (the store's, or "
+                             "dataset.obs_keys)")
         channels = {self.obs_shapes[k][0][-1] for k in self.image_keys}
         if len(channels) != 1:
             raise ValueError(f"pad needs the same channel count for every camera, got {channels}")
