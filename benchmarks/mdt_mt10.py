@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def train_variant(name: str, store: Path, args) -> tuple[Path, dict]:
                  "train.progress=false", *VARIANTS[name], *args.override]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    shutil.rmtree(Path(args.out) / name / "run", ignore_errors=True)  # a half-finished run restarts from scratch
     t0 = time.time()
     ckpt = train(cfg)
     return ckpt, {"train_steps": int(ckpt.name.split("_")[1]), "train_minutes": round((time.time() - t0) / 60, 2)}

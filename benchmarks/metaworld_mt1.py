@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def run_task(task: str, args) -> dict:
     overrides += args.override
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    shutil.rmtree(root / "run", ignore_errors=True)  # a half-finished run restarts from scratch (same budget)
     t0 = time.time()
     ckpt = train(cfg)
     t_train = time.time() - t0

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def run_policy(policy: str, store: Path, args, seed: int, root: Path) -> dict:
                  "train.checkpoint_every=100000", f"train.seed={seed}", "train.progress=false", *args.override]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    shutil.rmtree(root / "run", ignore_errors=True)  # a half-finished run restarts from scratch (same budget)
     t0 = time.time()
     ckpt = train(cfg)
     minutes = round((time.time() - t0) / 60, 2)

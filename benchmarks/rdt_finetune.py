@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def run_train(name: str, dataset: list[str], steps: int, minutes: float, args, e
                  f"train.seed={args.seed}", "train.progress=false", *extra, *args.override]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    shutil.rmtree(out, ignore_errors=True)  # a half-finished run restarts from scratch (same budget)
     t0 = time.time()
     ckpt = train(cfg)
     return ckpt, {"train_steps": int(ckpt.name.split("_")[1]), "train_minutes": round((time.time() - t0) / 60, 2),

@@ -89,6 +89,9 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     with DemoStore.open(out) as store:
         assert len(store) == 1 and store.env["seeds_used"] == [3]
+        # its instruction is embedded, as multi-task collection does (MDT trains on it with no `robodit embed`)
+        encoder, table = store.language_embeddings()
+        assert encoder == "minilm" and list(table) == ["reach the goal"]
     capsys.readouterr()
     rc = main(["collect", "metaworld/rech-v3", "--episodes", "1", "--out", str(tmp_path / "no.zarr")])
     err = capsys.readouterr().err

@@ -107,6 +107,7 @@ def test_info_checkpoint_text_json_and_routes(toy_store, tmp_path, capsys):
     assert s["parameters"]["active"] == counts["active"] < counts["total"]
     assert s["step"] == 2 and s["action"] == [3] and s["stores"][0]["tasks"] == ["toy-task"]
     assert s["policy"]["formulation"]["name"] == "ddpm"
+    assert s["policy"]["formulation"]["prediction"] == "sample"  # every option spelled out, defaults included
 
     assert main(["info", str(ckpt), "--json", "--routes"]) == 0
     routes = json.loads(capsys.readouterr().out)["routes"]
@@ -118,7 +119,14 @@ def test_info_checkpoint_text_json_and_routes(toy_store, tmp_path, capsys):
     assert main(["info", str(ckpt), "--routes"]) == 0
     out = capsys.readouterr().out
     assert out.count("+") == 3 * policy.depth  # top-2: one "a+b" per step and layer
-    assert f"cache:      {cache['bytes'] / 2**20:.1f} MiB for {3 * policy.depth} fused MLPs" in out
+    assert f"cache:      {cache['bytes'] / 2**20:.1f} MiB, {3 * policy.depth} fused MLPs" in out
+    import yaml  # the same checkpoint deployed with the in-place cache: no fused copies to report
+
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["policy"]["expert_cache"] = "in_place"
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["info", str(ckpt), "--routes"]) == 0
+    assert "routes only, the experts used in place" in capsys.readouterr().out
 
 
 def test_info_routes_errors(toy_store, tmp_path, capsys):
@@ -144,3 +152,21 @@ def test_info_piped_into_a_reader_that_stops_early_is_quiet(toy_store):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_a_bare_formulation_name_means_that_process_as_the_family_runs_it():
+    """`policy.formulation=ddpm` on an x0-DDPM family kept DDPM's class defaults (epsilon, 1000 linear levels:
+    5% on reach-v3); now it is the family's own process, and `info` shows which."""
+    from robodit.policies.dit import DiTPolicy
+    from robodit.policies.mode import MoDEPolicy
+    from robodit.policies.pad import PADPolicy
+    from robodit.training.info import _formulation
+
+    for cls in (DiTPolicy, MoDEPolicy, PADPolicy):
+        assert cls.formulation_config("ddpm")["prediction"] == "sample", cls
+        assert cls.formulation_config("edm") == "edm"  # another process: its own defaults
+    shape_meta = {"obs": {"state": {"shape": [5], "dtype": "float32"}}, "action": {"shape": [3]}}
+    assert MoDEPolicy(shape_meta, size="tiny", formulation="ddpm").formulation.prediction == "sample"
+    shown = _formulation({"_target_": "robodit.policies.dit.DiTPolicy", "formulation": "ddpm"})
+    assert shown["prediction"] == "sample" and shown["num_train_timesteps"] == 100
+    assert _formulation({"_target_": "robodit.policies.mdt.MDTPolicy"})["name"] == "edm"

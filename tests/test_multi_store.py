@@ -150,3 +150,41 @@ def test_eval_builds_the_env_of_the_store_it_is_asked_for():
     assert _store_record(policy, "robosuite/TwoArmLift")["env"] == s1["env"]
     assert _store_record(policy, None)["env"] == s0["env"]  # default: store 0
     assert _store_record(policy, "metaworld/drawer-open-v3")["env"] == s0["env"]
+
+
+def test_eval_env_on_a_one_store_rdt_selects_nothing():
+    """`eval.py env=robosuite/TwoArmLift` on an RDT fine-tuned on that one store failed: 'no training store
+    matches'. Only a policy of several stores has one to select."""
+    from types import SimpleNamespace
+
+    from robodit.evaluation.evaluate import select_store_for_env
+
+    picked = []
+    one = SimpleNamespace(store_names=["the store"], select_store=lambda e: 1 / 0)
+    select_store_for_env(one, "robosuite/TwoArmLift", {"name": "robosuite/TwoArmLift"})
+    two = SimpleNamespace(store_names=["a", "b"], select_store=picked.append)
+    select_store_for_env(two, "robosuite/TwoArmLift", {"name": "robosuite/TwoArmLift"})
+    assert picked == ["robosuite/TwoArmLift"]
+
+
+def test_tasks_held_only_as_action_free_video_are_not_evaluated_by_default(tmp_path):
+    from types import SimpleNamespace
+
+    from robodit.datasets.multi import store_record
+    from robodit.datasets.store import DemoStore
+    from robodit.evaluation.evaluate import resolve_suite, training_overlap
+    from robodit.evaluation.suites import suite_from_tasks
+
+    store = DemoStore.create(tmp_path / "s.zarr", {"state": ((2,), "float32"), "action": ((1,), "float32")},
+                             fps=10, robot="toy", env={"name": "metaworld/reach-v3",
+                                                       "tasks": ["reach-v3", "drawer-close-v3"]})
+    with store:
+        ep = {"state": np.zeros((4, 2), np.float32), "action": np.zeros((4, 1), np.float32)}
+        store.append_episode(ep, task="reach-v3")
+        store.append_episode({"state": ep["state"]}, task="drawer-close-v3", has_actions=False)
+        record = store_record(tmp_path / "s.zarr", store)
+    assert record["tasks_without_actions"] == ["drawer-close-v3"]
+    policy = SimpleNamespace(checkpoint_config={"store": record}, checkpoint_dir=tmp_path)
+    assert [t.name for t in resolve_suite(policy, episodes=1).tasks] == ["reach-v3"]  # was both
+    asked = suite_from_tasks("metaworld", ["drawer-close-v3"], 1, 100_000)
+    assert training_overlap(asked, record["env"], policy)["untrained_tasks"] == ["drawer-close-v3"]

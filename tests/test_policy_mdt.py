@@ -201,6 +201,14 @@ def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
     assert policy.predict_action(obs, goal=lang).shape == (1, 4, 3)
     policy.goal_modality = "image"
     assert policy.predict_action(obs, goal={"image_cam": np.zeros((1, 16, 16, 3), np.uint8)}).shape == (1, 4, 3)
+    # one goal frame [H, W, C] for a batch of observations, as an instruction string is (failed before)
+    two = {k: np.stack([v, v]) for k, v in obs.items()}  # [B=2, To=1, ...]
+    frame = np.full((16, 16, 3), 7, np.uint8)
+    assert torch.equal(policy.predict_action(two, goal={"image_cam": frame}, generator=torch.Generator().manual_seed(0)),
+                       policy.predict_action(two, goal={"image_cam": np.stack([frame, frame])},
+                                             generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"goal image 'image_cam' is float32 \(16, 16, 3\); expected uint8"):
+        policy.predict_action(two, goal={"image_cam": frame.astype(np.float32)})
     grid = policy.write_foresight_grid(path, tmp_path / "mgf.png", n=2)
     import imageio.v3 as iio
 

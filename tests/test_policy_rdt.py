@@ -156,3 +156,21 @@ def test_every_parameter_gets_a_gradient(lang):
         batch["goal.lang_emb"] = torch.randn(2, policy.lang_dim)
     policy.compute_loss(batch)["loss"].backward()
     assert [n for n, p in policy.named_parameters() if p.grad is None] == []
+
+
+def test_goals_by_task_name_and_by_instruction():
+    """A multi-task checkpoint's ids were anonymous and an instruction died in torch.as_tensor; now goal={"task":
+    name} maps through the recorded task table, and an RDT with a language encoder embeds instructions."""
+    multi = RDTPolicy(dict(MW, num_tasks=3), _normalizer(), size="tiny", robot="metaworld_sawyer").eval()
+    multi.task_names = ["reach-v3", "push-v3", "door-open-v3"]  # what load_policy records from the store
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(multi.predict_action(_obs(), goal={"task": "door-open-v3"}, generator=g()),
+                       multi.predict_action(_obs(), goal={"task_id": 2}, generator=g()))
+    with pytest.raises(ValueError, match=r"ids: 0 reach-v3, 1 push-v3, 2 door-open-v3"):
+        multi.predict_action(_obs())
+    with pytest.raises(ValueError, match=r"goal task \['drawer'\] is not one this policy was trained on"):
+        multi.predict_action(_obs(), goal={"task": "drawer"})
+    with pytest.raises(ValueError, match="trained without a language encoder"):
+        _policy().eval().predict_action(_obs(), goal={"instruction": "reach the goal"})
+    talking = _policy(language_encoder="minilm", cond_dropout=0.0).eval()
+    assert talking.predict_action(_obs(), goal={"instruction": "reach the goal"}).shape == (2, 8, 4)

@@ -128,3 +128,19 @@ def test_float_images_are_refused_not_guessed(tmp_path):
     assert policy.predict_action(obs).shape == (1, 8, 3)
     with pytest.raises(ValueError, match="'image_cam' is float32; images go in as uint8"):
         policy.predict_action({**obs, "image_cam": obs["image_cam"].astype(np.float32) / 255})
+
+
+def test_a_fresh_run_into_a_used_out_dir_is_refused(toy_store, tmp_path):
+    """Pruning kept the old run's later checkpoints and deleted the new run's final one, which load_policy and
+    eval.py then silently skipped."""
+    train(_cfg(toy_store, tmp_path / "run", 6))
+    with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(latest step_00000006\).*resume=true"):
+        train(_cfg(toy_store, tmp_path / "run", 3))
+
+
+def test_init_from_a_different_size_names_the_setting(toy_store, tmp_path):
+    src = train(_cfg(toy_store, tmp_path / "src", 2))
+    cfg = _cfg(toy_store, tmp_path / "ft", 2, init_from=str(src))
+    cfg.policy.size = "base"
+    with pytest.raises(ValueError, match="the checkpoint was trained with policy.size=tiny: pass the same"):
+        train(cfg)

@@ -235,7 +235,7 @@ def collect_command(args) -> None:
                            "metaworld/MT10)")
         collect(args.source, episodes=args.episodes, language_fraction=1.0 if fraction is None else fraction,
                 paraphrase=fraction is not None, **common)
-        if fraction and args.language_encoder:
+        if (fraction is None or fraction > 0) and args.language_encoder:  # as multi-task collection does
             from robodit.datasets.language import embed_store
 
             embed_store(args.out, args.language_encoder)

@@ -99,6 +99,11 @@ class Formulation(abc.ABC):
 
     # ---- config -------------------------------------------------------------------------------------
     @property
+    def options(self) -> dict:
+        """Every option this process was built with (defaults included), sampler defaults aside."""
+        return {k: v for k, v in self._cfg.items() if k not in ("sampler", "steps")}
+
+    @property
     def config(self) -> dict:
         """Plain dict that `make_formulation` turns back into an equal formulation."""
         return {"name": self.name, **self._cfg}

@@ -31,6 +31,11 @@ def _as_dict(cfg) -> dict:
     raise TypeError(f"formulation config must be a mapping or DictConfig, got {type(cfg).__name__}")
 
 
+def canonical_name(name: str) -> str:
+    """A formulation's registered name from any accepted spelling ("karras" -> "edm")."""
+    return _ALIASES.get(name, name)
+
+
 def make_formulation(cfg=None, /, **kwargs) -> Formulation:
     """make_formulation({"name": "edm", ...}) / make_formulation("edm") / make_formulation(name="ddpm",
     prediction="sample") / (DictConfig).

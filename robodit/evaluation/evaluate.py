@@ -104,8 +104,9 @@ def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str 
         task_list = list(tasks)
     elif env and env_task:  # env= names the task to run, whatever else the store holds
         task_list = [env_task]
-    else:
-        task_list = list(record.get("tasks") or ([env_task] if env_task else []))
+    else:  # the store's tasks, less those it holds only as action-free video
+        video_only = set(store.get("tasks_without_actions") or ())
+        task_list = [t for t in record.get("tasks") or ([env_task] if env_task else []) if t not in video_only]
     if not task_list:
         raise ValueError(f"env={env_name!r} names no task; expected SIMULATOR/TASK")
     return suite_from_tasks(simulator, task_list, 50 if episodes is None else int(episodes), seed, max_steps)
@@ -118,9 +119,18 @@ def training_overlap(suite: Suite, record: dict, policy) -> dict[str, Any]:
         return {}
     used = set(int(x) for x in record.get("seeds_used") or [])
     seeds = sorted({j.seed for j in suite.jobs(0)} & used)
-    trained = list((policy.checkpoint_config.get("store") or {}).get("tasks") or record.get("tasks") or [])
-    unseen = [t.name for t in suite.tasks if trained and t.name not in trained]
+    store = policy.checkpoint_config.get("store") or {}
+    trained = list(store.get("tasks") or record.get("tasks") or [])
+    video_only = set(store.get("tasks_without_actions") or ())
+    unseen = [t.name for t in suite.tasks if (trained and t.name not in trained) or t.name in video_only]
     return {"training_seeds": seeds, "untrained_tasks": unseen}
+
+
+def select_store_for_env(policy, env: str | None, record: dict) -> None:
+    """A multi-robot (RDT) policy answers in the robot units of the store being evaluated; a policy of one
+    store (also an RDT fine-tuned on one robot) has nothing to select."""
+    if env and len(getattr(policy, "store_names", ())) > 1 and record.get("name") == env:
+        policy.select_store(env)
 
 
 def _store_record(policy, env: str | None) -> dict:
@@ -246,8 +256,7 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
                          f"{policy.name} holds")
     s = resolve_suite(policy, suite, suite_source, env, tasks, episodes, seed, max_steps)
     record = dict(_store_record(policy, env).get("env") or {})
-    if env and callable(getattr(policy, "select_store", None)) and record.get("name") == env:
-        policy.select_store(env)  # a multi-robot (RDT) policy answers in this store's robot units
+    select_store_for_env(policy, env, record)
     env_kwargs = env_kwargs_from_record(record, policy)
     overlap = training_overlap(s, record, policy)
     _warn_overlap(overlap)

@@ -9,7 +9,8 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     env, episodes_per_task (a number, or {task: count} when tasks differ), seed (first env seed),
     policy_seed (seeds the sampling noise), sampler, num_inference_steps, n_action_steps, device
     training_seeds   evaluation seeds the training demos were collected from (not held out; normally [])
-    untrained_tasks  tasks of this run not in the checkpoint's training store (normally [])
+    untrained_tasks  tasks of this run the checkpoint never learned to act on: not in its training store, or
+                     there only as action-free video (normally [])
     tasks            {task: {instruction, episodes, successes, success_rate, ci95,
                      [tasks only:] mean_steps, ms_per_chunk (policy time per chunk, batched time shared out
                      over the batch's rows), policy_calls, seeds, success_per_episode, errors, fingerprint
@@ -256,6 +257,7 @@ def console_summary(summary: dict[str, Any], out_dir) -> str:
                      f"errored episodes (excluded): {len(run['errors'])}")
     lines.append(f"report: {out_dir}/report.md  results: {out_dir}/results.json  plot: {summary['plot']}")
     if summary["videos"]:
-        lines.append(f"video: {summary['videos'][0]}")
+        more = len(summary["videos"]) - 1
+        lines.append(f"video: {summary['videos'][0]}" + (f" (+{more} more in {out_dir})" if more else ""))
     return "\n".join(lines)
 

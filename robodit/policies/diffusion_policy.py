@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import numpy as np
 import torch
 
 from robodit.datasets.normalizer import Normalizer
@@ -20,18 +21,34 @@ TASK_CONDITIONING = ("token", "token+global")
 
 
 class DiffusionPolicy(Policy):
+    # the family's process when none is given; configs/policy/<family>.yaml spells out the same
+    default_formulation: dict = {"name": "ddpm", "prediction": "epsilon"}
+
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
                  action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | str | None = None,
                  sampler: str = "ddim", num_inference_steps: int = 10):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps)
-        # a dict, a DictConfig or a bare name (`policy.formulation=edm`: that process with its own defaults)
-        self.formulation = make_formulation(formulation or {"name": "ddpm", "prediction": "epsilon"})
+        self.formulation = make_formulation(self.formulation_config(formulation))
         if sampler not in self.formulation.samplers:
             raise ValueError(f"sampler {sampler!r} is not available for formulation "
                              f"{self.formulation.name!r}; choose one of {self.formulation.samplers}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
+
+    @classmethod
+    def formulation_config(cls, formulation: dict | str | None) -> dict | str:
+        """What `formulation` means for this family: None is its default; a bare name (`policy.formulation=edm`)
+        is that process with its own defaults, except the family's own process's name, which keeps the family's
+        settings (`policy.formulation=ddpm` on an x0-DDPM family stays x0, not DDPM's ε default)."""
+        if formulation is None:
+            return dict(cls.default_formulation)
+        if isinstance(formulation, str):
+            from robodit.diffusion.factory import canonical_name
+
+            if canonical_name(formulation) == canonical_name(cls.default_formulation["name"]):
+                return dict(cls.default_formulation)
+        return formulation
 
     def noise_cond_scale(self, scale: float | None = None) -> float:
         """Scale for the sinusoidal noise embedding: EDM feeds log(σ)/4 (≈ -2..1), spread like DDPM's 0..999
@@ -61,8 +78,33 @@ class DiffusionPolicy(Policy):
     def task_ids(self, goal: dict[str, torch.Tensor] | None, batch: int, device) -> torch.Tensor:
         task = (goal or {}).get("task_id")
         if task is None:
-            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}")
+            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task': NAME}} or "
+                             f"{{'task_id': ...}}{self.task_table()}")
         return torch.as_tensor(task, device=device).long().reshape(-1).expand(batch)
+
+    def task_table(self) -> str:
+        """' (ids: 0 reach-v3, 1 push-v3, ...)' for error messages, when the checkpoint recorded the names."""
+        names = list(getattr(self, "task_names", None) or [])
+        return f" (ids: {', '.join(f'{i} {n}' for i, n in enumerate(names))})" if names else ""
+
+    def goal_by_task_name(self, goal: dict[str, Any] | None) -> dict[str, Any]:
+        """goal with "task" (a name, or one per row) replaced by its "task_id" in the training store's table, and
+        text this family cannot read refused by name (it would fail deep inside torch)."""
+        goal = dict(goal or {})
+        if "task" in goal:
+            names = list(getattr(self, "task_names", None) or [])
+            wanted = goal.pop("task")
+            wanted = [wanted] if isinstance(wanted, str) else [str(t) for t in wanted]
+            unknown = [t for t in wanted if t not in names]
+            if unknown:
+                raise ValueError(f"goal task {unknown} is not one this policy was trained on: {names}")
+            goal["task_id"] = np.asarray([names.index(t) for t in wanted], dtype=np.int64)
+        text = [k for k, v in goal.items() if isinstance(v, str) or (isinstance(v, (list, tuple)) and v
+                                                                      and isinstance(v[0], str))]
+        if text:
+            raise ValueError(f"goal {text} holds text, which {type(self).__name__} takes only as 'instruction' "
+                             "from a policy trained with a language encoder (policy.language_encoder)")
+        return goal
 
     def with_task_token(self, tokens: torch.Tensor, goal: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Prepend the task embedding (a family's `task_embedding`, present when the store held several tasks)."""
@@ -104,7 +146,7 @@ class DiffusionPolicy(Policy):
         """Sample the normalised chunk [B, Tp, dim] (dim: the action dim unless a family denoises another space)."""
         obs_t = self.normalize_obs(self.prepare_obs(obs))
         batch_size = next(iter(obs_t.values())).shape[0]
-        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in (goal or {}).items()}
+        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in self.goal_by_task_name(goal).items()}
         cond = self.encode(obs_t, goal_t)
         return self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
                                        (batch_size, self.action_horizon, dim or self.action_dim),

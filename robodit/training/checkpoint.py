@@ -133,6 +133,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", ema: bool 
     policy.on_weights_changed()
     policy.checkpoint_dir = ckpt
     policy.checkpoint_config = cfg
+    policy.task_names = list((cfg.get("store") or {}).get("tasks") or [])  # task_id i is task_names[i]
     return policy
 
 

@@ -41,10 +41,19 @@ def _tensor_count(path: Path) -> tuple[int, int]:
 
 
 def _formulation(policy_cfg: dict) -> dict:
+    """The process as the policy builds it (a bare name or none resolved to the family's settings), with every
+    option spelled out: `ddpm` alone does not say ε or x0."""
+    from hydra.utils import get_class
+
+    from robodit.diffusion import make_formulation
+
     f = policy_cfg.get("formulation")
-    if f is None:
-        return {"name": "(class default)"}
-    return {"name": f} if isinstance(f, str) else dict(f)
+    try:
+        cls = get_class(policy_cfg["_target_"])
+        form = make_formulation(cls.formulation_config(f) if hasattr(cls, "formulation_config") else f)
+    except Exception:  # noqa: BLE001 - an unloadable config is reported as written
+        return {"name": f} if isinstance(f, str) else dict(f or {"name": "(class default)"})
+    return {"name": form.name, **form.options}
 
 
 def _active_parameters(cfg: dict) -> dict[str, int] | None:
@@ -105,9 +114,10 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
                               "weights": [[round(float(w), 3) for w in ws] for ws in r["weights"]]}
                              for r in policy.inference_routing()]
         # The fused MLPs are copies of the chosen experts' weights (gates folded in): memory a deployment pays.
-        summary["expert_cache"] = {"bytes": policy.expert_cache_bytes(), "fused_mlps": len(summary["routes"])
-                                   * policy.depth, "weights_bytes": sum(p.numel() * p.element_size()
-                                                                        for p in policy.parameters())}
+        mode = ("fused" if policy.expert_cache_fused else "in_place") if policy.expert_cache else "off"
+        summary["expert_cache"] = {"mode": mode, "bytes": policy.expert_cache_bytes(),
+                                   "fused_mlps": len(summary["routes"]) * policy.depth if mode == "fused" else 0,
+                                   "weights_bytes": sum(p.numel() * p.element_size() for p in policy.parameters())}
     return summary
 
 
@@ -150,6 +160,7 @@ def format_checkpoint(s: dict) -> str:
         lines.append(f"            {i:>4}  {r['noise_cond']:>10.4g}  {layers}")
     if "expert_cache" in s:
         c = s["expert_cache"]
-        lines.append(f"cache:      {c['bytes'] / 2**20:.1f} MiB for {c['fused_mlps']} fused MLPs "
-                     f"(the weights: {c['weights_bytes'] / 2**20:.1f} MiB)")
+        what = {"fused": f"{c['fused_mlps']} fused MLPs", "in_place": "routes only, the experts used in place",
+                "off": "off: routed at every step"}[c.get("mode", "fused")]
+        lines.append(f"cache:      {c['bytes'] / 2**20:.1f} MiB, {what} (the weights: {c['weights_bytes'] / 2**20:.1f} MiB)")
     return "\n".join(lines)

@@ -153,6 +153,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> Path | None:
         tc, dist = self.tc, self.dist
+        earlier = ckpt_io.list_checkpoints(self.out_dir)
+        if earlier and not tc.get("resume"):  # pruning would keep the old run's later steps, not this run's
+            raise ValueError(f"out_dir {self.out_dir} already holds checkpoints of a run (latest {earlier[-1].name}): "
+                             "continue it with train.resume=true, or train into another out_dir "
+                             "(train.init_from=... fine-tunes from it)")
         _seed_everything(tc.seed)
         self._build_data()  # same seed on every rank: identical split and normaliser
         policy = self._build_policy().to(self.device)  # same init on every rank (DDP also broadcasts it)
@@ -386,7 +391,12 @@ class Trainer:
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}")
+            then = ckpt_io.read_config(src).get("policy") or {}
+            now = self._policy_config()
+            keys = ("size", "width", "depth", "heads", "obs_horizon", "action_horizon")
+            hint = [f"policy.{k}={then.get(k)}" for k in keys if then.get(k) != now.get(k)]
+            raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}"
+                             + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else ""))
         missing = [k for k in own if k not in state]
         unused = [k for k in state if k not in own]
         policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

@@ -41,6 +41,7 @@ GOAL_MODALITIES = ("language", "image")
 @register_policy("mdt")
 class MDTPolicy(LanguageGoals, DiTPolicy):
     SIZES = SIZES
+    default_formulation = {"name": "edm"}  # the paper's EDM (sigma_data 0.5, log-logistic training sigmas)
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 1, action_horizon: int = 10, n_action_steps: int = 10,
@@ -53,7 +54,7 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
                  mgf_weight: float = 1.0, mgf_patch: int = 8, mgf_mask_ratio: float = 0.75, mgf_width: int = 128,
                  mgf_depth: int = 2, cla_weight: float = 1.0, cla_temperature: float = 0.07):
         super().__init__(shape_meta, normalizer, size, obs_horizon, action_horizon, n_action_steps,
-                         formulation or {"name": "edm"}, sampler, num_inference_steps, width, depth, heads,
+                         formulation, sampler, num_inference_steps, width, depth, heads,
                          dropout, noise_cond_scale)
         self.task_embedding = None  # goal-conditioned: the goal token stands where the task id would
         w, h = self.action_in.out_features, self.blocks[0].attn.heads
@@ -107,12 +108,28 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
         if "lang_emb" in goal and (self.goal_modality == "language" or not has_image):
             return self.language_goal_token(goal["lang_emb"].reshape(-1, self.lang_dim)).expand(batch, -1)
         if has_image:
-            return self.image_goal_token({k: goal[k] for k in self.image_keys})
+            return self.image_goal_token(self._goal_images(goal, batch))
         if goal.get("no_goal") is not None:
             return self.null_goal.expand(batch, -1)
         raise ValueError(f"mdt needs a goal: goal={{'instruction': str}}, {{'lang_emb': [B, {self.lang_dim}]}} or goal "
                          f"images {{{', '.join(repr(k) for k in self.image_keys)}: [B, H, W, C] uint8}}; got keys "
                          f"{sorted(goal)}")
+
+    def _goal_images(self, goal: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """Goal images as the encoder takes them: one uint8 frame [H, W, C] (or [1, ...]) serves the whole batch,
+        as an instruction string does; [B, H, W, C] gives each row its own."""
+        out = {}
+        for k in self.image_keys:
+            x = torch.as_tensor(goal[k])
+            h, w, c = self.obs_shapes[k][0]
+            frame = tuple(x.shape[-3:])
+            if x.dtype != torch.uint8 or x.ndim not in (3, 4) or frame not in ((h, w, c), (c, h, w)) \
+                    or (x.ndim == 4 and x.shape[0] not in (1, batch)):
+                raise ValueError(f"goal image {k!r} is {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}; "
+                                 f"expected uint8 [{h}, {w}, {c}] or [B, {h}, {w}, {c}] with B = {batch} (or 1)")
+            x = x if x.ndim == 4 else x[None]
+            out[k] = x.expand(batch, *x.shape[1:])
+        return out
 
     def encode(self, obs, goal):
         obs_tokens = self.obs_encoder(obs)

@@ -77,6 +77,8 @@ class CachedStep(NamedTuple):
 
 @register_policy("mode")
 class MoDEPolicy(DiffusionPolicy):
+    default_formulation = DEFAULT_FORMULATION
+
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | str | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
@@ -91,7 +93,7 @@ class MoDEPolicy(DiffusionPolicy):
         if size not in SIZES:
             raise ValueError(f"unknown mode size {size!r}; choose one of {sorted(SIZES)}")
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
-                         formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
+                         formulation, sampler, num_inference_steps)
         self.set_task_conditioning(task_conditioning)
         w, d, h, channels = SIZES[size]
         w, d, h = width or w, depth or d, heads or h

@@ -38,6 +38,7 @@ from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import ObservationEncoder, is_image_key
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
+from robodit.policies.language_goals import LanguageGoals
 
 SIZES = {
     # name: (width, depth, heads, image channels)
@@ -81,7 +82,9 @@ def _stores(shape_meta: dict) -> list[dict]:
 
 
 @register_policy("rdt")
-class RDTPolicy(DiffusionPolicy):
+class RDTPolicy(LanguageGoals, DiffusionPolicy):
+    default_formulation = DEFAULT_FORMULATION
+
     supports_multi_store = True  # trains on robodit.datasets.multi batches (dataset.paths=[...])
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
@@ -89,9 +92,12 @@ class RDTPolicy(DiffusionPolicy):
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | None = None, sampler: str = "dpmsolver++", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
-                 lang_dim: int = 384, cond_dropout: float = 0.1, dropout: float = 0.0, context_dim: int = 64):
+                 lang_dim: int = 384, cond_dropout: float = 0.1, dropout: float = 0.0, context_dim: int = 64,
+                 language_encoder: str | None = None):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
-                         formulation or DEFAULT_FORMULATION, sampler, num_inference_steps)
+                         formulation, sampler, num_inference_steps)
+        # with an encoder the sampler hands it the store's meta/lang_emb and goal={"instruction": ...} works
+        self.language_encoder = language_encoder
         if size not in SIZES:
             raise ValueError(f"unknown rdt size {size!r}; choose one of {sorted(SIZES)}")
         if not 0.0 <= cond_dropout < 1.0:
@@ -283,8 +289,8 @@ class RDTPolicy(DiffusionPolicy):
             task = torch.as_tensor(goal["task_id"], device=device).long().reshape(-1).expand(batch)
             fallback = self.task_embedding(task)[:, None]
         elif self.task_embedding is not None and "lang_emb" not in goal:
-            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}} "
-                             "or goal={'lang_emb': ...}")
+            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task': NAME}}, "
+                             f"{{'task_id': ...}} or {{'lang_emb': ...}}{self.task_table()}")
         else:
             fallback = self.null_lang.expand(batch, 1, -1)
         lang = goal.get("lang_emb")
@@ -370,7 +376,7 @@ class RDTPolicy(DiffusionPolicy):
     def predict_unified(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised unified chunk [B, Tp, 128] (zero in the robot's unused slots)."""
-        return self.sample_chunk(obs, goal, generator, dim=UNIFIED_DIM)
+        return self.sample_chunk(obs, self.embed_goal_instruction(goal), generator, dim=UNIFIED_DIM)
 
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
