@@ -69,11 +69,15 @@ def test_misconfigured_data_is_refused(toy_store, tmp_path, edit, match):
         train(cfg)
 
 
-def test_init_from_another_policy_family_is_refused(toy_store, tmp_path):
+@pytest.mark.parametrize("key, value, match", [
+    ("_target_", "robodit.policies.mode.MoDEPolicy", "holds a DiTPolicy, this run builds a MoDEPolicy"),
+    ("size", "base", "the checkpoint was trained with policy.size=tiny: pass the same"),
+])
+def test_init_from_a_mismatched_checkpoint_says_what_differs(toy_store, tmp_path, key, value, match):
     src = train(_cfg(toy_store, tmp_path / "src", 2))
     cfg = _cfg(toy_store, tmp_path / "ft", 2, init_from=str(src))
-    cfg.policy._target_ = "robodit.policies.mode.MoDEPolicy"
-    with pytest.raises(ValueError, match="holds a DiTPolicy, this run builds a MoDEPolicy"):
+    cfg.policy[key] = value
+    with pytest.raises(ValueError, match=match):
         train(cfg)
 
 
@@ -136,11 +140,3 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused(toy_store, tmp_path):
     train(_cfg(toy_store, tmp_path / "run", 6))
     with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(latest step_00000006\).*resume=true"):
         train(_cfg(toy_store, tmp_path / "run", 3))
-
-
-def test_init_from_a_different_size_names_the_setting(toy_store, tmp_path):
-    src = train(_cfg(toy_store, tmp_path / "src", 2))
-    cfg = _cfg(toy_store, tmp_path / "ft", 2, init_from=str(src))
-    cfg.policy.size = "base"
-    with pytest.raises(ValueError, match="the checkpoint was trained with policy.size=tiny: pass the same"):
-        train(cfg)
