@@ -113,8 +113,9 @@ def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str 
 
 
 def training_overlap(suite: Suite, record: dict, policy) -> dict[str, Any]:
-    """What of this evaluation the checkpoint has seen in training: episode seeds its demos were collected from
-    (those initial states are not held out) and tasks a single-task policy never saw. Recorded, and printed."""
+    """What of this evaluation the checkpoint has or has not seen in training: episode seeds its demos were
+    collected from (those initial states are not held out) and tasks it never learned to act on (not in its
+    store, or there only as action-free video). Recorded in results.json, and printed."""
     if policy is None:
         return {}
     used = set(int(x) for x in record.get("seeds_used") or [])
