@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--task", default=None, help="task name for simulators")
+    p.add_argument("--goal-task", default=None,
+                   help="a multi-task policy's task by name (default: --task, when the policy was trained on it)")
+    p.add_argument("--instruction", default=None, help="the instruction for a language-conditioned policy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", default=None, help="write per-step timing as JSON lines here")
     p.set_defaults(func=_cmd_run)

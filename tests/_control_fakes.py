@@ -78,13 +78,13 @@ class ConstantPolicy:
         return torch.from_numpy(np.broadcast_to(self.value, (b, self.action_horizon, self.action_dim)).copy())
 
 
-def tiny_dit(state_dim: int = 5, action_dim: int = 3, steps: int = 2):
+def tiny_dit(state_dim: int = 5, action_dim: int = 3, steps: int = 2, num_tasks: int = 1):
     """A tiny random DiT (no training): enough to exercise the server end to end."""
     from robodit.datasets.normalizer import Normalizer
     from robodit.policies.dit import DiTPolicy
 
     meta = {"obs": {"state": {"shape": [state_dim], "dtype": "float32"}}, "action": {"shape": [action_dim]},
-            "num_tasks": 1}
+            "num_tasks": num_tasks}
     st = lambda d: {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d)}  # noqa: E731
     torch.manual_seed(0)
     return DiTPolicy(meta, Normalizer({"state": st(state_dim), "action": st(action_dim)}), size="tiny",

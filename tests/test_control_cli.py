@@ -214,3 +214,32 @@ def test_a_missing_lerobot_dependency_is_a_clear_error(monkeypatch, capsys):
     rc = run_fake(monkeypatch, six_dof(), robot="configs/robot/so101_lerobot.yaml", dry_run=False)
     err = capsys.readouterr().err
     assert rc == 2 and "'draccus'" in err and "pip install" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_gives_a_multi_task_policy_its_task_and_instruction(monkeypatch, capsys):
+    """`robodit run` passed no goal at all: a multi-task or language policy could not be driven from the CLI."""
+    seen = []
+
+    class Recording(ConstantPolicy):
+        task_names = ["reach-v3", "push-v3"]
+
+        def predict_action(self, obs, goal=None, generator=None):
+            seen.append(goal)
+            return super().predict_action(obs, goal=goal, generator=generator)
+
+    rc = run_fake(monkeypatch, Recording([0.0, 0, 0, 0]), "--hz", "50", "--steps", "3", "--goal-task", "push-v3",
+                  "--instruction", "push the puck")
+    assert rc == 0, capsys.readouterr().err
+    assert seen and all(g == {"task": "push-v3", "instruction": "push the puck"} for g in seen)
+
+
+def test_a_simulators_task_is_the_goal_of_a_policy_that_knows_it():
+    from types import SimpleNamespace
+
+    from robodit.control.loop import run_goal
+
+    multi = SimpleNamespace(task_names=["reach-v3", "push-v3"])
+    args = lambda **kw: SimpleNamespace(**{"task": None, "goal_task": None, "instruction": None, **kw})  # noqa: E731
+    assert run_goal(args(task="push-v3"), multi) == {"task": "push-v3"}
+    assert run_goal(args(task="push-v3"), SimpleNamespace(task_names=["push-v3"])) is None  # one task: no id needed
+    assert run_goal(args(task="door-open-v3"), multi) is None  # unknown: the policy's own error says which exist

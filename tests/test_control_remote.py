@@ -212,3 +212,22 @@ def test_non_finite_actions_are_an_error_reply():
         with pytest.raises(RemotePolicyError, match="nonfinite_action.*16 non-finite"):
             remote.predict_action(obs())
         assert srv.stats["served"] == 0 and srv.stats["errors"] == 1
+
+
+def test_goals_by_task_name_and_instruction_travel_as_text():
+    """A deployment names the task (or speaks the instruction) instead of looking up ids: text goals used to be
+    refused by the wire ('must be a map {key: array}')."""
+    policy = tiny_dit(num_tasks=2)
+    policy.task_names = ["reach-v3", "push-v3"]  # as load_policy records them
+    with PolicyServer(policy, TOKEN, host="127.0.0.1", port=0) as srv, RemotePolicy(srv.url, TOKEN) as remote:
+        by_name = remote.predict_action(obs(2), goal={"task": ["push-v3", "reach-v3"]},
+                                        generator=torch.Generator().manual_seed(1))
+        by_id = remote.predict_action(obs(2), goal={"task_id": np.array([1, 0])},
+                                      generator=torch.Generator().manual_seed(1))
+        assert torch.equal(by_name, by_id)
+        with pytest.raises(RemotePolicyError, match=r"goal task \['pick-v3'\] is not one this policy was trained"):
+            remote.predict_action(obs(1), goal={"task": "pick-v3"})
+        with pytest.raises(RemotePolicyError, match="trained with a language encoder"):
+            remote.predict_action(obs(1), goal={"task_id": np.array([0]), "instruction": "reach the goal"})
+        with pytest.raises(RemotePolicyError, match="goal 'lang_emb' must be an array"):
+            remote.predict_action(obs(1), goal={"lang_emb": "not numbers"})

@@ -250,7 +250,8 @@ def _drive(args, cfg: dict, policy, hz: float) -> LoopResult:
     executor = None
     try:
         _check_compatible(robot, policy)
-        executor = make_executor(name, policy_infer(policy, seed=args.seed), hz=hz, n_action_steps=n_exec,
+        executor = make_executor(name, policy_infer(policy, goal=run_goal(args, policy), seed=args.seed), hz=hz,
+                                 n_action_steps=n_exec,
                                  ensemble_m=float(strat.get("ensemble_m", 0.01)),
                                  query_every=int(strat.get("query_every", 1)))
         loop = ControlLoop(robot, policy, executor, hz, log_path=args.log, print_every=max(1, int(hz * 5)))
@@ -260,6 +261,19 @@ def _drive(args, cfg: dict, policy, hz: float) -> LoopResult:
         return loop.run(args.steps, task=args.task, seed=args.seed)
     finally:
         _close_in_order(robot.close, getattr(policy, "close", None), executor and executor.close)
+
+
+def run_goal(args, policy) -> dict | None:
+    """The goal every inference of a run gets: `--instruction TEXT` (language-conditioned policies) and/or
+    `--goal-task NAME` (multi-task ones), which defaults to the simulator's `--task` when the policy knows it."""
+    goal = {}
+    if getattr(args, "instruction", None):
+        goal["instruction"] = args.instruction
+    names = list(getattr(policy, "task_names", None) or [])
+    task = getattr(args, "goal_task", None) or (args.task if len(names) > 1 and args.task in names else None)
+    if task:
+        goal["task"] = task
+    return goal or None
 
 
 def _close_in_order(*closers) -> None:

@@ -1,7 +1,8 @@
 """Policy server (`robodit serve`) and its client `RemotePolicy`: run the model on a GPU box, the loop by the arm.
 
 Protocol (websocket, binary msgpack frames, arrays as in robodit.envs.wire):
-  → {"type": "infer", "id", "obs": {key: [B, To, ...]}, "goal": {...} | None, "seed": int | None}
+  → {"type": "infer", "id", "obs": {key: [B, To, ...]}, "goal": {key: array; "instruction" / "task": text} | None,
+     "seed": int | None}
   ← {"type": "action", "id", "action": float32 [B, Tp, A], "infer_ms"}  or  {"type": "error", "id", "code", "error"}
   → {"type": "meta"} ← the policy's observation shapes, horizons, limits;  → {"type": "ping"} ← {"type": "pong"}
 Plain `GET /healthz` answers JSON without a token.
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from robodit.envs.wire import WireError, check_goal, check_observation, is_image, pack, unpack
+from robodit.envs.wire import WireError, check_goal, check_observation, is_image, is_text, pack, unpack
 
 log = logging.getLogger("robodit.server")
 PROTOCOL = 1
@@ -168,7 +169,8 @@ class PolicyServer:
         gen = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         with torch.inference_mode():
             t_obs = {k: torch.from_numpy(v).to(device) for k, v in obs.items()}
-            t_goal = None if goal is None else {k: torch.from_numpy(v).to(device) for k, v in goal.items()}
+            t_goal = None if goal is None else {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
+                                                for k, v in goal.items()}  # text (instruction, task) as it came
             action = self.policy.predict_action(t_obs, goal=t_goal, generator=gen)
         return action.float().cpu().numpy(), time.perf_counter() - t0
 
@@ -214,6 +216,14 @@ class PolicyServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _goal_value(v):
+    """What a goal entry travels as: text as text (an instruction, a task name), anything else as an array."""
+    v = list(v) if isinstance(v, tuple) else v
+    if is_text(v):
+        return v
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
 
 
 class RemotePolicy:
@@ -297,8 +307,7 @@ class RemotePolicy:
             x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             arrays[key] = x[None] if x.ndim == len(shape) + 1 else x
         if goal is not None:
-            goal = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                    for k, v in goal.items()}
+            goal = {k: _goal_value(v) for k, v in goal.items()}
         seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
         reply = self._request({"type": "infer", "obs": arrays, "goal": goal, "seed": seed})
         self.last_infer_ms = float(reply.get("infer_ms", float("nan")))  # server-side model time

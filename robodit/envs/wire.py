@@ -111,12 +111,31 @@ def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -
     return out
 
 
-def check_goal(goal) -> dict[str, np.ndarray] | None:
+# goal keys that carry text: an instruction for language-conditioned policies, a task by name for multi-task ones
+TEXT_GOALS = ("instruction", "task")
+MAX_TEXT, MAX_TEXTS = 1000, 1024
+
+
+def is_text(v) -> bool:
+    """A string, or a non-empty list of strings (one per row)."""
+    return isinstance(v, str) or (isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v))
+
+
+def check_goal(goal) -> dict[str, Any] | None:
+    """{key: array}, plus text under TEXT_GOALS (bounded: at most MAX_TEXTS strings of MAX_TEXT characters)."""
     if goal is None:
         return None
-    if not isinstance(goal, dict) or not all(isinstance(v, np.ndarray) for v in goal.values()):
+    if not isinstance(goal, dict):
         raise WireError("'goal' must be null or a map {key: array}", "bad_request")
     for key, v in goal.items():
+        if key in TEXT_GOALS and is_text(v):
+            texts = [v] if isinstance(v, str) else v
+            if len(texts) > MAX_TEXTS or max(map(len, texts)) > MAX_TEXT:
+                raise WireError(f"goal {key!r}: at most {MAX_TEXTS} strings of {MAX_TEXT} characters", "bad_request")
+            continue
+        if not isinstance(v, np.ndarray):
+            raise WireError(f"goal {key!r} must be an array" + (" or text" if key in TEXT_GOALS else "")
+                            + f" (text goes in {', '.join(TEXT_GOALS)})", "bad_request")
         if v.dtype.kind == "f" and not np.isfinite(v).all():
             raise WireError(f"goal {key!r} contains NaN or inf", "nonfinite")
     return goal
