@@ -1,6 +1,6 @@
 """Training process for tests/test_ddp.py: run under `torchrun` (DDP, gloo) or plainly (the reference).
 
-argv[1] is JSON: store, out, steps, batch_size, report (a folder outside `out`), resume, det.
+argv[1] is JSON: store, out, steps, batch_size, report (a folder outside `out`), resume, det, rank_key.
 Each rank saves its parameters at every checkpoint step into `report` (so ranks can be compared) and a
 JSON of which writers it called, so the test can check that only rank 0 wrote into `out`.
 `det`: diffusion noise and timesteps become a fixed function of each sample's actions instead of the RNG,
@@ -49,6 +49,12 @@ def main():
     calls = {"rank": rank, "save_checkpoint": 0}
     if args.get("det"):
         _deterministic_loss()
+    if args.get("rank_key"):  # a metric only rank 1 reports (MoDE's per-noise-half usage can do this)
+        from robodit.policies.dit import DiTPolicy
+
+        compute_loss = DiTPolicy.compute_loss
+        DiTPolicy.compute_loss = lambda self, batch: {**compute_loss(self, batch),
+                                                      **({"only_rank1": torch.tensor(5.0)} if rank == 1 else {})}
     save_checkpoint = ckpt_io.save_checkpoint
 
     def counted_save(*a, **k):

@@ -72,6 +72,13 @@ def test_ddp_resume_replays_exactly(toy_store, tmp_path):
                        torch.load(tmp_path / "rep_b/params_rank1_step6.pt"))
 
 
+def test_metrics_some_ranks_lack_are_averaged_by_name(toy_store, tmp_path):
+    """A key reported by rank 1 only: the positional all-reduce crashed (gloo: 'collective mismatch')."""
+    _launch(2, toy_store, tmp_path / "run", tmp_path / "rep", 2, 8, rank_key=True)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["train/only_rank1"] for r in rows] == [5.0, 5.0] and all("train/loss" in r for r in rows)
+
+
 @pytest.mark.slow
 def test_torchrun_train_py_only_rank0_writes(toy_store, tmp_path):
     """The documented command: Hydra on rank 1 must not write .hydra/ or a log, nor resolve its own out_dir."""

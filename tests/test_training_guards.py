@@ -140,3 +140,44 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused(toy_store, tmp_path):
     train(_cfg(toy_store, tmp_path / "run", 6))
     with pytest.raises(ValueError, match=r"already holds checkpoints of a run \(latest step_00000006\).*resume=true"):
         train(_cfg(toy_store, tmp_path / "run", 3))
+
+
+def test_a_resume_cleans_up_after_a_killed_save_and_continues_the_log(toy_store, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    train(_cfg(toy_store, run, 10))  # checkpoints at 5 and 10, a metrics row per step
+    stale = run / "checkpoints" / ".step_00000010.tmp-deadbeef"  # a save killed mid-way
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000010")  # ... so the run resumes from step 5
+    train(_cfg(toy_store, run, 10, resume=True))
+    assert not stale.exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # rows 6..10 of the lost stretch are not there twice
+
+
+def test_logged_lr_is_the_rate_the_step_used_and_throughput_is_logged(toy_store, tmp_path):
+    import json
+
+    cfg = _cfg(toy_store, tmp_path / "run", 4)  # warmup 2: steps 1, 2 at lr/2, lr; then cosine decay
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = cfg.train.lr
+    assert [r["train/lr"] for r in rows][:2] == pytest.approx([lr / 2, lr])
+    assert rows[-1]["train/lr"] > 0  # the last step trained at a positive rate (the next one's is 0)
+    assert all(r["train/steps_per_s"] > 0 and r["train/samples_per_s"] > 0 for r in rows)
+
+
+def test_validation_spans_the_split_and_scores_the_ema_weights(toy_store, tmp_path):
+    import json
+
+    cfg = _cfg(toy_store, tmp_path / "run", 4)
+    cfg.dataset.val_fraction = 0.5
+    cfg.train.val_every = 2
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(r["val/loss"] != r["val/loss_raw"] for r in val)

@@ -71,6 +71,17 @@ def save_checkpoint(directory: str | Path, *, model_state: dict, ema_state: dict
     return final
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the `.step_*.tmp-*` / `.old-*` dirs a save killed mid-way leaves (each a full copy of weights and
+    optimizer: repeated preemptions would otherwise fill the disk). Only while no save is running: at start-up."""
+    root = Path(run_dir) / "checkpoints"
+    stale = [p for p in root.glob(".step_*.*-*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)] \
+        if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint dirs under `run_dir/checkpoints`, oldest first."""
     root = Path(run_dir) / "checkpoints"

@@ -153,6 +153,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> Path | None:
         tc, dist = self.tc, self.dist
+        if dist.is_main:  # left by a save killed mid-way (preemption): full copies nobody will read
+            ckpt_io.remove_stale_temporaries(self.out_dir)
         earlier = ckpt_io.list_checkpoints(self.out_dir)
         if earlier and not tc.get("resume"):  # pruning would keep the old run's later steps, not this run's
             raise ValueError(f"out_dir {self.out_dir} already holds checkpoints of a run (latest {earlier[-1].name}): "
@@ -200,7 +202,8 @@ class Trainer:
             evaluator = PeriodicEvaluator(eval_cfg, self.out_dir, self.store_record)
         logger = RunLogger(self.out_dir, kind=self.cfg.logger.get("kind", "none"),
                            project=self.cfg.logger.get("project", "robodit"), mode=self.cfg.logger.get("mode", "offline"),
-                           config=config_record, enabled=dist.is_main)
+                           config=config_record, enabled=dist.is_main,
+                           resume_step=step if resume_from is not None else None)
         if dist.is_main:
             n_params = sum(p.numel() for p in policy.parameters())
             print(f"[robodit] {self.cfg.policy._target_.rsplit('.', 1)[-1]} {n_params / 1e6:.2f}M params | "
@@ -216,6 +219,7 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main or not tc.get("progress", True),
                    dynamic_ncols=True, desc="train")
         last_saved, stop_reason = None, "steps"
+        logged_at, logged_step = time.monotonic(), step
         policy.train()
         while step < tc.steps:
             batch = _to_device(next(loader), self.device)
@@ -227,35 +231,36 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
             optimizer.step()
             scheduler.step()
             ema.step(policy.parameters())
             policy.on_weights_changed()
             step += 1
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
-                parts = torch.stack([v.detach().float() for v in out.values()])
-                if dist.world_size > 1:  # log the mean over the global batch, not rank 0's shard
-                    torch.distributed.all_reduce(parts)
-                    parts /= dist.world_size
-                metrics = {f"train/{k}": v.item() for k, v in zip(out, parts)}
-                metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                                "train/ema_decay": ema.cur_decay_value or 0.0})
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                logger.log(metrics, step)
-            if self.val_set is not None and tc.get("val_every") and step % tc.val_every == 0:
-                logger.log({"val/loss": self.validate(policy)}, step)
-            if eval_cfg.get("every") and step % int(eval_cfg["every"]) == 0:  # success on a small suite
-                if evaluator is not None:
-                    metrics = evaluator.run(step, policy, ema, config_record)
-                    logger.log(metrics, step)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", success=f"{metrics['eval/success_rate']:.2f}")
-                self.dist.barrier()
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if dist.world_size > 1 and deadline is not None:  # every rank must stop at the same step
                 flag = torch.tensor(float(out_of_time), device=self.device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                 out_of_time = bool(flag.item())
+            if step % tc.log_every == 0 or step == tc.steps or out_of_time:
+                metrics = {f"train/{k}": v for k, v in self._global_mean(out).items()}
+                now = time.monotonic()
+                rate = (step - logged_step) / max(1e-9, now - logged_at)
+                logged_at, logged_step = now, step
+                metrics.update({"train/lr": lr, "train/grad_norm": grad_norm.item(),
+                                "train/ema_decay": ema.cur_decay_value or 0.0, "train/steps_per_s": rate,
+                                "train/samples_per_s": rate * tc.batch_size * dist.world_size})
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                logger.log(metrics, step)
+            if self.val_set is not None and tc.get("val_every") and step % tc.val_every == 0:
+                logger.log(self.validate(policy, ema), step)
+            if eval_cfg.get("every") and step % int(eval_cfg["every"]) == 0:  # success on a small suite
+                if evaluator is not None:
+                    metrics = evaluator.run(step, policy, ema, config_record)
+                    logger.log(metrics, step)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", success=f"{metrics.get('eval/success_rate', 0):.2f}")
+                self.dist.barrier()
             if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
                 last_saved = self._save(step, policy, optimizer, scheduler, ema, config_record,
                                         elapsed_before + time.monotonic() - t0)
@@ -271,20 +276,56 @@ class Trainer:
         return last_saved
 
     @torch.no_grad()
-    def validate(self, policy, max_batches: int = 8) -> float:
-        """Denoising loss on held-out episodes with fixed noise (comparable across steps)."""
+    def validate(self, policy, ema=None, max_batches: int = 8) -> dict[str, float]:
+        """Denoising loss on held-out episodes with fixed noise (comparable across steps), over a fixed subset
+        spread evenly across the whole split (every episode and store, not the first few windows), with the
+        EMA weights that evaluation uses ("val/loss") and the raw ones ("val/loss_raw")."""
+        from torch.utils.data import Subset
+
+        n = min(len(self.val_set), max_batches * self.tc.batch_size)
+        subset = Subset(self.val_set, np.unique(np.linspace(0, len(self.val_set) - 1, n).round().astype(int)).tolist())
+        loader = DataLoader(subset, batch_size=self.tc.batch_size, shuffle=False)
+
+        def loss() -> float:
+            total, count = 0.0, 0
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(12345)
+                for batch in loader:
+                    total += policy.compute_loss(_to_device(batch, self.device))["loss"].item()
+                    count += 1
+            return total / max(1, count)
+
         policy.eval()
-        loader = DataLoader(self.val_set, batch_size=self.tc.batch_size, shuffle=False)
-        total, n = 0.0, 0
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(12345)
-            for i, batch in enumerate(loader):
-                if i >= max_batches:
-                    break
-                total += policy.compute_loss(_to_device(batch, self.device))["loss"].item()
-                n += 1
+        out = {"val/loss_raw": loss()}
+        if ema is not None:
+            ema.store(policy.parameters())
+            ema.copy_to(policy.parameters())
+            policy.on_weights_changed()
+            try:
+                out["val/loss"] = loss()
+            finally:
+                ema.restore(policy.parameters())
+                policy.on_weights_changed()
+        else:
+            out["val/loss"] = out["val/loss_raw"]
         policy.train()
-        return total / max(1, n)
+        return out
+
+    def _global_mean(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each logged value averaged over the ranks that report it. Matched by name, not position: a policy may
+        report a key on some ranks only (MoDE's per-noise-half expert usage when a rank's half is empty), and a
+        positional all-reduce of unequal lists crashes (gloo) or mixes metrics up."""
+        if self.dist.world_size == 1:
+            return {k: float(v.detach().float()) for k, v in out.items()}
+        names: list[list[str]] = [[] for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather_object(names, sorted(out))
+        keys = sorted(set().union(*names))
+        sums = torch.zeros(2, len(keys), device=self.device)
+        for i, k in enumerate(keys):
+            if k in out:
+                sums[0, i], sums[1, i] = out[k].detach().float(), 1.0
+        torch.distributed.all_reduce(sums)
+        return {k: float(sums[0, i] / sums[1, i]) for i, k in enumerate(keys)}
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _config_record(self) -> dict:
@@ -374,6 +415,11 @@ class Trainer:
             _set_rng_state(per_rank[self.dist.rank])
         else:  # world size changed: exact replay is impossible, reseed deterministically instead
             _seed_everything(self.tc.seed + 1000 * self.dist.rank + int(ts["step"]))
+            if self.dist.is_main:
+                b = self.tc.batch_size
+                print(f"[robodit] resuming a {len(per_rank)}-rank run on {self.dist.world_size} rank(s): the global "
+                      f"batch changes ({b} x {len(per_rank)} -> {b} x {self.dist.world_size}) and the data order "
+                      "continues from the step count, so this is not an exact replay", flush=True)
         policy.on_weights_changed()
         return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
 
