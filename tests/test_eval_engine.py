@@ -107,3 +107,17 @@ def test_an_episode_does_not_depend_on_what_shares_its_batch(reach_checkpoint):
     single, _ = run_suite(alone, policy, num_envs=1, pipeline_groups=1, **kw)
     assert [r.digest for r in mixed if r.job.key == "push-v3"] == [r.digest for r in single]
     assert len({r.digest for r in single}) == 3
+
+
+def test_a_lone_row_is_padded_so_it_takes_the_batched_path(reach_checkpoint, monkeypatch):
+    """A batch of one can take another matmul path (4.5e-8 off on a trained MT10 DiT, enough for the simulator to
+    diverge): the engine never calls the policy with one row, so num_envs=1 reproduces batched runs."""
+    policy = robodit.load_policy(reach_checkpoint)
+    sizes, predict = [], policy.predict_action
+    monkeypatch.setattr(policy, "predict_action", lambda obs, **kw: sizes.append(len(obs["state"])) or predict(obs, **kw))
+    suite = suite_from_tasks("metaworld", ["reach-v3"], episodes=2, seed=100_000, max_steps=12)
+    kw = dict(seed=3, videos=0, progress=False, workers=0)
+    alone, _ = run_suite(suite, policy, num_envs=1, pipeline_groups=1, **kw)
+    assert sizes and min(sizes) == 2
+    batched, _ = run_suite(suite, policy, num_envs=2, pipeline_groups=1, **kw)
+    assert [r.digest for r in alone] == [r.digest for r in batched]

@@ -129,7 +129,7 @@ def test_compare_puts_runs_side_by_side_with_a_paired_test(monkeypatch, tmp_path
     # same episodes (tasks, env seeds): a alone solved 3, b alone none -> exact two-sided p = 2 * 1/2^3
     assert result["paired"] == {"episodes": 6, "only_a": 3, "only_b": 0, "p_value": 0.25}
     text = format_markdown(result)
-    assert "| **mean over tasks** | 87.5% [" in text and "McNemar exact p = 0.25 (a difference" in text
+    assert "| **mean over tasks** | 87.5% | 37.5% |" in text and "McNemar exact p = 0.25 (a difference" in text
     assert not result["settings_that_differ"]
 
 
@@ -174,3 +174,68 @@ def test_compare_cli_prints_and_writes_the_table(monkeypatch, tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["rows"]["reach-v3"] == {"a": 0.5, "b": 1.0}
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_compare_means_only_over_the_tasks_every_run_has(monkeypatch, tmp_path):
+    """A mean over reach+push against a mean over push alone compared different things, without a word."""
+    from robodit.evaluation.compare import compare, format_markdown, parse_columns
+
+    _eval_into(monkeypatch, tmp_path / "both", {"reach-v3": [True, True], "push-v3": [False, False]})
+    _eval_into(monkeypatch, tmp_path / "push", {"push-v3": [True, False]})
+    result = compare(parse_columns([str(tmp_path / "both"), str(tmp_path / "push")]))
+    assert result["shared_tasks"] == ["push-v3"]
+    assert result["rows"]["mean over the 1 shared task(s)"] == {"both": 0.0, "push": 0.5}
+    assert "tasks" in result["settings_that_differ"]
+    assert "the mean is over the 1 every run has" in format_markdown(result)
+
+
+def test_compare_flags_episode_limits_and_training_seeds(monkeypatch, tmp_path):
+    from robodit.evaluation.compare import compare, parse_columns
+
+    _eval_into(monkeypatch, tmp_path / "a", {"reach-v3": [True]})
+    _eval_into(monkeypatch, tmp_path / "b", {"reach-v3": [True]})
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    saved["suite"]["max_steps"], saved["training_seeds"] = 30, [100000]
+    (tmp_path / "b" / "results.json").write_text(json.dumps(saved))
+    differ = compare(parse_columns([str(tmp_path / "a"), str(tmp_path / "b")]))["settings_that_differ"]
+    assert {"suite.max_steps", "training_seeds"} <= set(differ)
+
+
+def test_compare_gives_chain_lengths_their_intervals(tmp_path):
+    from robodit.evaluation.compare import compare, parse_columns
+    from robodit.evaluation.stats import chain_metrics
+
+    for name, chains in (("a", [[True, True], [True, False]]), ("b", [[False], [True, True]])):
+        m = chain_metrics(chains, 2)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "schema": "robodit.eval/2", "kind": "chains", "suite": {"name": "c", "chain_length": 2},
+            "chains": {"policy": m}, "success_rate": m["success_at_length"]["2"]["success_rate"]}))
+    result = compare(parse_columns([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert result["cells"]["chain length 1"]["a"] == "100.0% [34, 100] n=2"
+    assert result["rows"]["avg completed"] == {"a": 1.5, "b": 1.0}
+
+
+def test_seed_blocks_are_checked_at_the_episode_counts_that_run():
+    suite = {**_suite({"reach-v3": 10}), "seeds": [100_000, 100_003]}
+    assert len(ev.resolve_suite(None, suite, episodes=3).jobs()) == 6  # was refused for the file's 10 episodes
+    with pytest.raises(SuiteError, match="blocks 100000 and 100002 overlap with 4 episodes"):
+        ev.resolve_suite(None, {**suite, "seeds": [100_000, 100_002], "episodes": 2}, episodes=4)  # ran twice
+
+
+def test_a_negative_seed_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -5"):
+        ev.evaluate("expert", env="metaworld/reach-v3", episodes=1, seed=-5, out_dir=tmp_path, progress=False)
+
+
+def test_training_time_eval_checks_its_tasks_and_ranking_at_start(tmp_path):
+    from robodit.evaluation.training_eval import PeriodicEvaluator
+
+    record = {"tasks": ["reach-v3", "push-v3"], "env": {"name": "metaworld/reach-v3"}}
+    with pytest.raises(ValueError, match=r"train.eval: tasks \['door-open-v3'"):  # was: after training, at step N
+        PeriodicEvaluator({"every": 10, "suite": "mt10", "tasks": ["reach-v3", "door-open-v3"]}, tmp_path, record)
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.json").write_text(json.dumps({"suite": "metaworld_chains", "metric":
+                                                            "eval/avg_completed", "ranking": []}))
+    with pytest.raises(ValueError, match="cannot share a ranking"):
+        PeriodicEvaluator({"every": 10}, tmp_path, record)

@@ -60,11 +60,16 @@ def parse_columns(specs: list[str]) -> list[Column]:
     return columns
 
 
-def _rows(run: dict[str, Any]) -> dict[str, float | None]:
-    """row name -> rate (tasks: per task and the mean; chains: success at each length and avg completed)."""
+def _rows(run: dict[str, Any], shared: list[str] | None = None) -> dict[str, float | None]:
+    """row name -> rate (tasks: per task and the mean; chains: success at each length and avg completed).
+    `shared`: the tasks every compared run evaluated; the mean row is then over those only."""
     if run["kind"] == "tasks":
         rows = {t: r["success_rate"] for t, r in run["tasks"].items()}
-        rows[MEAN] = run["success_rate"]
+        if shared is None:
+            rows[MEAN] = run["success_rate"]
+        else:
+            rates = [rows[t] for t in shared if rows.get(t) is not None]
+            rows[_mean_label(shared)] = sum(rates) / len(rates) if rates else None
         return rows
     main = run["chains"]["policy" if "policy" in run["chains"] else "expert"]
     rows = {f"chain length {k}": v["success_rate"] for k, v in main["success_at_length"].items()}
@@ -72,12 +77,20 @@ def _rows(run: dict[str, Any]) -> dict[str, float | None]:
     return rows
 
 
+def _mean_label(shared: list[str]) -> str:
+    return f"mean over the {len(shared)} shared task(s)"
+
+
 def _interval(run: dict[str, Any], row: str):
+    """(Wilson 95% interval, episodes) of a single run's cell; None for means (an average of per-task rates has
+    no binomial interval, and the pooled one need not contain it)."""
     if run["kind"] == "tasks" and row in run["tasks"]:
         r = run["tasks"][row]
         return r["ci95"], r["episodes"]
-    if run["kind"] == "tasks" and row == MEAN:
-        return run["pooled"]["ci95"], run["pooled"]["episodes"]
+    if run["kind"] == "chains" and row.startswith("chain length "):
+        main = run["chains"]["policy" if "policy" in run["chains"] else "expert"]
+        v = main["success_at_length"][row.removeprefix("chain length ")]
+        return v["ci95"], main["chains"]
     return None, None
 
 
@@ -85,8 +98,8 @@ def _fmt(row: str, v: float) -> str:
     return f"{v:.2f}" if row == "avg completed" else f"{100 * v:.1f}%"
 
 
-def _cell(column: Column, row: str) -> tuple[str, float | None]:
-    values = [v for v in (_rows(r).get(row) for r in column.runs) if v is not None]
+def _cell(column: Column, row: str, shared: list[str] | None = None) -> tuple[str, float | None]:
+    values = [v for v in (_rows(r, shared).get(row) for r in column.runs) if v is not None]
     if not values:
         return "—", None
     mean = sum(values) / len(values)
@@ -118,20 +131,30 @@ def mcnemar(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     return {"episodes": len(pairs), "only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
 
 
+# settings that make two evaluations measure different things; any that differs is listed with the table
+SETTINGS = ("suite.name", "suite.max_steps", "suite.chain_length", "episodes_per_task", "seed", "policy_seed",
+            "sampler", "num_inference_steps", "n_action_steps", "goal.modality", "goal.instructions",
+            "training_seeds", "untrained_tasks")
+
+
 def compare(columns: list[Column]) -> dict[str, Any]:
     """The comparison as data: rows, cells, what differs between the runs' settings, the paired test."""
+    runs = [r for c in columns for r in c.runs]
+    task_sets = [list(r["tasks"]) for r in runs if r["kind"] == "tasks"]
+    shared = None
+    if task_sets and any(set(t) != set(task_sets[0]) for t in task_sets):
+        shared = [t for t in task_sets[0] if all(t in other for other in task_sets)]
     rows: list[str] = []
-    for c in columns:
-        for r in c.runs:
-            rows += [k for k in _rows(r) if k not in rows]
-    if MEAN in rows:  # the mean goes last
-        rows.remove(MEAN)
-        rows.append(MEAN)
-    table = {row: {c.label: _cell(c, row) for c in columns} for row in rows}
+    for r in runs:
+        rows += [k for k in _rows(r, shared) if k not in rows]
+    for last in (MEAN, _mean_label(shared or [])):  # the mean goes last
+        if last in rows:
+            rows.remove(last)
+            rows.append(last)
+    table = {row: {c.label: _cell(c, row, shared) for c in columns} for row in rows}
     settings = {}
-    for key in ("suite.name", "episodes_per_task", "seed", "policy_seed", "sampler", "num_inference_steps",
-                "n_action_steps"):
-        seen = {c.label: sorted({json.dumps(_get(r, key)) for r in c.runs}) for c in columns}
+    for key in SETTINGS + (("tasks",) if shared is not None else ()):
+        seen = {c.label: sorted({json.dumps(_get(r, key), sort_keys=True) for r in c.runs}) for c in columns}
         if len({tuple(v) for v in seen.values()}) > 1:
             settings[key] = seen
     paired = None
@@ -140,10 +163,12 @@ def compare(columns: list[Column]) -> dict[str, Any]:
     return {"columns": [{"label": c.label, "results": c.paths} for c in columns],
             "rows": {row: {label: v for label, (_, v) in cells.items()} for row, cells in table.items()},
             "cells": {row: {label: s for label, (s, _) in cells.items()} for row, cells in table.items()},
-            "settings_that_differ": settings, "paired": paired}
+            "shared_tasks": shared, "settings_that_differ": settings, "paired": paired}
 
 
 def _get(d: dict, dotted: str):
+    if dotted == "tasks":
+        return sorted(d.get("tasks") or [])
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
@@ -153,10 +178,14 @@ def format_markdown(result: dict[str, Any]) -> str:
     labels = [c["label"] for c in result["columns"]]
     lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for row, cells in result["cells"].items():
-        name = f"**{row}**" if row in (MEAN, "avg completed") else row
+        name = f"**{row}**" if row in (MEAN, "avg completed") or row.startswith("mean over") else row
         lines.append(f"| {name} | " + " | ".join(cells[label] for label in labels) + " |")
     lines.append("")
-    lines.append("Single runs: rate [Wilson 95%] n=episodes; groups: mean ± sample std over runs.")
+    lines.append("Single runs: rate [Wilson 95%] n=episodes (means of per-task rates have none); groups: mean ± "
+                 "sample std over runs.")
+    if result.get("shared_tasks") is not None:
+        lines.append(f"The runs evaluated different tasks: the mean is over the {len(result['shared_tasks'])} every "
+                     "run has, so that it compares like with like.")
     if result["settings_that_differ"]:
         lines.append("")
         lines.append("Settings that differ between the runs (the comparison may not be like for like):")

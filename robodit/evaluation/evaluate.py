@@ -25,7 +25,7 @@ from robodit.evaluation.engine import JobResult, RolloutEngine
 from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
 from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
-from robodit.evaluation.suites import Suite, SuiteError, load_suite, suite_from_tasks
+from robodit.evaluation.suites import Suite, SuiteError, check_seed_blocks, load_suite, suite_from_tasks
 
 EXPERT = "expert"
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ def restrict_suite(s: Suite, tasks: list[str] | None = None, episodes: int | Non
         s.max_steps = int(max_steps)
         for t in s.tasks:
             t.max_steps = None
+    if s.kind == "tasks":
+        check_seed_blocks(s)  # at the episode counts that will run
     return s
 
 
@@ -92,7 +94,7 @@ def resolve_suite(policy, suite=None, suite_source: str | None = None, env: str 
     """The suite to run: a named/given suite (with `episodes`, `tasks`, `max_steps` as overrides), or an ad-hoc
     suite: `tasks=[...]`, else the task `env=SIM/TASK` names, else the tasks the checkpoint was trained on."""
     if suite is not None:
-        return restrict_suite(load_suite(suite, suite_source), tasks, episodes, max_steps)
+        return restrict_suite(load_suite(suite, suite_source, check_blocks=False), tasks, episodes, max_steps)
     store = _store_record(policy, env)
     record = dict(store.get("env") or {})
     env_name = env or record.get("name")
@@ -204,10 +206,11 @@ def _per_key(results: list[JobResult], suite: Suite) -> dict[str, Any]:
             calls = sum(r.policy_calls for r in mine)
             per[spec.name] = {
                 "instruction": spec.instruction, **rate_summary([r.success for r in mine]),
-                "mean_steps": float(np.mean([sum(r.steps) for r in mine])) if mine else 0.0,
-                "ms_per_chunk": 1000 * sum(r.policy_seconds for r in mine) / max(1, calls), "policy_calls": calls,
-                "seeds": [r.job.seed for r in mine], "success_per_episode": [r.success for r in mine],
-                "fingerprint": hashlib.sha1("".join(r.digest for r in mine).encode()).hexdigest()[:16],
+                "mean_steps": float(np.mean([sum(r.steps) for r in mine])) if mine else None,
+                "ms_per_chunk": 1000 * sum(r.policy_seconds for r in mine) / calls if calls else None,
+                "policy_calls": calls, "seeds": [r.job.seed for r in mine],
+                "success_per_episode": [r.success for r in mine],
+                "fingerprint": hashlib.sha1("".join(r.digest for r in mine).encode()).hexdigest()[:16] if mine else None,
                 "errors": sum(r.error is not None for r in results if r.job.key == spec.name)}
         return per
     for spec in suite.tasks:  # chains: every attempt of a task anywhere in a chain
@@ -249,6 +252,8 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         raise ValueError(f"instructions must be 'train' or 'heldout', got {instructions!r}")
     if num_inference_steps is not None and int(num_inference_steps) < 1:
         raise ValueError(f"num_inference_steps must be >= 1 (or null for the policy's), got {num_inference_steps}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if n_action_steps is not None and int(n_action_steps) < 1:
         raise ValueError(f"n_action_steps must be >= 1 (or null for the policy's), got {n_action_steps}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)

@@ -57,6 +57,10 @@ def _ci(ci) -> str:
     return f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
 def _avg(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -117,10 +121,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for task, r in summary["tasks"].items():
             lines.append(f"| {task} | {r['instruction']} | {_pct(r['success_rate'])} | {_ci(r['ci95'])} | "
-                         f"{r['successes']}/{r['episodes']} | {r['mean_steps']:.1f} | {r['ms_per_chunk']:.1f} |")
+                         f"{r['successes']}/{r['episodes']} | {_num(r['mean_steps'])} | {_num(r['ms_per_chunk'])} |")
         p = summary["pooled"]
-        lines += ["", f"**Mean success over {len(summary['tasks'])} task(s): {_pct(summary['success_rate'])}** "
-                  f"(all {p['episodes']} episodes pooled: {_pct(p['success_rate'])}, 95% CI {_ci(p['ci95'])})", ""]
+        rated = [t for t, r in summary["tasks"].items() if r["success_rate"] is not None]
+        unrated = [t for t in summary["tasks"] if t not in rated]
+        lines += ["", f"**Mean success over {len(rated)} task(s): {_pct(summary['success_rate'])}** "
+                  + (f"({', '.join(unrated)}: no valid episode, left out) " if unrated else "")
+                  + f"(all {p['episodes']} episodes pooled: {_pct(p['success_rate'])}, 95% CI {_ci(p['ci95'])})", ""]
     else:
         length = s["chain_length"]
         lines += [f"{s['chains']} chains of {length} subtasks in one scene each, without reset; a chain stops at "
@@ -241,11 +248,13 @@ def console_summary(summary: dict[str, Any], out_dir) -> str:
     else:
         per = summary["episodes_per_task"]
         per = f"{per} episodes" if isinstance(per, int) else f"{min(per.values())}-{max(per.values())} episodes"
-        lines.append(f"success rate: {_pct(summary['success_rate'])} (mean over tasks; {per} x "
+        rated = sum(r["success_rate"] is not None for r in summary["tasks"].values())
+        over = f"{rated} of {len(summary['tasks'])}" if rated < len(summary["tasks"]) else f"{rated}"
+        lines.append(f"success rate: {_pct(summary['success_rate'])} (mean over {over} task(s); {per} x "
                      f"{len(summary['tasks'])} task(s), {summary['pooled']['episodes']} valid) "
                      f"[{summary['suite']['name']}]")
         for task, r in summary["tasks"].items():
-            lines.append(f"  {task}: {_pct(r['success_rate'])} {_ci(r['ci95'])}  ({r['ms_per_chunk']:.1f} ms per chunk)")
+            lines.append(f"  {task}: {_pct(r['success_rate'])} {_ci(r['ci95'])}  ({_num(r['ms_per_chunk'])} ms per chunk)")
     run = summary["run"]
     if summary.get("training_seeds"):
         lines.append(f"warning: {len(summary['training_seeds'])} evaluation seed(s) are seeds the training demos "

@@ -38,8 +38,26 @@ class PeriodicEvaluator:
         self.out_dir = Path(out_dir)
         self.best_dir = self.out_dir / "best"
         self.suite = self._suite(cfg, store_record) if self.every > 0 else None  # bad config fails at start
+        if self.suite is not None:
+            self._check_tasks(store_record)
         index = self.best_dir / "best.json"
-        self.entries: list[dict] = json.loads(index.read_text())["ranking"] if index.exists() else []
+        self.entries: list[dict] = []
+        if index.exists() and self.suite is not None:  # a resumed run continues its ranking, if it is the same one
+            saved = json.loads(index.read_text())
+            if (saved.get("suite"), saved.get("metric")) != (self.suite.name, self.metric):
+                raise ValueError(f"{index} ranks checkpoints by {saved.get('metric')} on {saved.get('suite')!r}; "
+                                 f"this run evaluates {self.metric} on {self.suite.name!r}: scores of the two "
+                                 "cannot share a ranking. Keep the same train.eval, or move best/ away")
+            self.entries = saved["ranking"]
+
+    def _check_tasks(self, record: dict) -> None:
+        """A multi-task policy can only be evaluated on its own tasks (it needs their ids): say so before
+        training, not at the first evaluation."""
+        trained = list(record.get("tasks") or [])
+        missing = [t.name for t in self.suite.tasks if t.name not in trained]
+        if len(trained) > 1 and missing:
+            raise ValueError(f"train.eval: tasks {missing[:5]} are not in the training store's tasks {trained}: a "
+                             "multi-task policy has no task id for them (set train.eval.tasks)")
 
     @staticmethod
     def _suite(cfg: dict, record: dict):
@@ -47,7 +65,8 @@ class PeriodicEvaluator:
         if cfg["suite"]:
             from robodit.evaluation.evaluate import restrict_suite
 
-            s = restrict_suite(load_suite(cfg["suite"]), cfg["tasks"], episodes, cfg["max_steps"] or None)
+            s = restrict_suite(load_suite(cfg["suite"], check_blocks=False), cfg["tasks"], episodes,
+                               cfg["max_steps"] or None)
         else:
             env = dict(record.get("env") or {})
             if "/" not in str(env.get("name") or ""):
