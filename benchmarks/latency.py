@@ -183,6 +183,8 @@ def main() -> None:
         params = sum(p.numel() for p in policy.parameters())
         active = policy.parameter_counts()["active"] if hasattr(policy, "parameter_counts") else params
         policy.predict_action(obs, generator=torch.Generator(device=device))  # builds inference caches
+        if args.images and not issubclass(cls, NEEDS_IMAGES):  # another observation: another row, not a replacement
+            label = f"{label} +84px camera"
         row = {"policy": f"{label} +bf16" if args.bf16 else label, "threads": args.threads,
                "params_M": round(params / 1e6, 2), "active_params_M": round(active / 1e6, 2),
                "gflops": round(count_flops(policy, obs) / 1e9, 3),
