@@ -100,6 +100,11 @@ def test_train_on_two_robots_then_fine_tune_on_one(tmp_path):
     assert policy.select_store(TWO) == 1 and policy.action_dim == 14 and policy.select_store(0) == 0
     with pytest.raises(ValueError, match="no training store matches 'ur5'"):
         policy.select_store("ur5")
+    assert policy.task_names == ["reach", "lift"]  # goal={"task": "lift"} is goal={"task_id": 1}
+    from robodit.training.info import format_checkpoint, summarize_checkpoint
+
+    text = format_checkpoint(summarize_checkpoint(last))  # every robot's shapes, not only the first store's
+    assert "observes state (39,); action (4,)" in text and "observes state (60,); action (14,)" in text
 
     # fine-tune on the two-arm store alone: same weight shapes, pretrained trunk loaded
     tuned = train(_cfg(tmp_path, "ft", {"path": paths[1]}, steps=1, init_from=str(last), lr=1e-12,

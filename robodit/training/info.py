@@ -97,7 +97,11 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
         "action": list((meta.get("action") or {}).get("shape", [])),
         "num_tasks": meta.get("num_tasks"),
         "stores": [{"path": s.get("path"), "env": (s.get("env") or {}).get("name"), "robot": s.get("robot"),
-                    "episodes": s.get("episodes"), "tasks": list(s.get("tasks") or [])} for s in stores],
+                    "episodes": s.get("episodes"), "tasks": list(s.get("tasks") or []),
+                    # several robots (RDT): each store's own observations and native action
+                    **({"observations": {k: list(v["shape"]) for k, v in m.get("obs", {}).items()},
+                        "action": list(m.get("action", {}).get("shape", []))} if m else {})}
+                   for s, m in zip(stores, meta.get("stores") or [None] * len(stores))],
         "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed") if k in train},
     }
     counts = _active_parameters(cfg)
@@ -151,7 +155,11 @@ def format_checkpoint(s: dict) -> str:
         tasks = st["tasks"]
         shown = ", ".join(tasks[:6]) + (f", ... ({len(tasks)} tasks)" if len(tasks) > 6 else "")
         lines.append(f"store:      {st['path']} ({st['episodes']} episodes, env {st['env']}, robot {st['robot']})"
-                     + (f"\n            tasks: {shown}" if tasks else ""))
+                     + (f"\n            tasks: {shown}" if tasks else "")
+                     + (f"\n            observes {', '.join(f'{k} {tuple(v)}' for k, v in st['observations'].items())}"
+                        f"; action {tuple(st['action'])}" if "observations" in st else ""))
+    if len(s["stores"]) > 1:
+        lines.append("            (eval.py evaluates the first store's env unless env= names another)")
     for i, r in enumerate(s.get("routes", [])):
         if i == 0:
             lines.append("routes:     step  noise_cond  experts per layer (weights)")
