@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=None, help="successful episodes to keep")
     p.add_argument("--episodes-per-task", type=int, default=None, help="for a benchmark: episodes per task")
     p.add_argument("--language-fraction", type=float, default=None,
-                   help="share of episodes that keep their instruction (templated paraphrases); the rest are "
-                        "goal-image only (default: all keep it, one sentence per task)")
+                   help="share of episodes that keep their instruction (templated paraphrases), rounded, at "
+                        "least one per task when > 0; the rest are goal-image only (default: all keep it, one "
+                        "sentence per task)")
     p.add_argument("--language-encoder", default="minilm",
                    help="embed the instructions into meta/lang_emb with this encoder ('' to skip)")
     p.add_argument("--out", required=True, help="path of the Zarr store (created, or appended to)")
