@@ -380,9 +380,9 @@ class Trainer:
                          "extremes. Use limits (the default), or set policy.formulation.clip_sample="
                          f"{math.ceil(bound * 100) / 100:g} (or null)")
 
-    def _check_resume(self, path: Path) -> dict:
-        """The checkpoint's record, after checking it was trained with this policy and data layout (a resume
-        under other settings would fail deep inside torch, or silently train under other statistics)."""
+    def _check_resume(self, path: Path) -> None:
+        """Check the checkpoint was trained with this policy and data layout (a resume under other settings would
+        fail deep inside torch, or silently train under other statistics); say when the store has changed."""
         saved = ckpt_io.read_config(path)
         now = {"policy": self._policy_config(), "shape_meta": self.shape_meta}
         diffs = [f"{part}.{k}: {saved.get(part, {}).get(k)!r} then, {now[part].get(k)!r} now"
@@ -397,7 +397,6 @@ class Trainer:
         if changed and self.dist.is_main:
             print(f"[robodit] the training data changed since {path.name} ({', '.join(changed)}): continuing with "
                   "the checkpoint's normaliser; the data order is no longer a replay", flush=True)
-        return saved
 
     def _restore(self, path: Path, policy, optimizer, scheduler, ema) -> tuple[int, float]:
         self._check_resume(path)
@@ -426,7 +425,8 @@ class Trainer:
     def _init_from(self, policy, path) -> None:
         """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's."""
         src = ckpt_io.resolve_checkpoint(path)
-        family = (ckpt_io.read_config(src).get("policy") or {}).get("_target_")
+        src_policy = ckpt_io.read_config(src).get("policy") or {}
+        family = src_policy.get("_target_")
         if family and family != self.cfg.policy._target_:
             raise ValueError(f"train.init_from={src} holds a {family.rsplit('.', 1)[-1]}, this run builds a "
                              f"{self.cfg.policy._target_.rsplit('.', 1)[-1]}: another family's weights do not "
@@ -437,10 +437,9 @@ class Trainer:
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and v.shape != own[k].shape]
         if bad:
-            then = ckpt_io.read_config(src).get("policy") or {}
             now = self._policy_config()
             keys = ("size", "width", "depth", "heads", "obs_horizon", "action_horizon")
-            hint = [f"policy.{k}={then.get(k)}" for k in keys if then.get(k) != now.get(k)]
+            hint = [f"policy.{k}={src_policy.get(k)}" for k in keys if src_policy.get(k) != now.get(k)]
             raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}"
                              + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else ""))
         missing = [k for k in own if k not in state]
