@@ -239,3 +239,14 @@ def test_training_time_eval_checks_its_tasks_and_ranking_at_start(tmp_path):
                                                             "eval/avg_completed", "ranking": []}))
     with pytest.raises(ValueError, match="cannot share a ranking"):
         PeriodicEvaluator({"every": 10}, tmp_path, record)
+
+
+def test_compare_plot_of_seed_groups_over_different_task_sets(monkeypatch, tmp_path):
+    """The plot recomputed a group's spread without the shared-task mean: ZeroDivisionError."""
+    from robodit.evaluation.compare import compare, parse_columns, plot_comparison
+
+    for i in range(2):
+        _eval_into(monkeypatch, tmp_path / f"g_s{i}", {"reach-v3": [True, i == 0], "push-v3": [False, True]}, seed=i)
+    _eval_into(monkeypatch, tmp_path / "push", {"push-v3": [True, False]})
+    columns = parse_columns([f"g={tmp_path}/g_s*", str(tmp_path / "push")])
+    assert plot_comparison(tmp_path / "c.png", columns, compare(columns)).stat().st_size > 0

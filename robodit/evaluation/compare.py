@@ -98,16 +98,25 @@ def _fmt(row: str, v: float) -> str:
     return f"{v:.2f}" if row == "avg completed" else f"{100 * v:.1f}%"
 
 
-def _cell(column: Column, row: str, shared: list[str] | None = None) -> tuple[str, float | None]:
+def _mean_std(column: Column, row: str, shared: list[str] | None) -> tuple[float, float, int] | None:
+    """(mean, sample std, runs) of a cell over the column's runs that have a value; None when none has."""
     values = [v for v in (_rows(r, shared).get(row) for r in column.runs) if v is not None]
     if not values:
-        return "—", None
+        return None
     mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def _cell(column: Column, row: str, shared: list[str] | None = None) -> tuple[str, float | None]:
+    stats = _mean_std(column, row, shared)
+    if stats is None:
+        return "—", None
+    mean, std, n_runs = stats
     if len(column.runs) == 1:
         ci, n = _interval(column.runs[0], row)
         return _fmt(row, mean) + (f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}] n={n}" if ci is not None else ""), mean
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{_fmt(row, mean)} ± {_fmt(row, std)} ({len(values)} runs)", mean
+    return f"{_fmt(row, mean)} ± {_fmt(row, std)} ({n_runs} runs)", mean
 
 
 def mcnemar(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
@@ -215,7 +224,7 @@ def plot_comparison(path: str | Path, columns: list[Column], result: dict[str, A
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(columns) + 2), 4.0), dpi=110)
     x = np.arange(len(rows))
     for i, c in enumerate(columns):
-        bars = [_spread(c, row, result["rows"][row][c.label]) for row in rows]  # (value, below, above)
+        bars = [_spread(c, row, result["shared_tasks"]) for row in rows]  # (value, below, above)
         ax.bar(x + (i - (len(columns) - 1) / 2) * width, [b[0] for b in bars], width,
                yerr=[[b[1] for b in bars], [b[2] for b in bars]], capsize=3, label=c.label)
     ax.set_xticks(x, rows, rotation=60 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",
@@ -229,18 +238,14 @@ def plot_comparison(path: str | Path, columns: list[Column], result: dict[str, A
     return Path(path)
 
 
-def _spread(column: Column, row: str, value: float | None) -> tuple[float, float, float]:
+def _spread(column: Column, row: str, shared: list[str] | None) -> tuple[float, float, float]:
     """(value, error below, error above) of a cell for a bar: Wilson interval of one run, ± std of a group."""
-    if value is None:
+    stats = _mean_std(column, row, shared)
+    if stats is None:
         return float("nan"), 0.0, 0.0
-    if len(column.runs) == 1:
-        ci, _ = _interval(column.runs[0], row)
-        lo, hi = ci or (value, value)
-    else:
-        values = [v for v in (_rows(r).get(row) for r in column.runs) if v is not None]
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        lo, hi = value - sd, value + sd
+    value, std, _ = stats
+    ci = _interval(column.runs[0], row)[0] if len(column.runs) == 1 else None
+    lo, hi = ci or (value - std, value + std)
     return value, max(0.0, value - lo), max(0.0, hi - value)
 
 

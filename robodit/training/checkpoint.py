@@ -75,8 +75,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the `.step_*.tmp-*` / `.old-*` dirs a save killed mid-way leaves (each a full copy of weights and
     optimizer: repeated preemptions would otherwise fill the disk). Only while no save is running: at start-up."""
     root = Path(run_dir) / "checkpoints"
-    stale = [p for p in root.glob(".step_*.*-*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)] \
-        if root.is_dir() else []
+    stale = [p for pattern in (".*.tmp-*", ".*.old-*") for p in root.glob(pattern) if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale

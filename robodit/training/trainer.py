@@ -106,6 +106,7 @@ class Trainer:
             multi = build_multi_store(paths, wcfg, dc, policy_cfg, self.tc.seed)
             self.train_set, self.val_set, self.shape_meta = multi.train_set, multi.val_set, multi.shape_meta
             self.normalizer, self.store_record = multi.normalizer, multi.record  # the record lists every store
+            self.action_bound = (None, None)  # the clip check (_check_clip) covers single-store runs only
             return
         train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
         self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
@@ -372,7 +373,7 @@ class Trainer:
         """Refuse a sampler clip that would cut off actions the data holds (e.g. `gaussian` action normalisation,
         whose data reach beyond ±1, under the default clip of 1): the policy could never produce them."""
         clip = getattr(getattr(policy, "formulation", None), "clip_sample", None)
-        mode, bound = getattr(self, "action_bound", (None, None))
+        mode, bound = self.action_bound
         if clip is None or bound is None or bound <= clip * (1 + 1e-4):
             return
         raise ValueError(f"the sampler clips normalised actions to ±{clip:g}, but with normalizer_modes.action="
