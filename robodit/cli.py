@@ -16,6 +16,12 @@ class CLIError(Exception):
 
 
 def _cmd_collect(args: argparse.Namespace) -> None:
+    if args.source == "metaworld/chains":  # the chain suite defines the scenes, cycles, step limit and seeds
+        from robodit.datasets.collect_chains import chains_command
+        from robodit.evaluation.suites import load_suite
+
+        chains_command(args, load_suite(args.suite))
+        return
     from robodit.datasets.collect import collect_command
 
     collect_command(args)
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="episode step limit (simulator default)")
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many rollouts")
     p.add_argument("--no-actions", action="store_true", help="store video-only episodes (has_actions=false)")
+    g = p.add_argument_group("chains (source metaworld/chains: CALVIN-style play, one episode per subtask)")
+    g.add_argument("--chains", type=int, default=None, help="chains the store ends with (a rerun resumes)")
+    g.add_argument("--chain-length", type=int, default=5, help="subtasks per chain")
+    g.add_argument("--scenes", default=None, help="comma-separated scenes of the suite (default: all of them)")
+    g.add_argument("--suite", default="metaworld_chains", help="the chain suite whose scenes, cycles, step limit "
+                                                             "and evaluation seeds the chains follow")
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("embed", help="cache a store's instruction embeddings (meta/lang_emb)")

@@ -223,6 +223,67 @@ def test_task_token_and_image_observations():
         policy.predict_action(obs)
 
 
+def _language_policy():
+    torch.manual_seed(0)
+    shapes = {**SHAPES, "num_tasks": 3}
+    policy = MoDEPolicy(shapes, _normalizer(), size="tiny", action_horizon=8, n_action_steps=4,
+                        language_encoder="minilm", lang_dim=6)
+    with torch.no_grad():
+        for block in policy.blocks:
+            block.moe.router[0].weight.normal_(std=1.0)
+            block.moe.router[-1].weight.normal_(std=1.0)
+        policy.head.weight.normal_(std=0.05)
+    return policy
+
+
+def test_language_goal_is_a_condition_token_the_routers_never_see():
+    policy = _language_policy().train()
+    assert policy.task_embedding is None  # the instruction says which task, not an id
+    b = 4
+    batch = {"obs.state": torch.randn(b, 2, 5), "action": torch.rand(b, 8, 3) * 2 - 1,
+             "action_is_pad": torch.zeros(b, 8, dtype=torch.bool), "task_id": torch.tensor([0, 1, 2, 0]),
+             "goal.has_lang": torch.tensor([True, True, True, False])}
+    routes, grads, seen = [], [], []
+    hooks = [blk.moe.register_forward_hook(lambda m, args, out: seen.append(out[1])) for blk in policy.blocks]
+    for seed in (1, 2):  # two different instructions, same everything else (noise levels included)
+        lang = torch.randn(b, 6, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+        torch.manual_seed(7)
+        seen.clear()
+        out = policy.compute_loss({**batch, "goal.lang_emb": lang})
+        layer_routes = list(seen)
+        routes.append([(r.experts, r.logits) for r in layer_routes])
+        logits = sum(r.logits.sum() for r in layer_routes)
+        # the router logits do not depend on the language embedding at all (not even a zero gradient path)
+        assert not logits.requires_grad or torch.autograd.grad(logits, lang, allow_unused=True)[0] is None
+        grads.append(torch.autograd.grad(out["loss"], lang)[0])
+    for h in hooks:
+        h.remove()
+    assert len(routes[0]) == len(policy.blocks)
+    for (e1, l1), (e2, l2) in zip(*routes):
+        assert torch.equal(e1, e2) and torch.equal(l1, l2)
+    # ...while the denoiser does use it: the loss has a gradient wrt the labelled rows' embeddings only
+    assert grads[0][:3].abs().sum() > 0 and grads[0][3].abs().sum() == 0
+    # at inference the instruction changes the actions, and the expert cache (noise-only routes) still holds
+    policy.eval()
+    obs = _obs(2)
+    lang = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    a = _predict_goal(policy, obs, {"lang_emb": lang}, cached=True)
+    assert torch.allclose(a, _predict_goal(policy, obs, {"lang_emb": lang}, cached=False), atol=1e-5)
+    assert not torch.allclose(a, _predict_goal(policy, obs, {"lang_emb": lang.flip(0)}, cached=True))
+    with pytest.raises(ValueError, match="instruction"):
+        policy.predict_action(obs, goal={"task_id": torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match="6"):
+        policy.predict_action(obs, goal={"lang_emb": torch.zeros(2, 5)})
+
+
+def _predict_goal(policy, obs, goal, cached):
+    old, policy.expert_cache = policy.expert_cache, cached
+    try:
+        return policy.predict_action(obs, goal=goal, generator=torch.Generator().manual_seed(3))
+    finally:
+        policy.expert_cache = old
+
+
 def test_bad_config_is_clear():
     with pytest.raises(ValueError, match="top_k"):
         MoDEPolicy(SHAPES, _normalizer(), size="tiny", num_experts=2, top_k=3)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from robodit.datasets.normalizer import Normalizer, compute_stats
-from robodit.datasets.sampler import WindowConfig, WindowDataset, split_episodes
+from robodit.datasets.sampler import WindowConfig, WindowDataset, split_episodes, store_split_groups
 from robodit.datasets.store import DemoStore
 from robodit.envs.action_space import UnifiedLayout
 from robodit.nn.encoders import is_image_key
@@ -138,7 +138,8 @@ def build_multi_store(paths: list[str], wcfg: WindowConfig, dataset_cfg, policy_
         with DemoStore.open(path) as store:
             store.verify()
             name = (store.env or {}).get("name") or path.stem
-            train_eps, val_eps = split_episodes(len(store), dataset_cfg.get("val_fraction", 0.0), seed)
+            train_eps, val_eps = split_episodes(len(store), dataset_cfg.get("val_fraction", 0.0), seed,
+                                                store_split_groups(store))
             train = WindowDataset(path, wcfg, train_eps, train=True)
             val = WindowDataset(path, wcfg, val_eps, train=False) if len(val_eps) else None
             obs = {k: (tuple(store.keys[k][0]), str(np.dtype(store.keys[k][1]))) for k in train.obs_keys}

@@ -26,13 +26,36 @@ from torch.utils.data import Dataset, Sampler
 from robodit.datasets.store import DemoStore
 
 
-def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random split by whole episodes (frames of one episode never straddle train and validation)."""
-    order = np.random.default_rng(seed).permutation(num_episodes)
-    n_val = int(round(num_episodes * val_fraction))
-    if val_fraction > 0 and num_episodes > 1:
-        n_val = max(1, min(n_val, num_episodes - 1))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def split_episodes(num_episodes: int, val_fraction: float, seed: int,
+                   groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random split by whole episodes (frames of one episode never straddle train and validation).
+
+    `groups` (one id per episode, e.g. `store_split_groups`) splits by whole groups instead: every episode of a
+    group lands on the same side, so the segments of one chain are never half in validation. Without groups the
+    split is the plain per-episode one (the same split a store without chains always had)."""
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(num_episodes)
+        n_val = int(round(num_episodes * val_fraction))
+        if val_fraction > 0 and num_episodes > 1:
+            n_val = max(1, min(n_val, num_episodes - 1))
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+    groups = np.asarray(groups)
+    if len(groups) != num_episodes:
+        raise ValueError(f"split_episodes: {len(groups)} group ids for {num_episodes} episodes")
+    ids, member = np.unique(groups, return_inverse=True)
+    train_g, val_g = split_episodes(len(ids), val_fraction, seed)
+    is_val = np.isin(member, val_g)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def store_split_groups(store: DemoStore) -> np.ndarray | None:
+    """Split groups of a store: a chain's segments share their chain id, any other episode is its own group;
+    None for a store without chains (its split stays the per-episode one)."""
+    chain = np.asarray(store.episode_chain)
+    if not (chain >= 0).any():
+        return None
+    own = chain.max() + 1 + np.arange(len(chain))
+    return np.where(chain >= 0, chain, own)
 
 
 def random_shift(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:

@@ -36,7 +36,11 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
 # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
 _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.int32),
          "episode_has_language": np.dtype(bool), "episode_has_actions": np.dtype(bool),
+         "episode_chain": np.dtype(np.int64), "episode_chain_pos": np.dtype(np.int32),
          "episode_ends": np.dtype(np.int64)}
+# Meta arrays added after format version 1 first shipped, with the value an episode of an older store has:
+# a reader of such a store sees these defaults; its first writer creates the arrays filled with them.
+_META_DEFAULTS = {"episode_chain": -1, "episode_chain_pos": -1}
 _META_CHUNK = 4096
 _CHUNK_TARGET_BYTES = 1 << 20
 _RESERVED_ATTRS = {"format", "version", "keys", "chunks_complete"}
@@ -193,7 +197,8 @@ class DemoStore:
                               dtype=dtype, fill_value=0, compressors=_compressor(dtype))
         meta = g.create_group("meta", attributes={"tasks": []})
         for name, dtype in _META.items():
-            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=0,
+            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype,
+                              fill_value=_META_DEFAULTS.get(name, 0),
                               compressors=ZstdCodec(level=3),
                               attributes={"committed": 0} if name == "episode_ends" else None)
 
@@ -245,9 +250,19 @@ class DemoStore:
             # Read the commit count first: rows below it were written before it, in every array.
             ends_arr = self._group["meta/episode_ends"]
             committed = int(ends_arr.attrs["committed"])
-            self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META}
-            self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
             self._meta_group = self._group["meta"]
+            present = set(self._meta_group.array_keys())
+            missing = [n for n in _META_DEFAULTS if n not in present]
+            if missing and self.mode == "a":  # an older store: add the arrays, every existing episode at default
+                for n in missing:
+                    self._meta_group.create_array(n, shape=(committed,), chunks=(_META_CHUNK,), dtype=_META[n],
+                                                  fill_value=_META_DEFAULTS[n], compressors=ZstdCodec(level=3))
+                missing = []
+            self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META
+                          if n not in missing}
+            self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
+            self._meta.update({n: _ro(np.full(committed, _META_DEFAULTS[n], _META[n])) for n in missing})
+            self._meta = {n: self._meta[n] for n in _META}
             tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
                      for t in self._meta_group.attrs.get("tasks", [])]
             self._data = {k: self._group[f"data/{k}"].with_config({"write_empty_chunks": True}) for k in self.keys}
@@ -297,6 +312,10 @@ class DemoStore:
     episode_instruction = property(lambda self: self._meta["episode_instruction"])
     episode_has_language = property(lambda self: self._meta["episode_has_language"])
     episode_has_actions = property(lambda self: self._meta["episode_has_actions"])
+    episode_chain = property(lambda self: self._meta["episode_chain"],
+                             doc="chain id per episode (the chain's env seed; -1: not part of a chain)")
+    episode_chain_pos = property(lambda self: self._meta["episode_chain_pos"],
+                                 doc="position of the episode in its chain (0 = first subtask; -1: no chain)")
     tasks = property(lambda self: [dict(t, instructions=list(t["instructions"])) for t in self._tasks])
     task_names = property(lambda self: [t["name"] for t in self._tasks])
 
@@ -326,7 +345,8 @@ class DemoStore:
         return {"index": j, "start": start, "end": end, "length": end - start, "task": self._tasks[t]["name"],
                 "instruction": self._tasks[t]["instructions"][ins] if ins >= 0 else None,
                 "has_language": bool(self._meta["episode_has_language"][j]),
-                "has_actions": bool(self._meta["episode_has_actions"][j])}
+                "has_actions": bool(self._meta["episode_has_actions"][j]),
+                "chain": int(self._meta["episode_chain"][j]), "chain_pos": int(self._meta["episode_chain_pos"][j])}
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) of one key; only committed frames may be read."""
@@ -425,43 +445,70 @@ class DemoStore:
         return out
 
     def append_episode(self, arrays: dict[str, np.ndarray], task: str, instruction: str | None = None,
-                       has_actions: bool = True) -> int:
+                       has_actions: bool = True, chain: int = -1, chain_pos: int = -1) -> int:
         """Append one episode and commit it; returns its index. Everything is validated before anything is
         written. Order: task table, data, meta rows, then the commit count (one atomic zarr.json write).
-        With has_actions=False "action" may be omitted (stored as zeros: action-free video)."""
+        With has_actions=False "action" may be omitted (stored as zeros: action-free video). `chain` /
+        `chain_pos`: the chain the episode is a segment of and its place there (-1: none)."""
+        return self.append_episodes([dict(arrays=arrays, task=task, instruction=instruction,
+                                          has_actions=has_actions, chain=chain, chain_pos=chain_pos)])[0]
+
+    def append_episodes(self, episodes: list[dict]) -> list[int]:
+        """Append several episodes under ONE commit (all of them or, after a kill, none): a chain's segments
+        stay whole. Each item holds `append_episode`'s arguments (arrays, task, instruction, has_actions, chain,
+        chain_pos). Returns their indices."""
         self._writer()
-        if not isinstance(task, str) or not task:
-            raise ValueError(f"task must be a non-empty string, got {task!r}")
-        if instruction is not None and (not isinstance(instruction, str) or not instruction):
-            raise ValueError(f"instruction must be a non-empty string or None, got {instruction!r}")
-        arrays = self._validate(arrays, bool(has_actions))
+        if not episodes:
+            return []
         tasks = self.tasks
-        names = [t["name"] for t in tasks]
-        if task not in names:
-            tasks.append({"name": task, "instructions": []})
-        t = names.index(task) if task in names else len(tasks) - 1
-        ins = -1
-        if instruction is not None:
-            if instruction not in tasks[t]["instructions"]:
-                tasks[t]["instructions"].append(instruction)
-            ins = tasks[t]["instructions"].index(instruction)
+        rows, datas = [], []
+        for ep in episodes:
+            task, instruction = ep.get("task"), ep.get("instruction")
+            unknown = sorted(set(ep) - {"arrays", "task", "instruction", "has_actions", "chain", "chain_pos"})
+            if unknown:
+                raise ValueError(f"append_episodes: unknown field(s) {unknown}")
+            if not isinstance(task, str) or not task:
+                raise ValueError(f"task must be a non-empty string, got {task!r}")
+            if instruction is not None and (not isinstance(instruction, str) or not instruction):
+                raise ValueError(f"instruction must be a non-empty string or None, got {instruction!r}")
+            chain, pos = int(ep.get("chain", -1)), int(ep.get("chain_pos", -1))
+            if (chain < 0) != (pos < 0):
+                raise ValueError(f"chain={chain} and chain_pos={pos}: give both (>= 0) or neither")
+            has_actions = bool(ep.get("has_actions", True))
+            arrays = self._validate(ep["arrays"], has_actions)
+            names = [t["name"] for t in tasks]
+            if task not in names:
+                tasks.append({"name": task, "instructions": []})
+                names.append(task)
+            t = names.index(task)
+            ins = -1
+            if instruction is not None:
+                if instruction not in tasks[t]["instructions"]:
+                    tasks[t]["instructions"].append(instruction)
+                ins = tasks[t]["instructions"].index(instruction)
+            datas.append(arrays)
+            rows.append({"episode_task": t, "episode_instruction": ins,
+                         "episode_has_language": instruction is not None, "episode_has_actions": has_actions,
+                         "episode_chain": chain, "episode_chain_pos": pos, "episode_ends": len(arrays["action"])})
         if tasks != self._tasks:
             self._meta_group.update_attributes({"tasks": tasks})
         n, e = self._num_frames, len(self)
-        T = len(arrays["action"])
-        for k, a in arrays.items():  # chunks holding committed frames are rewritten whole, atomically
-            arr = self._data[k]
+        T = sum(r["episode_ends"] for r in rows)
+        for k, arr in self._data.items():  # chunks holding committed frames are rewritten whole, atomically
             arr.resize((n + T, *arr.shape[1:]))
-            arr[n:n + T] = a
-        row = {"episode_task": t, "episode_instruction": ins, "episode_has_language": instruction is not None,
-               "episode_has_actions": bool(has_actions), "episode_ends": n + T}
+            arr[n:n + T] = np.concatenate([d[k] for d in datas])
+        ends = n + np.cumsum([r["episode_ends"] for r in rows])
+        for r, end in zip(rows, ends):
+            r["episode_ends"] = int(end)
+        new = {m: np.asarray([r[m] for r in rows], _META[m]) for m in _META}
         for name, arr in self._marr.items():
-            arr.resize((e + 1,))
-            arr[e:e + 1] = np.asarray([row[name]], _META[name])
-        self._marr["episode_ends"] = self._marr["episode_ends"].update_attributes({"committed": e + 1})  # COMMIT
-        self._meta = {m: _ro(np.append(a, np.asarray([row[m]], _META[m]))) for m, a in self._meta.items()}
-        self._tasks, self._num_frames = tasks, n + T
-        return e
+            arr.resize((e + len(rows),))
+            arr[e:e + len(rows)] = new[name]
+        self._marr["episode_ends"] = self._marr["episode_ends"].update_attributes(
+            {"committed": e + len(rows)})  # COMMIT
+        self._meta = {m: _ro(np.append(a, new[m])) for m, a in self._meta.items()}
+        self._tasks, self._num_frames = tasks, int(ends[-1])
+        return list(range(e, e + len(rows)))
 
     def set_attr(self, name: str, value) -> None:
         """Update one root attr (e.g. env) in one atomic zarr.json write. format/version/keys are fixed."""

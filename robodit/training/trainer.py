@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from robodit.datasets.multi import build_multi_store, store_paths, store_record
 from robodit.datasets.normalizer import Normalizer, compute_stats, normalized_bound
-from robodit.datasets.sampler import ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes
+from robodit.datasets.sampler import (ResumableBatchSampler, WindowConfig, WindowDataset, split_episodes,
+                                      store_split_groups)
 from robodit.datasets.store import DemoStore
 from robodit.training import checkpoint as ckpt_io
 from robodit.training.distributed import DistInfo, setup_distributed
@@ -108,7 +109,8 @@ class Trainer:
             self.normalizer, self.store_record = multi.normalizer, multi.record  # the record lists every store
             self.action_bound = (None, None)  # the clip check (_check_clip) covers single-store runs only
             return
-        train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed)
+        train_eps, val_eps = split_episodes(len(store), dc.get("val_fraction", 0.0), self.tc.seed,
+                                            store_split_groups(store))
         self.train_set = WindowDataset(store_path, wcfg, train_eps, train=True)
         self.val_set = WindowDataset(store_path, wcfg, val_eps, train=False) if len(val_eps) else None
         self.shape_meta = shape_meta_from_store(store, self.train_set.obs_keys)

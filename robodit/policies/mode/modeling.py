@@ -1,8 +1,9 @@
 """MoDE policy: one decoder-only transformer whose FFNs are mixtures of SwiGLU experts routed by noise level.
 
-Tokens [noise, task (when several tasks), observations..., noisy actions] attend to each other in every
-block; RMSNorm pre-norm, QK-norm, and the noise embedding added to the normalised tokens before every
-self-attention. The routers see only the noise embedding, so for a fixed sampler schedule the experts of
+Tokens [noise, goal, observations..., noisy actions] attend to each other in every block, where the goal token
+is the task embedding (several tasks) or, with a language encoder, the instruction's embedding through a small
+MLP (MDT's language path; a learned null token for samples without an instruction); RMSNorm pre-norm, QK-norm, and the noise embedding added to the normalised tokens before every
+self-attention. The routers see only the noise embedding (never the goal or the observations), so for a fixed sampler schedule the experts of
 every (step, layer) are known in advance: the expert cache fuses them into one dense MLP per (step, layer),
 keyed by (schedule_key, step index), and drops the routers and the dispatch at inference.
 """
@@ -22,6 +23,7 @@ from robodit.nn.moe import (ChosenExperts, FusedSwiGLU, NoiseRoutedMoE, Route, c
                             load_balancing_loss, router_z_loss)
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
+from robodit.policies.language_goals import LanguageGoals
 
 # Default diffusion process: the DiT baseline's x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to
 # the normalised action range), sampled with DDIM-5. The paper's EDM (`{"name": "edm"}`) is one override away, but
@@ -76,7 +78,7 @@ class CachedStep(NamedTuple):
 
 
 @register_policy("mode")
-class MoDEPolicy(DiffusionPolicy):
+class MoDEPolicy(LanguageGoals, DiffusionPolicy):
     default_formulation = DEFAULT_FORMULATION
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
@@ -85,7 +87,8 @@ class MoDEPolicy(DiffusionPolicy):
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
                  load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool | str = True,
-                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token"):
+                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token",
+                 language_encoder: str | None = None, lang_dim: int = 384):
         check_experts(num_experts, top_k)  # before any module is built
         for name, value in (("load_balance_weight", load_balance_weight), ("router_z_weight", router_z_weight)):
             if not value >= 0:
@@ -103,7 +106,12 @@ class MoDEPolicy(DiffusionPolicy):
         self.load_balance_weight, self.router_z_weight = float(load_balance_weight), float(router_z_weight)
         self.set_expert_cache(expert_cache)
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
-        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
+        # a language goal stands where the task id would (as in MDT): the instruction says which task
+        self.language_encoder, self.lang_dim = language_encoder or None, int(lang_dim)
+        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 and not language_encoder else None
+        if self.language_encoder:
+            self.lang_goal = nn.Sequential(nn.Linear(self.lang_dim, w), nn.SiLU(), nn.Linear(w, w))
+            self.null_lang = nn.Parameter(torch.zeros(w))
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
         self.action_in = nn.Linear(self.action_dim, w)
         self.action_pos = nn.Parameter(torch.randn(1, action_horizon, w) * 0.02)
@@ -193,9 +201,44 @@ class MoDEPolicy(DiffusionPolicy):
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
+        if self.language_encoder:  # a condition token, as the task token; the routers never see it
+            return {"tokens": torch.cat([self.language_token(goal or {}, tokens.shape[0])[:, None], tokens], dim=1),
+                    "task": None}
         task = self.global_task_vector(goal, tokens.shape[0])
         tokens = self.with_task_token(tokens, goal)
         return {"tokens": tokens, "task": task}
+
+    def language_token(self, goal: dict, batch: int) -> torch.Tensor:
+        """[B, W]: the instruction embedding through `lang_goal`; the null token where `has_lang` is False."""
+        lang = goal.get("lang_emb")
+        if lang is None:
+            raise ValueError(f"mode was trained with language goals ({self.language_encoder!r}): pass "
+                             f"goal={{'instruction': str}} or {{'lang_emb': [B, {self.lang_dim}]}}, got {sorted(goal)}")
+        lang = torch.as_tensor(lang, device=self.null_lang.device).reshape(-1, lang.shape[-1])
+        if lang.shape[-1] != self.lang_dim:
+            raise ValueError(f"goal lang_emb has {lang.shape[-1]} features; this policy expects {self.lang_dim} "
+                             f"({self.language_encoder!r} embeddings)")
+        token = self.lang_goal(lang.to(self.null_lang.dtype)).expand(batch, -1)
+        has = goal.get("has_lang")
+        if has is not None:
+            has = torch.as_tensor(has, device=token.device).bool().reshape(-1, 1)
+            token = torch.where(has, token, self.null_lang.expand_as(token))
+        return token
+
+    def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
+        """The evaluator's goal for `task`: its instruction's embedding (language policies); the task id, which
+        the evaluator adds itself, otherwise."""
+        if not self.language_encoder:
+            return {}
+        if instruction is None:
+            raise ValueError(f"task {task!r} has no instruction for a language goal")
+        return {"lang_emb": self.embed_instructions([instruction])[0]}
+
+    @torch.no_grad()
+    def predict_action(self, obs, goal=None, generator=None):
+        """goal: {"instruction": str | list[str]} (embedded here) or {"lang_emb": ...} with a language encoder,
+        else the task ({"task": name} or {"task_id": ...}) of a multi-task policy."""
+        return super().predict_action(obs, self.embed_goal_instruction(goal), generator)
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
         """With a step index (sampling in eval mode) the cached step of this policy's (sampler, steps) replaces
