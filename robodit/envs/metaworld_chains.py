@@ -137,6 +137,17 @@ class ChainEpisode:
     def expert_action(self) -> np.ndarray:
         return self.env.expert_action()
 
+    @classmethod
+    def frame_subtasks(cls, steps: list[int], frames: int, video_stride: int | None = None) -> list[int]:
+        """The subtask each recorded frame shows, from the per-subtask step counts: frame 0 is the reset, frame j
+        the state after chain step j * stride (recorded before a switch, so it shows the subtask that just ran)."""
+        stride = cls.video_stride if video_stride is None else int(video_stride)
+        ends = np.cumsum(steps) if len(steps) else np.zeros(1, np.int64)
+        out = [0]
+        for j in range(1, frames):
+            out.append(min(int(np.searchsorted(ends, j * stride)), max(len(steps) - 1, 0)))
+        return out[:frames]
+
 
 def chain_tasks(cycle: list[str], length: int, rng: np.random.Generator) -> list[str]:
     """`length` subtasks walking the scene's cycle from a random start (open, close, open, ...)."""

@@ -4,7 +4,9 @@ Each column is one results.json (an eval out_dir or the file), or a group `LABEL
 e.g. one evaluation per training seed): a run's cell is its rate with the Wilson 95% interval, a group's the
 mean ± sample std over its runs. With exactly two single runs that evaluated the same episodes (same tasks
 and env seeds), the table adds a paired test: episodes one solved and the other did not, and McNemar's exact
-two-sided p-value, which is what tells "A beats B" from seed noise at equal episodes.
+two-sided p-value, which is what tells "A beats B" from seed noise at equal episodes. Two chain evaluations get
+the difference in average completed length instead, with a 95% bootstrap interval over chains (paired over the
+chains both ran, same env seed and subtasks; independent resampling otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from robodit.evaluation.stats import bootstrap_mean_difference
 
 MEAN = "mean over tasks"
 
@@ -166,13 +170,28 @@ def compare(columns: list[Column]) -> dict[str, Any]:
         seen = {c.label: sorted({json.dumps(_get(r, key), sort_keys=True) for r in c.runs}) for c in columns}
         if len({tuple(v) for v in seen.values()}) > 1:
             settings[key] = seen
-    paired = None
+    paired = chain_diff = None
     if len(columns) == 2 and all(len(c.runs) == 1 for c in columns):
         paired = mcnemar(columns[0].runs[0], columns[1].runs[0])
+        chain_diff = chain_length_difference(columns[0].runs[0], columns[1].runs[0])
     return {"columns": [{"label": c.label, "results": c.paths} for c in columns],
             "rows": {row: {label: v for label, (_, v) in cells.items()} for row, cells in table.items()},
             "cells": {row: {label: s for label, (s, _) in cells.items()} for row, cells in table.items()},
-            "shared_tasks": shared, "settings_that_differ": settings, "paired": paired}
+            "shared_tasks": shared, "settings_that_differ": settings, "paired": paired,
+            "avg_completed_difference": chain_diff}
+
+
+def chain_length_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """b's average completed length minus a's, with a 95% bootstrap interval over chains: paired over the chains
+    both evaluated (same env seed and subtasks) when they share them all, else each run resampled on its own.
+    None unless both are chain evaluations."""
+    if a["kind"] != "chains" or b["kind"] != "chains":
+        return None
+    main = [r["chains"]["policy" if "policy" in r["chains"] else "expert"] for r in (a, b)]
+    done = [m["completed_per_chain"] for m in main]
+    keys = [[(c["seed"], tuple(c["tasks"])) for c in m.get("per_chain") or []] for m in main]
+    paired = bool(keys[0]) and keys[0] == keys[1]
+    return bootstrap_mean_difference(done[0], done[1], paired=paired)
 
 
 def _get(d: dict, dotted: str):
@@ -200,6 +219,16 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append("Settings that differ between the runs (the comparison may not be like for like):")
         for key, seen in result["settings_that_differ"].items():
             lines.append(f"- {key}: " + "; ".join(f"{k} {', '.join(v)}" for k, v in seen.items()))
+    diff = result.get("avg_completed_difference")
+    if diff:
+        a, b = labels
+        lo, hi = diff["ci95"]
+        how = (f"paired over the {diff['units'][0]} chains both ran" if diff["paired"] else
+               f"{diff['units'][0]} and {diff['units'][1]} chains resampled independently")
+        lines.append("")
+        lines.append(f"Average completed length, {b} − {a}: **{diff['difference']:+.2f}** (95% bootstrap interval "
+                     f"[{lo:+.2f}, {hi:+.2f}], {how}, {diff['resamples']} resamples)"
+                     + (" — the interval includes 0" if lo <= 0 <= hi else ""))
     paired = result["paired"]
     if paired:
         a, b = labels

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from robodit.evaluation.engine import JobResult, RolloutEngine
 from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
-from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
+from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary, transition_failures
 from robodit.evaluation.suites import Suite, SuiteError, check_seed_blocks, load_suite, suite_from_tasks
 
 EXPERT = "expert"
@@ -228,6 +228,12 @@ def summarize_chains(results: list[JobResult], suite: Suite) -> dict[str, Any]:
         v.pop("completed_per_chain")
     out["satisfied_at_start"] = int(sum(sum(r.satisfied_at_start) for r in ok))
     out["per_task"] = _per_key(results, suite)
+    out["transitions"] = transition_failures([(r.job.tasks, r.successes) for r in ok])
+    for scene, v in out["per_scene"].items():
+        v["transitions"] = transition_failures([(r.job.tasks, r.successes) for r in ok if r.job.key == scene])
+    # one row per chain, parallel to completed_per_chain: what `robodit compare` pairs and resamples
+    out["per_chain"] = [{"scene": r.job.key, "seed": r.job.seed, "tasks": list(r.job.tasks),
+                         "successes": list(r.successes)} for r in ok]
     return out
 
 

@@ -20,8 +20,11 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
                      A rate over no episodes (none attempted, or all errored) is null, and left out of means
     pooled           tasks only: rate_summary over all episodes (the interval for the overall rate)
     chains           chains only: {"policy" | "expert": {chains, success_at_length {"1".."5": {successes,
-                     success_rate, ci95}}, avg_completed, completed_per_chain, per_scene {...}, per_task {...},
-                     satisfied_at_start (subtasks whose check already passed on the carried state)}}
+                     success_rate, ci95}}, avg_completed, completed_per_chain, per_scene {scene: {chains,
+                     success_at_length, avg_completed, transitions}}, per_task {...}, transitions {previous subtask
+                     or "(start)": {subtask: {attempts, failures}}} (where chains break), per_chain [{scene, seed,
+                     tasks, successes}] (parallel to completed_per_chain), satisfied_at_start (subtasks whose check
+                     already passed on the carried state)}}
     avg_completed    chains only: the evaluated policy's average subtasks completed in a row
     run              num_envs, workers, pipeline_groups, wall_time_s, episodes, env_steps, env_steps_per_s,
                      video_fps (videos play in real time: a frame every 4 control steps), policy_calls,
@@ -107,7 +110,51 @@ def plot_success(path: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def write_report(out: Path, summary: dict[str, Any]) -> Path:
+def caption_frames(frames: list[np.ndarray], captions: list[str], scale: int = 2) -> list[np.ndarray]:
+    """Frames upscaled `scale`x with their caption on a dark band above them (the chain videos' instruction)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    out = []
+    for frame, text in zip(frames, captions):
+        h, w = frame.shape[:2]
+        img = Image.new("RGB", (w * scale, h * scale + 28), (20, 20, 20))
+        img.paste(Image.fromarray(np.ascontiguousarray(frame)).resize((w * scale, h * scale), Image.NEAREST), (0, 28))
+        draw, line = ImageDraw.Draw(img), ""
+        lines = []
+        for word in text.split():  # wrap to the frame's width
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > w * scale - 8:
+                lines.append(line)
+                trial = word
+            line = trial
+        lines.append(line)
+        for i, ln in enumerate(lines[:2]):
+            draw.text((4, 2 + 12 * i), ln, fill=(255, 255, 255), font=font)
+        out.append(np.asarray(img))
+    return out
+
+
+def _transition_table(transitions: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown matrix: rows = the subtask a chain had just done ("(start)" first), columns = the one it tried
+    next, cells = failures / attempts."""
+    cols = sorted({t for row in transitions.values() for t in row})
+    rows = sorted(transitions, key=lambda r: (r != "(start)", r))
+    lines = ["| after \\ next | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = transitions[r].get(c)
+            cells.append("" if v is None else f"{v['failures']}/{v['attempts']} failed")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(out: Path, summary: dict[str, Any] | None = None) -> Path:
+    """report.md from `summary`, by default read back from out/results.json: every number in the report is one
+    results.json holds."""
+    if summary is None:
+        summary = json.loads((Path(out) / "results.json").read_text())
     s, run = summary["suite"], summary["run"]
     lines = [f"# Evaluation of `{summary['checkpoint']}` on `{s['name']}`", "",
              f"suite `{s['source']}` · {s['simulator']} · policy {summary['policy']}"
@@ -144,6 +191,12 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
             for scene, v in m["per_scene"].items():
                 full = v["success_at_length"][str(length)]
                 lines.append(f"| {scene} | {v['chains']} | {_avg(v['avg_completed'])} | {_pct(full['success_rate'])} |")
+            if m.get("transitions"):
+                lines += ["", f"Where chains break ({who}): failures / attempts of each subtask (column) after the "
+                          "one before it (row; (start) = the chain's first subtask).", ""]
+                for scene, v in m["per_scene"].items():
+                    if v.get("transitions"):
+                        lines += [f"*{scene}*", "", *_transition_table(v["transitions"]), ""]
             if m["satisfied_at_start"]:
                 lines.append(f"\nNote: {m['satisfied_at_start']} subtask(s) already passed their check on the "
                              "carried state (counted as completed, as the simulator says).")
@@ -216,13 +269,20 @@ def write_outputs(out: Path, summary: dict[str, Any], results: list, wandb_proje
     for r in results:
         if r.frames:
             i = seen[r.job.key] = seen.get(r.job.key, -1) + 1
+            frames = r.frames
+            if summary["kind"] == "chains":  # the whole chain, each frame captioned with the instruction it follows
+                from robodit.envs.metaworld_chains import ChainEpisode
+
+                subs = ChainEpisode.frame_subtasks(r.steps, len(frames))
+                frames = caption_frames(frames, [f"{k + 1}/{len(r.job.tasks)}: "
+                                                 f"{summary['tasks'][r.job.tasks[k]]['instruction']}" for k in subs])
             name = f"{r.job.key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{r.job.key}_{i:03d}.mp4"
-            write_video(out / name, r.frames, fps=max(1, round(summary["run"].get("video_fps", 20))))
+            write_video(out / name, frames, fps=max(1, round(summary["run"].get("video_fps", 20))))
             videos.append(str(out / name))
     summary["videos"] = videos
     summary["plot"] = str(plot_success(out / "success.png", summary))
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    write_report(out, summary)
+    write_report(out)  # from the file just written
     log_wandb(out, summary, wandb_project)
 
 

@@ -67,3 +67,39 @@ def chain_metrics(per_chain: Sequence[Sequence[bool]], length: int) -> dict:
         at[str(k)] = {"successes": hits, "success_rate": hits / n if n else None, "ci95": list(wilson_interval(hits, n))}
     return {"chains": n, "success_at_length": at, "avg_completed": sum(done) / n if n else None,
             "completed_per_chain": done}
+
+
+START = "(start)"
+
+
+def transition_failures(chains: Sequence[tuple[Sequence[str], Sequence[bool]]]) -> dict[str, dict[str, dict]]:
+    """Where chains break: {previous subtask ("(start)" for the first): {subtask: {attempts, failures}}} over the
+    subtasks each chain attempted (it stops at its first failure, so a failure is always its last attempt)."""
+    out: dict[str, dict[str, dict]] = {}
+    for tasks, successes in chains:
+        for k, ok in enumerate(successes):
+            cell = out.setdefault(tasks[k - 1] if k else START, {}).setdefault(tasks[k], {"attempts": 0, "failures": 0})
+            cell["attempts"] += 1
+            cell["failures"] += int(not ok)
+    return out
+
+
+def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], paired: bool, resamples: int = 10_000,
+                              seed: int = 0) -> dict:
+    """mean(b) - mean(a) with a 95% percentile bootstrap interval: over shared units resampled jointly when
+    `paired` (the same chains: their difficulty cancels), else over each side independently."""
+    import numpy as np
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not len(x) or not len(y) or (paired and len(x) != len(y)):
+        raise ValueError(f"bootstrap needs non-empty samples (paired: equal lengths), got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    if paired:
+        idx = rng.integers(0, len(x), size=(resamples, len(x)))
+        diffs = y[idx].mean(1) - x[idx].mean(1)
+    else:
+        diffs = (y[rng.integers(0, len(y), size=(resamples, len(y)))].mean(1)
+                 - x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(1))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": float(y.mean() - x.mean()), "ci95": [float(lo), float(hi)], "paired": bool(paired),
+            "units": [len(x), len(y)], "resamples": int(resamples)}
