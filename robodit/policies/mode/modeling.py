@@ -108,6 +108,7 @@ class MoDEPolicy(LanguageGoals, DiffusionPolicy):
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         # a language goal stands where the task id would (as in MDT): the instruction says which task
         self.language_encoder, self.lang_dim = language_encoder or None, int(lang_dim)
+        self.goal_modality = "language" if self.language_encoder else None  # what eval.py goal= may select
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 and not language_encoder else None
         if self.language_encoder:
             self.lang_goal = nn.Sequential(nn.Linear(self.lang_dim, w), nn.SiLU(), nn.Linear(w, w))
@@ -230,6 +231,8 @@ class MoDEPolicy(LanguageGoals, DiffusionPolicy):
         the evaluator adds itself, otherwise."""
         if not self.language_encoder:
             return {}
+        if self.goal_modality != "language":
+            raise ValueError(f"mode takes language goals only, not goal={self.goal_modality!r}")
         if instruction is None:
             raise ValueError(f"task {task!r} has no instruction for a language goal")
         return {"lang_emb": self.embed_instructions([instruction])[0]}

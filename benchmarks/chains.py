@@ -1,0 +1,200 @@
+"""CALVIN-style chains with learned policies: the papers' table (success at chain lengths 1-5, average length).
+
+    python benchmarks/chains.py --rows expert,dit,mode_lang,mdt_lang [--chains 100] [--minutes 12] [--steps 1500]
+        [--state-store PATH] [--image-store PATH] [--out benchmarks/results/chains] [--json benchmarks/results/chains.json]
+
+Data (`robodit collect metaworld/chains`, collected here when a store is missing): expert play chains of 5 subtasks
+in the suite's five scenes, one episode per subtask starting where the previous one left the scene; the state store
+has every segment labelled (training paraphrases), the 64 px image store 10% (MDT's sparse labels). Rows:
+
+    expert        the scripted experts on the same chains (upper bound)
+    dit           DiT, task ids, state                        mode_lang   MoDE, language goals, state
+    mdt_lang      MDT (small), 64 px corner2 + state, 10% of segments labelled, language goals
+    dit_isolated  DiT, task ids, state, trained on isolated per-task demos (each from a reset) with, per task, as
+                  many frames as the chain store holds: chain demos vs isolated demos at the same frame count
+
+Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
+(held-out env seeds 300000+, `--chains` chains, the expert row skipped per policy) with held-out instruction
+paraphrases (`instructions=heldout`) for language rows. Rows already in the JSON are kept (rerun with --force).
+Prints a markdown table and writes `--json` (default benchmarks/results/chains.json; stores, checkpoints and
+evaluations go under --out) with steps, minutes, seeds, per-scene results and the
+transition failures of every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from robodit.datasets.collect import collect  # noqa: E402
+from robodit.datasets.collect_chains import collect_chains  # noqa: E402
+from robodit.datasets.language import embed_store  # noqa: E402
+from robodit.datasets.store import DemoStore  # noqa: E402
+from robodit.evaluation.evaluate import evaluate  # noqa: E402
+from robodit.evaluation.suites import load_suite  # noqa: E402
+from robodit.training.trainer import train  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROWS = {
+    "expert": {"label": "scripted experts (upper bound)"},
+    "dit": {"label": "DiT (task id, state)", "policy": "dit", "store": "state",
+            "overrides": ["dataset.obs_keys=[state]"]},
+    "mode_lang": {"label": "MoDE (language, state)", "policy": "mode", "store": "state",
+                  "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]"], "goal": "language"},
+    "mdt_lang": {"label": "MDT (language, 64 px + state, 10% labels)", "policy": "mdt", "store": "image",
+                 "overrides": ["policy.size=small"], "goal": "language"},
+    "dit_isolated": {"label": "DiT (task id, state), isolated demos", "policy": "dit", "store": "isolated",
+                     "overrides": ["dataset.obs_keys=[state]"]},
+}
+
+
+def stores(args, suite) -> dict[str, Path]:
+    """The chain stores (collected when missing: a rerun resumes them) and the isolated store of equal frames."""
+    out = Path(args.out)
+    paths = {"state": Path(args.state_store or out / "chains_state.zarr"),
+             "image": Path(args.image_store or out / "chains_img64.zarr"), "isolated": out / "isolated_state.zarr"}
+    kw = dict(eval_seed=suite.seed, instructions=suite.instructions, max_steps=suite.max_steps, progress=False)
+    if "state" in args.needs and not args.state_store:
+        collect_chains(suite.scenes, args.demo_chains, 5, paths["state"], **kw)
+        embed_store(paths["state"], "minilm")
+    if "image" in args.needs and not args.image_store:
+        collect_chains(suite.scenes, args.demo_chains, 5, paths["image"], image_size=64, cameras=["corner2"],
+                       language_fraction=0.1, **kw)
+        embed_store(paths["image"], "minilm")
+    if "isolated" in args.needs:
+        isolated_store(paths["state"], paths["isolated"], suite)
+    return paths
+
+
+def isolated_store(chain_path: Path, path: Path, suite) -> None:
+    """Per task, expert episodes from a reset (seeds 0, 1, ...) until they hold as many frames as the chain
+    store's segments of that task: isolated vs chained demos at the same frame count."""
+    with DemoStore.open(chain_path) as chains:
+        want = {t: 0 for t in chains.task_names}
+        for i in range(len(chains)):
+            info = chains.episode_info(i)
+            want[info["task"]] += info["length"]
+    for task, frames in want.items():
+        have = frames_per_task(path).get(task, 0) if path.exists() else 0
+        mean_len = 100.0
+        while have < frames:  # in batches sized by the episode length seen so far (one env build per batch)
+            n = max(1, int((frames - have) / mean_len))
+            lengths = collect(f"metaworld/{task}", n, path, max_steps=suite.max_steps, progress=False,
+                              language_fraction=0.0)["episode_lengths"]
+            have += sum(lengths)
+            mean_len = float(sum(lengths)) / len(lengths)
+
+
+def frames_per_task(path: Path) -> dict[str, int]:
+    with DemoStore.open(path) as s:
+        out: dict[str, int] = {}
+        for i in range(len(s)):
+            info = s.episode_info(i)
+            out[info["task"]] = out.get(info["task"], 0) + info["length"]
+        return out
+
+
+def run_row(name: str, store: Path | None, args, suite) -> dict:
+    spec = ROWS[name]
+    root = Path(args.out) / name
+    record: dict = {"label": spec["label"]}
+    ckpt: str | Path = "expert"
+    if spec.get("policy"):
+        overrides = [f"policy={spec['policy']}", f"dataset.path={store}", "logger=none", f"out_dir={root / 'run'}",
+                     f"train.steps={args.steps}", f"train.max_minutes={args.minutes}", "train.checkpoint_every=100000",
+                     f"train.seed={args.seed}", "train.progress=false", *spec["overrides"], *args.override]
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        shutil.rmtree(root / "run", ignore_errors=True)  # a half-finished run restarts from scratch
+        t0 = time.time()
+        ckpt = train(cfg)
+        record.update(train_steps=int(ckpt.name.split("_")[1]), train_minutes=round((time.time() - t0) / 60, 2),
+                      train_seed=args.seed, overrides=overrides, store=str(store),
+                      store_frames=sum(frames_per_task(store).values()))
+    suite.expert_baseline = False
+    goal = {"goal": spec["goal"], "instructions": "heldout"} if spec.get("goal") else {}
+    t0 = time.time()
+    s = evaluate(ckpt, suite=suite, episodes=args.chains, out_dir=root / "eval", videos=1, progress=False,
+                 workers=args.workers, num_envs=args.num_envs, **goal)
+    m = s["chains"]["policy" if spec.get("policy") else "expert"]
+    record.update(eval_chains=m["chains"], eval_seed=suite.seed, eval_s=round(time.time() - t0, 1),
+                  success_at_length={k: v["success_rate"] for k, v in m["success_at_length"].items()},
+                  ci95_at_length={k: v["ci95"] for k, v in m["success_at_length"].items()},
+                  avg_completed=m["avg_completed"], per_scene={k: v["avg_completed"] for k, v in m["per_scene"].items()},
+                  transitions=m["transitions"], instructions=goal.get("instructions"),
+                  results=str(root / "eval" / "results.json"))
+    return record
+
+
+def format_table(rows: dict) -> str:
+    lines = ["| policy | train steps | min | 1 | 2 | 3 | 4 | 5 | avg. len | chains |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows.values():
+        at = r["success_at_length"]
+        lines.append(f"| {r['label']} | {r.get('train_steps', '-')} | {r.get('train_minutes', '-')} | "
+                     + " | ".join(f"{100 * at[k]:.0f}%" for k in sorted(at, key=int))
+                     + f" | **{r['avg_completed']:.2f}** | {r['eval_chains']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="expert,dit,mode_lang,mdt_lang")
+    ap.add_argument("--chains", type=int, default=100, help="evaluation chains (held-out seeds)")
+    ap.add_argument("--demo-chains", type=int, default=200, help="chains to collect when a store is missing")
+    ap.add_argument("--minutes", type=float, default=12.0)
+    ap.add_argument("--steps", type=int, default=1500, help="the LR schedule anneals over these; --minutes caps")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--state-store", default=None)
+    ap.add_argument("--image-store", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--num-envs", type=int, default=10)
+    ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
+    ap.add_argument("--out", default="benchmarks/results/chains")
+    ap.add_argument("--json", default="benchmarks/results/chains.json")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    names = args.rows.split(",")
+    args.needs = {ROWS[n].get("store") for n in names} | ({"state"} if "dit_isolated" in names else set())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suite = load_suite("metaworld_chains")
+    paths = stores(args, suite)
+    path = Path(args.json)
+    result = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    result.update({"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                               "threads": args.threads, "torch": torch.__version__},
+                   "suite": {"name": suite.name, "seed": suite.seed, "chain_length": suite.chain_length,
+                             "max_steps": suite.max_steps, "scenes": suite.scenes}})
+    if "isolated" in args.needs:
+        result["frames_per_task"] = {"chains": frames_per_task(paths["state"]),
+                                     "isolated": frames_per_task(paths["isolated"])}
+    for name in names:
+        if name in result["rows"] and not args.force:
+            continue
+        result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite)
+        path.write_text(json.dumps(result, indent=2))
+        print(format_table({name: result["rows"][name]}), flush=True)
+    print(format_table(result["rows"]))
+    avg = {k: r["avg_completed"] for k, r in result["rows"].items()}
+    print(json.dumps({"avg_completed": avg, "json": str(path)}, default=float))
+
+
+if __name__ == "__main__":
+    main()
