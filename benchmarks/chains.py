@@ -35,6 +35,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from robodit.datasets.collect import collect  # noqa: E402
@@ -103,6 +104,25 @@ def frames_per_task(path: Path) -> dict[str, int]:
             info = s.episode_info(i)
             out[info["task"]] = out.get(info["task"], 0) + info["length"]
         return out
+
+
+def start_state_shift(path: Path) -> dict[str, dict]:
+    """How far chained subtasks start from where isolated demos start, per task: the hand's distance (m) from the
+    nearest start of a chain's first subtask (a reset: Meta-World puts the hand at one fixed place), median and
+    90th percentile over segments 2..5. A policy that saw only resets has never acted from there."""
+    with DemoStore.open(path) as s:
+        state, starts, pos = s.read("state", 0, s.num_frames), s.episode_starts, s.episode_chain_pos
+        tasks = np.array([s.episode_info(i)["task"] for i in range(len(s))])
+    out = {}
+    for task in sorted(set(tasks)):
+        first = starts[(tasks == task) & (pos == 0)]
+        later = starts[(tasks == task) & (pos > 0)]
+        if not len(first) or not len(later):
+            continue
+        d = np.linalg.norm(state[later, None, :3] - state[None, first, :3], axis=-1).min(1)
+        out[task] = {"chained_starts": int(len(later)), "median_m": round(float(np.median(d)), 3),
+                     "p90_m": round(float(np.percentile(d, 90)), 3)}
+    return out
 
 
 def run_row(name: str, store: Path | None, args, suite) -> dict:
@@ -182,6 +202,8 @@ def main() -> None:
                                "threads": args.threads, "torch": torch.__version__},
                    "suite": {"name": suite.name, "seed": suite.seed, "chain_length": suite.chain_length,
                              "max_steps": suite.max_steps, "scenes": suite.scenes}})
+    if paths["state"].exists():
+        result["start_state_shift"] = start_state_shift(paths["state"])
     if "isolated" in args.needs:
         result["frames_per_task"] = {"chains": frames_per_task(paths["state"]),
                                      "isolated": frames_per_task(paths["isolated"])}
