@@ -105,3 +105,25 @@ def test_chain_goals_switch_per_subtask_through_the_policy_path():
     policy = ExpertBehindThePolicyInterface([t.name for t in suite.tasks])
     results, _ = run_suite(suite, policy, workers=0, num_envs=2, videos=0, progress=False)
     assert [len(r.successes) for r in results] == [5, 5] and all(r.success for r in results)
+
+
+def test_carried_scene_keeps_the_reset_reward_reference():
+    """Meta-World shapes rewards from `init_tcp`; measured from a carried hand sitting on the handle its margin went
+    negative and the success check raised (an evaluation chain errored). The reset's reference stays."""
+    press, pull = make_env("metaworld/handle-press-v3"), make_env("metaworld/handle-pull-v3")
+    try:
+        pull.reset(seed=3)
+        home = pull.unwrapped.init_tcp.copy()
+        press.reset(seed=3)
+        for _ in range(300):
+            _, success, done, _ = press.step(press.expert_action())
+            if success or done:
+                break
+        assert success and np.abs(press.unwrapped.tcp_center - home).max() > 0.05  # the hand moved off home
+        carry_state(press, pull, seed=3)
+        np.testing.assert_allclose(pull.unwrapped.init_tcp, home, atol=1e-3)  # the reset hand, settled
+        np.testing.assert_allclose(pull.unwrapped.tcp_center, press.unwrapped.tcp_center)
+        success_now(pull)
+    finally:
+        press.close()
+        pull.close()

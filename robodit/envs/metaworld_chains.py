@@ -69,7 +69,9 @@ def carry_state(src, dst, seed: int) -> dict[str, np.ndarray]:
     d.data.time = s.data.time
     mujoco.mj_forward(d.model, d.data)
     d.curr_path_length = 0
-    d.init_tcp = d.tcp_center
+    # init_tcp stays where B's own reset put the hand: Meta-World uses it only to shape rewards, and a margin
+    # measured from a carried hand that already sits on the object goes negative and raises inside the success
+    # check (seen: handle-pull after a policy's handle-press, "`margin` must be non-negative").
     d._prev_obs = d._get_curr_obs_combined_no_goal()
     raw = d._get_obs()
     d._last_stable_obs = raw
