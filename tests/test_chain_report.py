@@ -88,5 +88,26 @@ def test_compare_two_chain_evaluations_gives_the_length_difference(expert_chains
     assert diff["paired"] and diff["difference"] == pytest.approx(np.mean([max(0, d - 1) for d in done]) - np.mean(done))
     assert diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1]
     assert "Average completed length, B − A" in format_markdown(result)
-    b["chains"]["expert"]["per_chain"] = b["chains"]["expert"]["per_chain"][::-1]  # other chains: not paired
+    # a chain that errored in one run (absent there) is left out of both: still paired, over the shared ones
+    b["chains"]["expert"]["per_chain"] = b["chains"]["expert"]["per_chain"][1:]
+    b["chains"]["expert"]["completed_per_chain"] = b["chains"]["expert"]["completed_per_chain"][1:]
+    diff = compare([Column("A", [a]), Column("B", [b])])["avg_completed_difference"]
+    assert diff["paired"] and diff["units"] == [2, 2] and diff["left_out"] == [1, 0]
+    for c in b["chains"]["expert"]["per_chain"]:  # other chains altogether: resampled independently
+        c["seed"] += 1000
     assert not compare([Column("A", [a]), Column("B", [b])])["avg_completed_difference"]["paired"]
+
+
+def test_compare_labels_two_eval_dirs_apart(tmp_path, expert_chains):
+    """Two `<run>/eval` dirs were both labelled "eval": the table showed the second run in both columns."""
+    from robodit.evaluation.compare import parse_columns
+
+    out, _ = expert_chains
+    res = json.loads((out / "results.json").read_text())
+    for name, avg in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        res["chains"]["expert"]["avg_completed"] = avg
+        (tmp_path / name / "eval" / "results.json").write_text(json.dumps(res))
+    columns = parse_columns([str(tmp_path / "a" / "eval"), str(tmp_path / "b" / "eval")])
+    assert [c.label for c in columns] == ["a/eval", "b/eval"]
+    assert compare(columns)["rows"]["avg completed"] == {"a/eval": 1.0, "b/eval": 2.0}

@@ -58,10 +58,27 @@ def parse_columns(specs: list[str]) -> list[Column]:
         if not label:
             label = Path(runs[0]["_path"]).parent.name if len(runs) == 1 else pattern
         columns.append(Column(label, runs, [r["_path"] for r in runs]))
+    _unique_labels(columns)
     kinds = {r["kind"] for c in columns for r in c.runs}
     if len(kinds) > 1:
         raise ValueError(f"cannot compare task suites with chain suites ({sorted(kinds)})")
     return columns
+
+
+def _unique_labels(columns: list[Column]) -> None:
+    """Columns keyed by label must not share one (two `runs/x/eval` dirs are both "eval", and the table showed the
+    second run twice): a repeated folder name is lengthened with its parents until the labels differ."""
+    for depth in range(2, 6):
+        labels = [c.label for c in columns]
+        clash = {lab for lab in labels if labels.count(lab) > 1}
+        if not clash:
+            return
+        for c in columns:
+            if c.label in clash and len(c.paths) == 1:
+                c.label = "/".join(Path(c.paths[0]).parent.parts[-depth:])
+    labels = [c.label for c in columns]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"columns share a label ({labels}): name them, e.g. A=path/to/eval B=other/eval")
 
 
 def _rows(run: dict[str, Any], shared: list[str] | None = None) -> dict[str, float | None]:
@@ -183,15 +200,20 @@ def compare(columns: list[Column]) -> dict[str, Any]:
 
 def chain_length_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     """b's average completed length minus a's, with a 95% bootstrap interval over chains: paired over the chains
-    both evaluated (same env seed and subtasks) when they share them all, else each run resampled on its own.
-    None unless both are chain evaluations."""
+    both evaluated (same env seed and subtasks; a chain that errored in one run is left out of both), else each
+    run resampled on its own. None unless both are chain evaluations."""
     if a["kind"] != "chains" or b["kind"] != "chains":
         return None
     main = [r["chains"]["policy" if "policy" in r["chains"] else "expert"] for r in (a, b)]
     done = [m["completed_per_chain"] for m in main]
-    keys = [[(c["seed"], tuple(c["tasks"])) for c in m.get("per_chain") or []] for m in main]
-    paired = bool(keys[0]) and keys[0] == keys[1]
-    return bootstrap_mean_difference(done[0], done[1], paired=paired)
+    keyed = [{(c["seed"], tuple(c["tasks"])): d for c, d in zip(m.get("per_chain") or [], dn)}
+             for m, dn in zip(main, done)]
+    shared = [k for k in keyed[0] if k in keyed[1]]
+    if shared:
+        out = bootstrap_mean_difference([keyed[0][k] for k in shared], [keyed[1][k] for k in shared], paired=True)
+        out["left_out"] = [len(keyed[0]) - len(shared), len(keyed[1]) - len(shared)]
+        return out
+    return bootstrap_mean_difference(done[0], done[1], paired=False)
 
 
 def _get(d: dict, dotted: str):
@@ -223,7 +245,9 @@ def format_markdown(result: dict[str, Any]) -> str:
     if diff:
         a, b = labels
         lo, hi = diff["ci95"]
-        how = (f"paired over the {diff['units'][0]} chains both ran" if diff["paired"] else
+        how = (f"paired over the {diff['units'][0]} chains both ran" + (
+            f"; {sum(diff['left_out'])} run by one only left out" if sum(diff.get("left_out", [0])) else "")
+            if diff["paired"] else
                f"{diff['units'][0]} and {diff['units'][1]} chains resampled independently")
         lines.append("")
         lines.append(f"Average completed length, {b} − {a}: **{diff['difference']:+.2f}** (95% bootstrap interval "
