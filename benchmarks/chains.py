@@ -120,7 +120,7 @@ def start_state_shift(path: Path) -> dict[str, dict]:
         if not len(first) or not len(later):
             continue
         d = np.linalg.norm(state[later, None, :3] - state[None, first, :3], axis=-1).min(1)
-        out[task] = {"chained_starts": int(len(later)), "median_m": round(float(np.median(d)), 3),
+        out[str(task)] = {"chained_starts": int(len(later)), "median_m": round(float(np.median(d)), 3),
                      "p90_m": round(float(np.percentile(d, 90)), 3)}
     return out
 
