@@ -12,7 +12,7 @@ from robodit.datasets.sampler import WindowConfig
 from robodit.envs.action_space import adapter_for
 from robodit.training.checkpoint import read_config, resolve_checkpoint
 from robodit.training.trainer import Trainer, train
-from tests.conftest import make_toy_store
+from conftest import make_toy_store
 
 MW, TWO = "metaworld_sawyer", "robosuite_two_panda"
 
