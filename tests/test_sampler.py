@@ -41,9 +41,9 @@ def test_split_is_by_episode_and_disjoint():
 def test_images_are_uint8_chw_and_shift_keeps_shape(tmp_path):
     path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16)
     ds = WindowDataset(path, WindowConfig(obs_horizon=2, action_horizon=4, image_shift=2), train=True)
-    x = ds[(5, 7)]["obs.image_cam"]
+    x = ds[(5, 7)]["obs.wrist"]
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 16, 16)
-    assert torch.equal(x, ds[(5, 7)]["obs.image_cam"])  # same seed → same augmentation
+    assert torch.equal(x, ds[(5, 7)]["obs.wrist"])  # same seed → same augmentation
 
 
 def test_batches_are_deterministic_resumable_and_work_with_workers(toy_store):

@@ -124,14 +124,14 @@ def test_stats_cover_every_frame(tmp_path):
 def test_float_images_are_refused_not_guessed(tmp_path):
     import robodit
 
-    path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16)
+    path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16, cameras=("wrist",))
     cfg = _cfg(path, tmp_path / "run", 1)
     train(cfg)
     policy = robodit.load_policy(list_checkpoints(tmp_path / "run")[-1])
-    obs = {"state": np.zeros((2, 5), np.float32), "image_cam": np.zeros((2, 16, 16, 3), np.uint8)}
+    obs = {"state": np.zeros((2, 5), np.float32), "wrist": np.zeros((2, 16, 16, 3), np.uint8)}
     assert policy.predict_action(obs).shape == (1, 8, 3)
-    with pytest.raises(ValueError, match="'image_cam' is float32; images go in as uint8"):
-        policy.predict_action({**obs, "image_cam": obs["image_cam"].astype(np.float32) / 255})
+    with pytest.raises(ValueError, match="'wrist' is float32; images go in as uint8"):
+        policy.predict_action({**obs, "wrist": obs["wrist"].astype(np.float32) / 255})
 
 
 def test_a_fresh_run_into_a_used_out_dir_is_refused(toy_store, tmp_path):

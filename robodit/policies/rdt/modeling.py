@@ -255,7 +255,7 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
     def _normalized(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw unified batch → normalised model inputs, each sample with its own store's statistics."""
         sid = batch["store_id"].long()
-        out = {key[4:]: batch[key] for key in batch if key.startswith("obs.image")}
+        out = {key: batch[f"obs.{key}"] for key in self.image_shapes}  # cameras by dtype/shape, never by name
         out["state"] = (batch["obs.state"] - self.u_state_offset[sid, None]) / self.u_state_scale[sid, None]
         out["state"] = out["state"] * batch["state_mask"][:, None]
         out["context"] = (batch["obs.context"] - self.u_context_offset[sid, None]) / self.u_context_scale[sid, None]

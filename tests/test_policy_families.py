@@ -1,0 +1,72 @@
+"""What every policy family promises alike: cameras found by dtype/shape whatever their names."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMERAS, make_toy_store
+
+from robodit.datasets.normalizer import Normalizer, compute_stats
+from robodit.datasets.sampler import WindowConfig, WindowDataset
+from robodit.datasets.store import DemoStore
+from robodit.policies.dit import DiTPolicy
+from robodit.policies.mdt import MDTPolicy
+from robodit.policies.mode import MoDEPolicy
+from robodit.policies.pad import PADPolicy
+from robodit.policies.rdt import RDTPolicy
+from robodit.training.trainer import shape_meta_from_store
+
+FAMILIES = {"dit": DiTPolicy, "mdt": MDTPolicy, "mode": MoDEPolicy, "pad": PADPolicy, "rdt": RDTPolicy}
+TINY = {"dit": {}, "mode": {}, "rdt": {"robot": "metaworld_sawyer"},
+        "pad": {"image_size": 16, "patch_size": 8, "future_frames": 1, "future_stride": 2},
+        "mdt": {"language_encoder": None, "goal_offsets": (2, 4), "future_stride": 2, "mgf_patch": 8,
+                "mgf_width": 32, "mgf_depth": 1}}
+
+
+@pytest.fixture(scope="module")
+def camera_store(tmp_path_factory):
+    """Cameras named `wrist` and `agentview_image` (neither starts with `image`), a Sawyer-sized state for RDT."""
+    return make_toy_store(tmp_path_factory.mktemp("cams") / "s.zarr", episodes=2, length=(12, 14), state_dim=39,
+                          action_dim=4, image_size=16, robot="metaworld_sawyer", fps=80.0)
+
+
+def _tiny(family, store_path):
+    with DemoStore.open(store_path) as store:
+        keys = ("state", *CAMERAS)
+        meta = shape_meta_from_store(store, keys)
+        normalizer = Normalizer(compute_stats(store, ["state", "action"]))
+    torch.manual_seed(0)
+    return FAMILIES[family](meta, normalizer, size="tiny", obs_horizon=1, action_horizon=4, n_action_steps=2,
+                            num_inference_steps=2, **TINY[family])
+
+
+def _batch(policy, store_path, n=4):
+    cfg = WindowConfig(obs_horizon=policy.obs_horizon, action_horizon=policy.action_horizon, image_shift=0,
+                       future_frames=getattr(policy, "future_frames", 0),
+                       future_stride=getattr(policy, "future_stride", 1),
+                       goal_offsets=getattr(policy, "goal_offsets", None))
+    data = WindowDataset(store_path, cfg, train=False)
+    items = [data[(i, i)] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cameras_are_found_by_dtype_and_shape_not_by_name(family, camera_store):
+    """RDT kept only keys starting with `image` and failed on a `wrist` camera (KeyError); every family now trains
+    and acts on cameras named anything, and each camera reaches the action."""
+    policy = _tiny(family, camera_store)
+    loss = policy.compute_loss(_batch(policy, camera_store))["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    with torch.no_grad():  # leave the zero-initialised heads and gates: a fresh net ignores every input
+        for p in policy.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    policy.eval()
+    rng = np.random.default_rng(0)
+    obs = {"state": rng.normal(size=(1, 39)).astype(np.float32),
+           **{k: rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8) for k in CAMERAS}}
+    goal = {k: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for k in CAMERAS} if family == "mdt" else None
+    act = lambda o: policy.predict_action(o, goal, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    base = act(obs)
+    assert base.shape == (1, 4, 4) and torch.isfinite(base).all()
+    for cam in CAMERAS:
+        assert not torch.allclose(act({**obs, cam: 255 - obs[cam]}), base), f"{family} ignores camera {cam!r}"
