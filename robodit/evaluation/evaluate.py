@@ -151,7 +151,7 @@ def make_goal_fn(policy, suite: Suite):
     if policy is None:
         return None
     train_tasks = list((policy.checkpoint_config.get("store") or {}).get("tasks") or [])
-    needs_id = policy.num_tasks > 1
+    needs_id = policy.takes_task  # the family reads task ids (MDT reads language or goal images instead)
     if needs_id:
         missing = [t.name for t in suite.tasks if t.name not in train_tasks]
         if missing:

@@ -82,7 +82,7 @@ class DiTPolicy(DiffusionPolicy):
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        task = self.global_task_vector(goal, tokens.shape[0])
+        task = self.global_task_vector(goal)
         tokens = self.with_task_token(tokens, goal)
         for block in self.context_encoder:
             tokens = block(tokens)

@@ -193,7 +193,7 @@ class MoDEPolicy(DiffusionPolicy):
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        task = self.global_task_vector(goal, tokens.shape[0])
+        task = self.global_task_vector(goal)
         tokens = self.with_task_token(tokens, goal)
         return {"tokens": tokens, "task": task}
 
