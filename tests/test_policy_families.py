@@ -141,3 +141,34 @@ def test_every_family_takes_its_goal_through_one_path(family, language, camera_s
     if "lang_emb" in policy.goal_keys():
         with pytest.raises(ValueError, match=rf"lang_emb has shape \(1, 7\); this policy takes .*{policy.lang_dim}"):
             act({"lang_emb": np.zeros(7, np.float32)})
+
+
+# -- one source for each default: configs/policy/<family>.yaml builds what the class builds by default -------------
+def _hyper_parameters(policy) -> dict:
+    """Everything a policy resolved from its arguments: plain attributes, the process, every tensor's shape."""
+    plain = (bool, int, float, str, tuple, type(None))
+    out = {k: v for k, v in vars(policy).items() if not k.startswith("_") and isinstance(v, plain)}
+    out["formulation"] = policy.formulation.config
+    out["shapes"] = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_yaml_config_builds_the_class_default(family):
+    """MoDE's class used horizons 2/16/8 and its YAML 1/10/10, PAD's class 50 sampling steps and its YAML 10: a
+    policy built in Python differed from the one train.py builds. Now Policy(**yaml) == Policy() for every family."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.to_container(OmegaConf.load(f"configs/policy/{family}.yaml"))
+    assert yaml.pop("_target_") == f"{FAMILIES[family].__module__.rsplit('.', 1)[0]}.{FAMILIES[family].__name__}"
+    meta = {"obs": {"state": {"shape": [39], "dtype": "float32"},
+                    **{k: {"shape": [16, 16, 3], "dtype": "uint8"} for k in CAMERAS}},
+            "action": {"shape": [4]}, "num_tasks": 2, "robot": "metaworld_sawyer"}
+    with torch.device("meta"):
+        from_yaml = _hyper_parameters(FAMILIES[family](meta, **yaml))
+        default = _hyper_parameters(FAMILIES[family](meta))
+    shapes = from_yaml.pop("shapes"), default.pop("shapes")
+    differ = {k: (from_yaml.get(k), default.get(k)) for k in from_yaml.keys() | default.keys()
+              if from_yaml.get(k) != default.get(k)}
+    assert not differ, f"configs/policy/{family}.yaml vs {FAMILIES[family].__name__}(): {differ}"
+    assert shapes[0] == shapes[1]

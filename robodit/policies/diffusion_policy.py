@@ -18,11 +18,17 @@ from robodit.policies.base import Policy
 
 TASK_CONDITIONING = ("token", "token+global")
 
+# The families' default process, x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to the normalised
+# range), measured on reach-v3: DiT at 900 steps 100% vs 85% (EDM) vs 5% (epsilon); MoDE at 2500 steps 98% vs 56%
+# (EDM); PAD from 64 px at an 8-min CPU budget 100% vs 40% (its paper's epsilon, linear, 1000 levels, DDIM-50).
+X0_DDPM = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 100,
+           "clip_sample": 1.0}
+
 
 class DiffusionPolicy(Policy):
     task_goals = True  # a family with a task embedding reads the task; MDT (goal-conditioned) does not
     # the family's process when none is given; configs/policy/<family>.yaml spells out the same
-    default_formulation: dict = {"name": "ddpm", "prediction": "epsilon"}
+    default_formulation: dict = X0_DDPM
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
                  action_horizon: int = 16, n_action_steps: int = 8, formulation: dict | str | None = None,

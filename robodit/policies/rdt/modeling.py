@@ -37,7 +37,7 @@ from robodit.nn.attention import MLP, Attention, RMSNorm
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import ObservationEncoder, is_image_key
 from robodit.policies.base import keep_in_graph, register_policy
-from robodit.policies.diffusion_policy import DiffusionPolicy
+from robodit.policies.diffusion_policy import X0_DDPM, DiffusionPolicy
 
 SIZES = {
     # name: (width, depth, heads, image channels)
@@ -45,9 +45,6 @@ SIZES = {
     "base": (256, 8, 4, (32, 64, 128, 256)),
     "1b": (2048, 28, 32, (64, 128, 256, 512)),  # RDT-1B
 }
-
-DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                       "num_train_timesteps": 1000, "clip_sample": 1.0}
 
 
 class _ScalarEmbedding(SinusoidalEmbedding):
@@ -82,7 +79,7 @@ def _stores(shape_meta: dict) -> list[dict]:
 
 @register_policy("rdt")
 class RDTPolicy(DiffusionPolicy):
-    default_formulation = DEFAULT_FORMULATION
+    default_formulation = {**X0_DDPM, "num_train_timesteps": 1000}  # RDT's 1000 levels
 
     supports_multi_store = True  # trains on robodit.datasets.multi batches (dataset.paths=[...])
     language_goals = language_tokens = True  # language tokens are cross-attention keys: any number per row
