@@ -181,3 +181,34 @@ def test_validation_spans_the_split_and_scores_the_ema_weights(toy_store, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/loss" in r]
     assert [r["step"] for r in val] == [2, 4] and all(r["val/loss"] != r["val/loss_raw"] for r in val)
+
+
+def test_a_checkpoint_from_before_the_cross_attention_gate(toy_store, tmp_path, monkeypatch):
+    """AdaLNZeroBlock gained a zero-initialised `cross_gate` (a fresh block is the identity). A checkpoint saved
+    before it still loads and acts as it was trained (gate = 1, its ungated cross-attention) and fine-tunes with
+    init_from; resuming its optimizer state, which has one tensor fewer per block, is a clear error."""
+    import robodit
+    from robodit.nn.attention import AdaLNZeroBlock
+
+    build = AdaLNZeroBlock.__init__
+
+    def before_the_gate(self, *args, **kwargs):  # the block as older versions built it
+        build(self, *args, **kwargs)
+        if self.cross is not None:
+            del self._parameters["cross_gate"]
+            self.cross_gate = 1.0
+
+    with monkeypatch.context() as m:
+        m.setattr(AdaLNZeroBlock, "__init__", before_the_gate)
+        old = train(_cfg(toy_store, tmp_path / "old", 2))
+        old_policy = robodit.load_policy(old)
+    assert "blocks.0.cross_gate" not in load_file(str(old / "model.safetensors"))
+    policy = robodit.load_policy(old)
+    assert torch.equal(policy.blocks[0].cross_gate, torch.ones_like(policy.blocks[0].cross_gate))
+    obs = {"state": np.random.default_rng(0).normal(size=(1, 2, 5)).astype(np.float32)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(policy.predict_action(obs, generator=gen()),
+                               old_policy.predict_action(obs, generator=gen()))
+    train(_cfg(toy_store, tmp_path / "tuned", 1, init_from=str(old)))
+    with pytest.raises(ValueError, match=r"train.resume=true: .*older robodit.*train.init_from"):
+        train(_cfg(toy_store, tmp_path / "old", 4, resume=True))

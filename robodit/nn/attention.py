@@ -119,7 +119,7 @@ class AdaLNZeroBlock(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Older checkpoints have no `cross_gate`: their cross-attention was ungated, i.e. a gate of one."""
-        if self.cross is not None and f"{prefix}cross.q.weight" in state_dict \
+        if "cross_gate" in self._parameters and f"{prefix}cross.q.weight" in state_dict \
                 and f"{prefix}cross_gate" not in state_dict:
             state_dict[f"{prefix}cross_gate"] = torch.ones_like(self.cross_gate)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

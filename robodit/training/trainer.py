@@ -402,6 +402,11 @@ class Trainer:
     def _restore(self, path: Path, policy, optimizer, scheduler, ema) -> tuple[int, float]:
         self._check_resume(path)
         state = load_file(str(path / "model.safetensors"))
+        missing = [k for k in ckpt_io.export_state(policy) if k not in state]
+        if missing:  # its optimizer and EMA state hold fewer tensors than this policy has: nothing to continue
+            raise ValueError(f"train.resume=true: {path} has no {missing[:3]}{' ...' if len(missing) > 3 else ''}: it "
+                             "was saved by an older robodit whose layers differ, so its optimizer state cannot "
+                             f"continue this run. Fine-tune from it instead: train.init_from={path}")
         policy.load_state_dict(state, strict=False)
         # the statistics the weights were trained under, not the store's as it is now (it may have grown)
         policy.normalizer.load_state_dict(load_file(str(path / "normalizer.safetensors")))
