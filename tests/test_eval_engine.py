@@ -1,6 +1,11 @@
 """Parallel rollouts: fixed seeds reproduce exactly for any worker count, and a worker crash changes nothing."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -159,3 +164,41 @@ def test_a_lone_row_is_padded_so_it_takes_the_batched_path(reach_checkpoint, mon
     assert sizes and min(sizes) == 2
     batched, _ = run_suite(suite, policy, num_envs=2, pipeline_groups=1, **kw)
     assert [r.digest for r in alone] == [r.digest for r in batched]
+
+
+def test_eval_through_a_policy_server_gives_the_local_episodes(reach_checkpoint, tmp_path, monkeypatch):
+    """`eval.py checkpoint=ws://...` evaluates a policy served by `robodit serve`: the tasks come from the server's
+    meta (the checkpoint's store record), each episode's noise generator travels with its request, and every
+    episode (success, steps, every action) equals the local evaluation of the same checkpoint."""
+    root = Path(__file__).resolve().parents[1]
+    token = "eval-test-token-0123456789"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ROBODIT_TOKEN=token)
+    server = subprocess.Popen([sys.executable, "-m", "robodit.cli", "serve", str(reach_checkpoint), "--port", "0",
+                               "--threads", "1", "--max-batch", "2", "--max-seconds", "300"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "serving" in line, line + server.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        knobs = dict(episodes=3, max_steps=20, num_envs=2, pipeline_groups=1, workers=0, seed=100_000)
+        remote = subprocess.run([sys.executable, "eval.py", f"checkpoint={url}", f"out_dir={tmp_path / 'remote'}",
+                                 "videos=0", "progress=false", *(f"{k}={v}" for k, v in knobs.items())],
+                                cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        monkeypatch.delenv("ROBODIT_TOKEN", raising=False)
+        with pytest.raises(ValueError, match=r"put its token in \$ROBODIT_TOKEN"):
+            evaluate(url, out_dir=tmp_path / "x", episodes=1)
+        monkeypatch.setenv("ROBODIT_TOKEN", token)
+        with pytest.raises(ValueError, match="batches of 3 observations.*at most 2"):
+            evaluate(url, out_dir=tmp_path / "x", episodes=1, num_envs=6, pipeline_groups=2)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    local = evaluate(reach_checkpoint, out_dir=tmp_path / "local", videos=0, progress=False, **knobs)
+    served = json.loads((tmp_path / "remote" / "results.json").read_text())
+    assert served["server"]["checkpoint"] == str(reach_checkpoint) and served["checkpoint"] == url
+    assert list(served["tasks"]) == list(local["tasks"]) == ["reach-v3"]  # from the store record, via the meta
+    mine, theirs = served["tasks"]["reach-v3"], local["tasks"]["reach-v3"]
+    for key in ("seeds", "success_per_episode", "mean_steps", "fingerprint"):
+        assert mine[key] == theirs[key], key
+    assert served["run"]["env_steps"] == local["run"]["env_steps"]

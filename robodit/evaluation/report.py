@@ -5,7 +5,8 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     schema, kind ("tasks" | "chains"), ci_method ("wilson95")
     suite            the validated suite: name, source, simulator, max_steps, env, tasks [{name, instruction,
                      goal_image, episodes, max_steps}], seeds (tasks) | chains, chain_length, seed, scenes
-    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts
+    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts; a served policy
+                     (checkpoint=ws://...): its URL, "remote:NAME", and server {url, checkpoint, policy}
     env, episodes_per_task (a number, or {task: count} when tasks differ), seed (first env seed),
     policy_seed (seeds the sampling noise), sampler, num_inference_steps, n_action_steps, device
     training_seeds   evaluation seeds the training demos were collected from (not held out; normally [])
