@@ -86,7 +86,7 @@ class RolloutEngine:
     def __init__(self, env_prefix: str, env_kwargs: dict | None = None, policy=None,
                  goal_fn: Callable[[str], dict | None] | None = None, num_envs: int = 10, workers: int = 2,
                  pipeline_groups: int = 2, seed: int = 0, n_action_steps: int | None = None,
-                 timeout_s: float = 300.0, max_attempts: int = 3, inject_crash: dict[int, int] | None = None,
+                 timeout_s: float = 300.0, max_attempts: int = 3, inject_crash: dict[int, Any] | None = None,
                  on_result: Callable[[JobResult], None] | None = None):
         if num_envs < 1 or workers < 0 or pipeline_groups < 1:
             raise ValueError(f"need num_envs >= 1, workers >= 0, pipeline_groups >= 1; got {num_envs}, {workers}, "

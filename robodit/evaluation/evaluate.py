@@ -71,7 +71,12 @@ def load_eval_policy(checkpoint, device: str = "cpu", sampler: str | None = None
                              "num_inference_steps with `robodit serve --num-inference-steps N` instead of here")
         if not os.environ.get(TOKEN_ENV):
             raise ValueError(f"checkpoint={checkpoint} is a policy server: put its token in ${TOKEN_ENV}")
-        return RemotePolicy(str(checkpoint), os.environ[TOKEN_ENV])
+        policy = RemotePolicy(str(checkpoint), os.environ[TOKEN_ENV])
+        if not policy.meta.get("generator_state"):
+            policy.close()
+            raise ValueError(f"{checkpoint} runs an older robodit serve, which cannot draw each episode's own "
+                             "noise: update the server to evaluate through it")
+        return policy
     from robodit.training import checkpoint as ckpt_io
 
     policy = ckpt_io.load_policy(checkpoint, device=device)
