@@ -101,6 +101,15 @@ def test_wrong_token_is_refused_before_any_work(server):
     (pack({"type": "infer", "obs": {"state": {"__ndarray__": 1, "dtype": "float32", "shape": [1, 2, 5],
                                               "data": b"1234"}}}), "bad_shape", "needs 40 bytes"),
     (pack({"type": "launch"}), "bad_request", "unknown request type"),
+    (pack({"type": "infer", "obs": obs(2), "generator": [{"device": "cpu", "state": np.zeros(5056, np.uint8)}]}),
+     "bad_request", "1 generator states for a batch of 2"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "cpu", "state": np.zeros(8, np.float32)}}),
+     "bad_request", "1-d uint8 array"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "cpu", "state": np.zeros(10, np.uint8)}}),
+     "bad_request", "not a valid cpu generator state"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "mps", "state": np.zeros(16, np.uint8)}}),
+     "bad_request", "cannot be rebuilt on this server"),
+    (pack({"type": "goal", "task": 3}), "bad_request", "'task' (text)"),
 ])
 def test_bad_requests_get_a_named_error_and_the_connection_stays_usable(server, payload, code, words):
     calls = server.policy.calls

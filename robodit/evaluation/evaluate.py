@@ -286,7 +286,11 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
     served = is_served(checkpoint)
     if served:
-        _check_server_batch(policy, num_envs, pipeline_groups)
+        try:
+            _check_server_batch(policy, num_envs, pipeline_groups)
+        except ValueError:
+            policy.close()
+            raise
     if policy is not None and n_action_steps is not None and int(n_action_steps) > policy.action_horizon:
         raise ValueError(f"n_action_steps={n_action_steps} exceeds the {policy.action_horizon} actions a chunk of "
                          f"{policy.name} holds")
