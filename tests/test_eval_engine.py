@@ -98,6 +98,7 @@ def test_a_worker_that_hangs_while_replaying_is_replaced_again(reach_checkpoint,
                        **kw)
     first, second = crashed["run"]["crashes"]
     assert first["job"] == 1 and first["exitcode"] == 17 and first["during"] == "run"
+    assert first["action"] == "the replacement failed too, replaying episode 0: replaced again"
     assert second["job"] == 0 and "no reply for 8 s" in second["reason"] and second["during"] == "replay"
     assert second["attempt"] == 1 and second["action"].startswith("re-ran from seed, replayed 12 actions exactly")
     assert crashed["run"]["errors"] == []

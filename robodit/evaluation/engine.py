@@ -296,8 +296,8 @@ class RolloutEngine:
                 try:
                     reply = new.result(lane.replaying, self.timeout_s)
                 except WorkerCrash as again:
-                    if lane is culprit:
-                        event["action"] = "the replacement failed too while replaying it: replaced again"
+                    if culprit is not None and culprit.job is not None:  # (not given up)
+                        event["action"] = f"the replacement failed too, replaying episode {job.index}: replaced again"
                     return again
                 lane.replaying = None
                 if reply[0] == "ok" and _same_obs(reply[1]["obs"][-1], lane.last_obs):
