@@ -138,7 +138,8 @@ class PolicyServer:
         if kind == "goal":
             return await self._goal_reply(rid, req)
         if kind != "infer":
-            return self._error(rid, "bad_request", f"unknown request type {kind!r}; expected infer | meta | goal | ping")
+            return self._error(rid, "bad_request",
+                               f"unknown request type {kind!r}; expected infer | meta | goal | ping")
         try:
             obs = check_observation(req.get("obs"), self.obs_shapes, self.obs_horizon, self.max_batch)
             goal = check_goal(req.get("goal"))

@@ -93,7 +93,7 @@ def check_generators(gen, batch: int) -> list[dict] | dict | None:
         raise WireError(f"'generator' lists {len(gen)} generator states for a batch of {batch}; expected one per row",
                         "bad_request")
     for g in rows:
-        if not isinstance(g, dict) or not isinstance(g.get("device"), str) or not isinstance(g.get("state"), np.ndarray):
+        if not (isinstance(g, dict) and isinstance(g.get("device"), str) and isinstance(g.get("state"), np.ndarray)):
             raise WireError("a 'generator' entry must be a map {device: str, state: uint8 array}", "bad_request")
         state = g["state"]
         if state.dtype != np.uint8 or state.ndim != 1 or state.size > MAX_GENERATOR_STATE:
