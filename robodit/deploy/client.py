@@ -6,18 +6,11 @@ server that has stopped answering), so a timeout costs the configured time, not 
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import hashlib
-import hmac
-import ipaddress
 import itertools
 import json
-import logging
 import os
 import threading
 import time
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np

@@ -30,7 +30,6 @@ import concurrent.futures
 import hashlib
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from robodit.deploy.wire import (MAX_GENERATOR_STATE, MAX_TEXT, MIN_TOKEN_LEN, PROTOCOL, TOKEN_ENV, WireError,
-                                 check_generators, check_goal, check_observation, is_image, is_text, pack, unpack)
+                                 check_generators, check_goal, check_observation, is_image, pack, unpack)
 from robodit.errors import CLIError
 
 log = logging.getLogger("robodit.server")
