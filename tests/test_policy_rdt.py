@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 import robodit
 from robodit.datasets.normalizer import Normalizer
-from robodit.envs.action_space import UNIFIED_DIM
+from robodit.action_space import UNIFIED_DIM
 from robodit.policies.rdt import RDTPolicy
 from robodit.training.trainer import train
 from conftest import make_toy_store

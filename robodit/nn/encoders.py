@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robodit.keys import is_image_key
+
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 0-255 (as stores and robots hold images) → float in [-1, 1], what every image network here takes;
@@ -66,10 +68,6 @@ class ResNetImageEncoder(nn.Module):
         lead = x.shape[:-3]
         x = self.blocks(self.stem(x.reshape(-1, *x.shape[-3:])))
         return self.head(x.mean(dim=(-2, -1))).reshape(*lead, -1)
-
-
-def is_image_key(shape: tuple[int, ...], dtype: str) -> bool:
-    return len(shape) == 3 and str(dtype) == "uint8"
 
 
 class ObservationEncoder(nn.Module):

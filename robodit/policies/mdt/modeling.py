@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.nn.encoders import is_image_key
+from robodit.keys import is_image_key
 from robodit.policies.base import keep_in_graph, register_policy
 from robodit.policies.dit.modeling import DiTPolicy
 from robodit.policies.mdt.foresight import ContrastiveAlignment, MaskedForesight

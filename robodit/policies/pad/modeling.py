@@ -25,7 +25,8 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.diffusion.base import masked_mean, randn
 from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock
 from robodit.nn.embeddings import SinusoidalEmbedding
-from robodit.nn.encoders import images_to_float, is_image_key
+from robodit.keys import is_image_key
+from robodit.nn.encoders import images_to_float
 from robodit.policies.base import keep_in_graph, register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 
