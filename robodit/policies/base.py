@@ -180,10 +180,13 @@ class Policy(nn.Module, abc.ABC):
             if "lang_emb" in goal:
                 raise ValueError("goal has both 'instruction' and 'lang_emb': give one")
             goal["lang_emb"] = self.embed_instructions([texts] if isinstance(texts, str) else [str(t) for t in texts])
+        task = goal.get("task_id")
+        if task is not None and not (isinstance(task, torch.Tensor) and task.is_cuda):  # checked where no sync
+            ids = np.asarray(task.cpu() if isinstance(task, torch.Tensor) else task).reshape(-1)
+            if ids.dtype.kind in "iu" and len(ids) and not (0 <= ids.min() and ids.max() < self.num_tasks):
+                raise ValueError(f"goal task_id {ids.tolist()} is outside the {self.num_tasks} tasks this policy was "
+                                 f"trained on{self.task_table()}")
         out = {k: self._goal_rows(k, v, batch) for k, v in goal.items()}
-        if "task_id" in out and not 0 <= int(out["task_id"].min()) <= int(out["task_id"].max()) < self.num_tasks:
-            raise ValueError(f"goal task_id {out['task_id'].tolist()} is outside the {self.num_tasks} tasks this "
-                             f"policy was trained on{self.task_table()}")
         if "lang_emb" in out:
             out["has_lang"] = out.get("has_lang", torch.ones(batch, dtype=torch.bool, device=self.device))
         elif "has_lang" in out:
