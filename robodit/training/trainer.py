@@ -430,7 +430,10 @@ class Trainer:
         return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
 
     def _init_from(self, policy, path) -> None:
-        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's."""
+        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's.
+        The policy's run-progress counters (`run_state_keys`, e.g. PAD's step count that switches its action loss
+        on) are not weights: they stay at this run's own values, so `action_loss_start_step` counts fine-tune
+        steps."""
         src = ckpt_io.resolve_checkpoint(path)
         src_policy = ckpt_io.read_config(src).get("policy") or {}
         family = src_policy.get("_target_")
@@ -439,7 +442,8 @@ class Trainer:
                              f"{self.cfg.policy._target_.rsplit('.', 1)[-1]}: another family's weights do not "
                              "transfer (only tensor names that happen to match would load)")
         weights = src / ("ema.safetensors" if (src / "ema.safetensors").exists() else "model.safetensors")
-        state = load_file(str(weights))
+        run_state = set(policy.run_state_keys)
+        state = {k: v for k, v in load_file(str(weights)).items() if k not in run_state}
         own = ckpt_io.export_state(policy)
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and v.shape != own[k].shape]
@@ -449,7 +453,7 @@ class Trainer:
             hint = [f"policy.{k}={src_policy.get(k)}" for k in keys if src_policy.get(k) != now.get(k)]
             raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}"
                              + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else ""))
-        missing = [k for k in own if k not in state]
+        missing = [k for k in own if k not in state and k not in run_state]
         unused = [k for k in state if k not in own]
         policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         if self.dist.is_main:
