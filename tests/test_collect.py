@@ -203,3 +203,47 @@ def test_collect_killed_at_every_write_resumes_to_the_uninterrupted_store(tmp_pa
     else:
         pytest.fail("collect never finished")
     assert kills > 30  # every write of 3 episodes and a failed attempt was a kill point
+
+
+COLLECTOR = """
+import sys
+from robodit.datasets import store
+from robodit.datasets.collect import collect
+open_or_create = store.DemoStore.open_or_create
+def announce(*a, **kw):  # the env is built, the store opens: the kill lands in the collection
+    print("ready", flush=True)
+    return open_or_create(*a, **kw)
+store.DemoStore.open_or_create = announce
+collect("metaworld/reach-v3", int(sys.argv[2]), sys.argv[1], seed=7, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_collect_under_random_kill_9_gives_the_uninterrupted_store(tmp_path):
+    """The issue's reproduction, small: SIGKILL a real Meta-World collection at random moments, run it again for
+    the missing episodes each time; the store must equal one collected without interruption."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    n, rng = 8, np.random.default_rng(0)
+    want, path = tmp_path / "want.zarr", tmp_path / "killed.zarr"
+    collect("metaworld/reach-v3", n, want, seed=7, progress=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    kills = 0
+    for _ in range(40):
+        have = len(DemoStore.open(path)) if (path / "zarr.json").exists() else 0
+        if have >= n:
+            break
+        proc = subprocess.Popen([sys.executable, "-c", COLLECTOR, str(path), str(n - have)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().startswith("ready")
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        proc.kill()
+        kills += proc.wait() != 0
+        proc.stdout.close()
+    assert kills >= 3, "too few kills landed during a collection"
+    _assert_same_store(path, want)
