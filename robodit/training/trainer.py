@@ -278,7 +278,9 @@ class Trainer:
         bar.close()
         if dist.is_main:
             rate = (step - start_step) / max(1e-9, time.monotonic() - t0)
-            print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; "
+            final = (f"last lr {lr:.3g} ({lr / tc.lr:.1%} of peak, decay {lr_progress:.0%} done, paced by "
+                     f"{schedule.driven_by}); " if step > start_step and tc.lr else "")
+            print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; {final}"
                   f"checkpoint {last_saved}", flush=True)
         logger.close()
         return last_saved
