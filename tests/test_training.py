@@ -122,3 +122,26 @@ def test_without_a_budget_the_schedule_is_the_closed_form_over_steps(toy_store, 
     assert _lrs(tmp_path / "run") == [peak * f for f in want]
     s = summarize_checkpoint(last)["schedule"]
     assert s["driven_by"] == "steps" and s["max_minutes"] is None and s["lr"] == peak * want[-1]
+
+
+def test_schedule_resumes_from_the_progress_it_reached():
+    """A budget-paced checkpoint resumed without a budget decays on from its progress over the remaining steps
+    (not back up to the step fraction's 1%); a steps-paced one replays the closed form."""
+    from robodit.training.schedule import LRSchedule
+
+    paced = LRSchedule(10, 10_000, budget_s=60.0)
+    paced.start(0.0)
+    paced.factor(100)
+    paced.observe(paced.time_fraction(0.0, 100))  # warm-up over: the budget's decay starts here
+    paced.observe(paced.time_fraction(54.0, 101))  # 90% of the budget gone
+    before = paced.factor(101)
+    assert paced.driven_by == "max_minutes" and paced.progress == pytest.approx(0.9, abs=0.01)
+    resumed = LRSchedule(10, 10_000)
+    resumed.load_state_dict(paced.state_dict(), step=101)
+    assert resumed.factor(101) == pytest.approx(before) and resumed.factor(102) <= before
+    assert resumed.factor(10_000) == 0.0
+    plain = LRSchedule(10, 10_000)
+    plain.factor(500)
+    again = LRSchedule(10, 10_000)
+    again.load_state_dict(plain.state_dict(), step=500)
+    assert [again.factor(k) for k in (501, 7000)] == [LRSchedule(10, 10_000).factor(k) for k in (501, 7000)]
