@@ -135,11 +135,14 @@ def _format_schedule(c: dict) -> str:
     """The last step's learning rate against the peak, and what set the decay's pace: the step count or the
     wall-clock budget (train.max_minutes)."""
     frac = c.get("lr_fraction")
-    pace = (f"decayed on the {c['max_minutes']:g}-minute budget (train.max_minutes)" if c.get("driven_by") == "max_minutes"
-            else f"decay over train.steps {c.get('steps')}"
-            + (f" (train.max_minutes {c['max_minutes']:g} did not end it first)" if c.get("max_minutes") else ""))
-    return (f"last step at lr {c['lr']:.3g}" + (f" = {100 * frac:.3g}% of peak {c['peak_lr']:.3g}" if frac is not None else "")
-            + f" (floor {100 * c.get('min_lr_ratio', 0.0):.3g}%), decay {100 * c.get('progress', 0.0):.3g}% done; {pace}")
+    if c.get("driven_by") == "max_minutes":
+        pace = f"decayed on the {c['max_minutes']:g}-minute budget (train.max_minutes)"
+    else:
+        pace = f"decay over train.steps {c.get('steps')}" + (
+            f" (train.max_minutes {c['max_minutes']:g} did not end it first)" if c.get("max_minutes") else "")
+    share = f" = {100 * frac:.3g}% of peak {c['peak_lr']:.3g}" if frac is not None else ""
+    return (f"last step at lr {c['lr']:.3g}{share} (floor {100 * c.get('min_lr_ratio', 0.0):.3g}%), "
+            f"decay {100 * c.get('progress', 0.0):.3g}% done; {pace}")
 
 
 def format_checkpoint(s: dict) -> str:
