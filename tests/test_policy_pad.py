@@ -157,22 +157,25 @@ def test_sampler_future_frames(tmp_path):
     assert video["action_is_pad"].all() and video["future.wrist"][:, 0, 0, 0].tolist() == [42, 72]
 
 
-@pytest.mark.parametrize("action_fraction", [None, 0.5])
-def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path, action_fraction):
-    store = _mixed_store(tmp_path / "mixed.zarr")
+def _train_cfg(store, out, steps=3, action_loss_start_step=1, action_fraction=None, **train_kw):
     base = OmegaConf.load("configs/train.yaml")
     policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/pad.yaml")), size="tiny",
                       action_horizon=4, n_action_steps=2, future_frames=2, future_stride=3, image_size=16,
-                      patch_size=4, num_inference_steps=2, action_loss_start_step=1)
-    cfg = OmegaConf.create({
-        "out_dir": str(tmp_path / "run"), "policy": policy_cfg,
+                      patch_size=4, num_inference_steps=2, action_loss_start_step=action_loss_start_step)
+    return OmegaConf.create({
+        "out_dir": str(out), "policy": policy_cfg,
         "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store),
                         action_fraction=action_fraction),
         "logger": {"kind": "none"},
-        "train": dict(OmegaConf.to_container(base.train), steps=3, batch_size=8, checkpoint_every=3, log_every=1,
-                      val_every=0, warmup_steps=1, progress=False, device="cpu"),
+        "train": dict(OmegaConf.to_container(base.train), steps=steps, batch_size=8, checkpoint_every=steps,
+                      log_every=1, val_every=0, warmup_steps=1, progress=False, device="cpu", **train_kw),
     })
-    last = train(cfg)
+
+
+@pytest.mark.parametrize("action_fraction", [None, 0.5])
+def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path, action_fraction):
+    store = _mixed_store(tmp_path / "mixed.zarr")
+    last = train(_train_cfg(store, tmp_path / "run", action_fraction=action_fraction))
     assert last is not None and last.name == "step_00000003"
     if action_fraction:  # every logged batch had exactly half its windows with actions
         import json
@@ -313,3 +316,18 @@ def test_a_task_by_name_reaches_pad():
     assert not torch.equal(by_name, policy.predict_action(obs, goal={"task": "drawer-close-v3"}, generator=gen()))
     with pytest.raises(ValueError, match=r"goal task \['door-open-v3'\] is not one this policy was trained on"):
         policy.predict_action(obs, goal={"task": "door-open-v3"})
+
+
+def test_fine_tuning_counts_its_own_steps_before_the_action_loss(tmp_path):
+    """train.init_from takes the weights, not the source run's step counter: with action_loss_start_step=2 the
+    fine-tune's first two steps train on the image loss alone (the copied counter of 3 skipped them)."""
+    import json
+
+    store = _mixed_store(tmp_path / "mixed.zarr")
+    src = train(_train_cfg(store, tmp_path / "src", steps=3))
+    assert int(robodit.load_policy(src).train_steps) == 3
+    ft = train(_train_cfg(store, tmp_path / "ft", steps=3, action_loss_start_step=2, init_from=str(src)))
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/loss"] == r["train/image_loss"] for r in rows] == [True, True, False]
+    assert int(robodit.load_policy(ft).train_steps) == 3

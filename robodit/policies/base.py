@@ -70,6 +70,9 @@ class Policy(nn.Module, abc.ABC):
     language_encoder: str | None = None  # name of the sentence encoder instructions are embedded with
     lang_dim = 0
     task_names: list[str] = []  # task_id i is task_names[i] (load_policy records the training store's table)
+    # State-dict entries that count a training run's progress rather than hold what was learned (PAD's
+    # `train_steps`): a resume restores them, fine-tuning (`train.init_from`) starts them fresh with the new run.
+    run_state_keys: tuple[str, ...] = ()
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, obs_horizon: int = 2,
                  action_horizon: int = 16, n_action_steps: int = 8):

@@ -45,6 +45,7 @@ def image_attention_mask(num_image: int, num_action: int, device=None) -> torch.
 
 @register_policy("pad")
 class PADPolicy(DiffusionPolicy):
+    run_state_keys = ("train_steps",)
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 1, action_horizon: int = 16, n_action_steps: int = 8,
@@ -104,7 +105,8 @@ class PADPolicy(DiffusionPolicy):
         self.action_head = AdaLNFinal(w, self.action_dim)
         self.register_buffer("attn_mask", image_attention_mask(self.num_image_tokens, action_horizon),
                              persistent=False)
-        # optimizer steps seen by compute_loss: decides when the action loss switches on; saved, so resume agrees
+        # optimizer steps seen by compute_loss: decides when the action loss switches on; saved, so resume agrees;
+        # a run-progress counter (run_state_keys), so a fine-tune counts its own steps from 0
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.inference_cache = bool(inference_cache)  # off: every step recomputes its modulations (benchmarks)
         self._mod_cache: dict = {}
