@@ -215,10 +215,10 @@ def test_tiny_mode_learns_a_toy_and_routes_by_noise_level():
 
 def test_task_token_and_image_observations():
     shapes = {"obs": {"state": {"shape": [5], "dtype": "float32"},
-                      "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+                      "agentview_image": {"shape": [16, 16, 3], "dtype": "uint8"}},
               "action": {"shape": [3]}, "num_tasks": 3}
     policy = MoDEPolicy(shapes, _normalizer(), size="tiny", obs_horizon=2, action_horizon=8, n_action_steps=4).eval()
-    obs = dict(_obs(2), image_cam=torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8))
+    obs = dict(_obs(2), agentview_image=torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8))
     assert policy.predict_action(obs, goal={"task_id": torch.tensor([0, 2])}).shape == (2, 8, 3)
     with pytest.raises(ValueError, match="task_id"):
         policy.predict_action(obs)
