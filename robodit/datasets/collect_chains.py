@@ -8,8 +8,10 @@ chain: that segment is dropped and the ones before it are kept.
 
 A chain's segments go into the store under one commit (`DemoStore.append_episodes`), so a killed collection
 leaves whole chains; `--chains N` is the number of chains the store ends with, so running the same command
-again resumes where the kill left it. Chain seeds are recorded (`seeds_used` / `seeds_failed`) before the
-append, never reused, and must stay below the chain suite's first evaluation seed.
+again resumes where the kill left it. A chain's env seed is committed with its segments (`meta/episode_seed`, and
+`meta/episode_chain` = that seed), a chain that fails its first subtask goes to the `env` attr's `seeds_failed`;
+neither is tried again, and a chain killed before its commit is simply collected again from the same seed. Seeds
+stay below the chain suite's first evaluation seed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from robodit.datasets.collect import _merge_env_attr
 from robodit.datasets.language import paraphrases
+from robodit.errors import CLIError
 
 SOURCE = "metaworld/chains"
 
@@ -117,7 +120,7 @@ def collect_chains(scenes: dict[str, list[str]], chains: int, chain_length: int,
                 env_attr = _merge_env_attr(env_attr if env_attr is not None else store.env, new_attr, task, str(out))
             env_attr["chains"] = chain_cfg
             store.set_attr("env", env_attr)
-            seen = set(env_attr["seeds_used"]) | set(env_attr["seeds_failed"])
+            seen = set(store.seeds_used) | set(env_attr["seeds_failed"])
             have = chain_count(store)
             todo = max(0, chains - have)
             limit = 3 * todo + 10 if max_attempts is None else int(max_attempts)
@@ -138,13 +141,11 @@ def collect_chains(scenes: dict[str, list[str]], chains: int, chain_length: int,
                     subtasks = chain_tasks(scenes[scene], chain_length, np.random.default_rng([s, 1]))
                     episode = ChainEpisode(subtasks, s, max_steps, make)
                     segments = _rollout_chain(episode, spec.action_low, spec.action_high)
-                    field = "seeds_used" if segments else "seeds_failed"
-                    # the seed first: a kill after this can only skip a seed, never store a chain twice
-                    env_attr[field] = [*env_attr[field], s]
-                    store.set_attr("env", env_attr)
                     if len(segments) < len(subtasks):
                         cut_at[subtasks[len(segments)]] = cut_at.get(subtasks[len(segments)], 0) + 1
                     if not segments:
+                        env_attr["seeds_failed"] = [*env_attr["seeds_failed"], s]
+                        store.set_attr("env", env_attr)
                         failed.append(s)
                         s += 1
                         continue
@@ -158,8 +159,8 @@ def collect_chains(scenes: dict[str, list[str]], chains: int, chain_length: int,
                             text = options[int(rng.integers(len(options)))]
                         labelled = rng.random() < language_fraction
                         rows.append(dict(arrays=arrays, task=task, instruction=text if labelled else None,
-                                         chain=s, chain_pos=pos))
-                    store.append_episodes(rows)  # the whole chain under one commit
+                                         seed=s, chain=s, chain_pos=pos))
+                    store.append_episodes(rows)  # the whole chain and its seed under one commit
                     kept.append(s)
                     lengths.append(len(segments))
                     bar.update(1)
@@ -188,8 +189,6 @@ def collect_chains(scenes: dict[str, list[str]], chains: int, chain_length: int,
 def chains_command(args, suite) -> None:
     """CLI entry for `robodit collect metaworld/chains`; `suite` is the loaded chain suite (scenes, instructions,
     per-subtask step limit, first evaluation seed). Failures become one-line errors with exit status 2."""
-    from robodit.cli import CLIError
-
     if suite.kind != "chains":
         raise CLIError(f"--suite {suite.name}: not a chain suite (kind: {suite.kind})")
     if not args.chains:

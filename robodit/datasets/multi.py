@@ -2,7 +2,7 @@
 
 Why: a unified-action-space policy (RDT) pretrains on every embodiment at once. Each store keeps its own
 `WindowDataset` (windows, splits, caching are unchanged); this wrapper maps every sample into one layout
-(`robodit.envs.action_space.UnifiedLayout`) so samples of different robots batch together:
+(`robodit.action_space.UnifiedLayout`) so samples of different robots batch together:
 
     obs.state    [To, 128]  proprioception in its unified slots (raw units), state_mask [128]
     obs.context  [To, C]    the other low-dim observation values (object poses, goals), zero-padded to C
@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from robodit.datasets.normalizer import Normalizer, compute_stats
 from robodit.datasets.sampler import WindowConfig, WindowDataset, split_episodes, store_split_groups
 from robodit.datasets.store import DemoStore
-from robodit.envs.action_space import UnifiedLayout
-from robodit.nn.encoders import is_image_key
+from robodit.action_space import UnifiedLayout
+from robodit.keys import is_image_key
 
 
 def store_paths(dataset_cfg) -> list[str]:
@@ -54,7 +54,9 @@ def store_paths(dataset_cfg) -> list[str]:
 def store_record(path: Path, store: DemoStore) -> dict[str, Any]:
     """What a checkpoint remembers of a training store (evaluation rebuilds its env from `env`)."""
     with_actions = {int(t) for t in store.episode_task[store.episode_has_actions]}
-    return {"path": str(path.resolve()), "env": store.env, "robot": store.robot, "fps": store.fps,
+    seeds = store.seeds_used  # committed with the episodes (evaluation reports which of its seeds were trained on)
+    env = {**store.env, "seeds_used": seeds} if seeds else store.env
+    return {"path": str(path.resolve()), "env": env, "robot": store.robot, "fps": store.fps,
             "tasks": store.task_names, "episodes": len(store),
             # action-free video (PAD co-training): learned to predict, never to act
             "tasks_without_actions": [n for t, n in enumerate(store.task_names) if t not in with_actions]}

@@ -3,6 +3,12 @@
 Layout (see DESIGN.md, "Demonstration store"): ``data/<key>`` time-major arrays chunked along time only;
 ``meta/episode_*`` per-episode arrays; the task table in the ``meta`` group's attrs.
 
+``meta/episode_seed`` is the simulator seed an episode was collected from (-1: none, e.g. converted data), a
+row of the same commit as the episode: the seeds a store has used are its committed episodes' seeds, so a
+collection killed between two writes can neither drop a layout nor misalign seeds and episodes. Stores
+written before it existed kept the seeds in ``env.seeds_used`` (outside the commit); they read as -1 and a
+writer adds the array, filled from that list when it matches the episodes one to one.
+
 Crash safety rests on two facts. (1) zarr's LocalStore writes every object (a chunk or a zarr.json) to a
 temp file and ``os.replace``s it into place, so any single object is either old or new, never torn; a chunk
 that also holds committed frames is rewritten whole, with those frames unchanged. (2) The number of committed
@@ -36,11 +42,10 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
 # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
 _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.int32),
          "episode_has_language": np.dtype(bool), "episode_has_actions": np.dtype(bool),
-         "episode_chain": np.dtype(np.int64), "episode_chain_pos": np.dtype(np.int32),
-         "episode_ends": np.dtype(np.int64)}
-# Meta arrays added after format version 1 first shipped, with the value an episode of an older store has:
-# a reader of such a store sees these defaults; its first writer creates the arrays filled with them.
-_META_DEFAULTS = {"episode_chain": -1, "episode_chain_pos": -1}
+         "episode_seed": np.dtype(np.int64), "episode_chain": np.dtype(np.int64),
+         "episode_chain_pos": np.dtype(np.int32), "episode_ends": np.dtype(np.int64)}
+# rows with no value: -1 (no seed recorded; not a segment of a chain)
+_META_FILL = {"episode_seed": -1, "episode_chain": -1, "episode_chain_pos": -1}
 _META_CHUNK = 4096
 _CHUNK_TARGET_BYTES = 1 << 20
 _RESERVED_ATTRS = {"format", "version", "keys", "chunks_complete"}
@@ -197,8 +202,7 @@ class DemoStore:
                               dtype=dtype, fill_value=0, compressors=_compressor(dtype))
         meta = g.create_group("meta", attributes={"tasks": []})
         for name, dtype in _META.items():
-            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype,
-                              fill_value=_META_DEFAULTS.get(name, 0),
+            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=_META_FILL.get(name, 0),
                               compressors=ZstdCodec(level=3),
                               attributes={"committed": 0} if name == "episode_ends" else None)
 
@@ -251,17 +255,19 @@ class DemoStore:
             ends_arr = self._group["meta/episode_ends"]
             committed = int(ends_arr.attrs["committed"])
             self._meta_group = self._group["meta"]
+            if "episode_seed" not in self._meta_group.array_keys() and self.mode == "a":
+                self._add_seed_array(committed)
+            for name in ("episode_chain", "episode_chain_pos"):  # a store from before chains: none is a segment
+                if name not in self._meta_group.array_keys() and self.mode == "a":
+                    self._meta_group.create_array(name, shape=(committed,), chunks=(_META_CHUNK,), dtype=_META[name],
+                                                  fill_value=-1, compressors=ZstdCodec(level=3))
             present = set(self._meta_group.array_keys())
-            missing = [n for n in _META_DEFAULTS if n not in present]
-            if missing and self.mode == "a":  # an older store: add the arrays, every existing episode at default
-                for n in missing:
-                    self._meta_group.create_array(n, shape=(committed,), chunks=(_META_CHUNK,), dtype=_META[n],
-                                                  fill_value=_META_DEFAULTS[n], compressors=ZstdCodec(level=3))
-                missing = []
             self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META
-                          if n not in missing}
+                          if n in present}
             self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
-            self._meta.update({n: _ro(np.full(committed, _META_DEFAULTS[n], _META[n])) for n in missing})
+            for name, fill in _META_FILL.items():  # an older store opened read-only: its episodes have none
+                if name not in self._meta:
+                    self._meta[name] = _ro(np.full(committed, fill, _META[name]))
             self._meta = {n: self._meta[n] for n in _META}
             tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
                      for t in self._meta_group.attrs.get("tasks", [])]
@@ -288,6 +294,16 @@ class DemoStore:
         if self.mode == "a":
             self._truncate()
 
+    def _add_seed_array(self, committed: int) -> None:
+        """Give a store from before `meta/episode_seed` the array (writer side). Its seeds, if any, are the old
+        `env.seeds_used` list, which a collection killed between recording a seed and committing its episode
+        left longer than the episodes: only a list of exactly one seed per episode says which is whose."""
+        arr = self._meta_group.create_array("episode_seed", shape=(committed,), chunks=(_META_CHUNK,),
+                                            dtype=np.int64, fill_value=-1, compressors=ZstdCodec(level=3))
+        legacy = (self.env.get("seeds_used") or []) if committed else []
+        if len(legacy) == committed and all(isinstance(x, int) and x >= 0 for x in legacy):
+            arr[:] = np.asarray(legacy, np.int64)
+
     def _truncate(self) -> None:
         """Writer-side recovery: drop rows past the commit point and leftover temp files of a killed write."""
         for k, a in self._data.items():
@@ -312,10 +328,19 @@ class DemoStore:
     episode_instruction = property(lambda self: self._meta["episode_instruction"])
     episode_has_language = property(lambda self: self._meta["episode_has_language"])
     episode_has_actions = property(lambda self: self._meta["episode_has_actions"])
+    episode_seed = property(lambda self: self._meta["episode_seed"], doc="collection seed per episode, -1: none")
     episode_chain = property(lambda self: self._meta["episode_chain"],
                              doc="chain id per episode (the chain's env seed; -1: not part of a chain)")
     episode_chain_pos = property(lambda self: self._meta["episode_chain_pos"],
                                  doc="position of the episode in its chain (0 = first subtask; -1: no chain)")
+
+    @property
+    def seeds_used(self) -> list[int]:
+        """Seeds no new episode may be collected from: the committed episodes' seeds in episode order, then
+        any seeds a store from before `meta/episode_seed` listed in `env.seeds_used` and no episode names."""
+        own = [int(x) for x in self._meta["episode_seed"] if x >= 0]
+        mine = set(own)
+        return own + [int(x) for x in self.env.get("seeds_used") or [] if int(x) not in mine]
     tasks = property(lambda self: [dict(t, instructions=list(t["instructions"])) for t in self._tasks])
     task_names = property(lambda self: [t["name"] for t in self._tasks])
 
@@ -346,6 +371,7 @@ class DemoStore:
                 "instruction": self._tasks[t]["instructions"][ins] if ins >= 0 else None,
                 "has_language": bool(self._meta["episode_has_language"][j]),
                 "has_actions": bool(self._meta["episode_has_actions"][j]),
+                "seed": int(self._meta["episode_seed"][j]) if self._meta["episode_seed"][j] >= 0 else None,
                 "chain": int(self._meta["episode_chain"][j]), "chain_pos": int(self._meta["episode_chain_pos"][j])}
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
@@ -445,28 +471,31 @@ class DemoStore:
         return out
 
     def append_episode(self, arrays: dict[str, np.ndarray], task: str, instruction: str | None = None,
-                       has_actions: bool = True, chain: int = -1, chain_pos: int = -1) -> int:
+                       has_actions: bool = True, seed: int | None = None, chain: int = -1, chain_pos: int = -1) -> int:
         """Append one episode and commit it; returns its index. Everything is validated before anything is
         written. Order: task table, data, meta rows, then the commit count (one atomic zarr.json write).
-        With has_actions=False "action" may be omitted (stored as zeros: action-free video). `chain` /
-        `chain_pos`: the chain the episode is a segment of and its place there (-1: none)."""
-        return self.append_episodes([dict(arrays=arrays, task=task, instruction=instruction,
-                                          has_actions=has_actions, chain=chain, chain_pos=chain_pos)])[0]
+        With has_actions=False "action" may be omitted (stored as zeros: action-free video). `seed`: the
+        simulator seed the episode was collected from (`meta/episode_seed`, committed with the episode).
+        `chain` / `chain_pos`: the chain the episode is a segment of and its place there (-1: none)."""
+        return self.append_episodes([dict(arrays=arrays, task=task, instruction=instruction, has_actions=has_actions,
+                                          seed=seed, chain=chain, chain_pos=chain_pos)])[0]
 
     def append_episodes(self, episodes: list[dict]) -> list[int]:
         """Append several episodes under ONE commit (all of them or, after a kill, none): a chain's segments
-        stay whole. Each item holds `append_episode`'s arguments (arrays, task, instruction, has_actions, chain,
-        chain_pos). Returns their indices."""
+        stay whole. Each item holds `append_episode`'s arguments (arrays, task, instruction, has_actions, seed,
+        chain, chain_pos). Returns their indices."""
         self._writer()
         if not episodes:
             return []
         tasks = self.tasks
         rows, datas = [], []
         for ep in episodes:
-            task, instruction = ep.get("task"), ep.get("instruction")
-            unknown = sorted(set(ep) - {"arrays", "task", "instruction", "has_actions", "chain", "chain_pos"})
+            unknown = sorted(set(ep) - {"arrays", "task", "instruction", "has_actions", "seed", "chain", "chain_pos"})
             if unknown:
                 raise ValueError(f"append_episodes: unknown field(s) {unknown}")
+            task, instruction, seed = ep.get("task"), ep.get("instruction"), ep.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+                raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
             if not isinstance(task, str) or not task:
                 raise ValueError(f"task must be a non-empty string, got {task!r}")
             if instruction is not None and (not isinstance(instruction, str) or not instruction):
@@ -487,8 +516,8 @@ class DemoStore:
                     tasks[t]["instructions"].append(instruction)
                 ins = tasks[t]["instructions"].index(instruction)
             datas.append(arrays)
-            rows.append({"episode_task": t, "episode_instruction": ins,
-                         "episode_has_language": instruction is not None, "episode_has_actions": has_actions,
+            rows.append({"episode_task": t, "episode_instruction": ins, "episode_has_language": instruction is not None,
+                         "episode_has_actions": has_actions, "episode_seed": -1 if seed is None else int(seed),
                          "episode_chain": chain, "episode_chain_pos": pos, "episode_ends": len(arrays["action"])})
         if tasks != self._tasks:
             self._meta_group.update_attributes({"tasks": tasks})

@@ -23,16 +23,12 @@ from robodit.nn.moe import (ChosenExperts, FusedSwiGLU, NoiseRoutedMoE, Route, c
                             load_balancing_loss, router_z_loss)
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
-from robodit.policies.language_goals import LanguageGoals
 
-# Default diffusion process: the DiT baseline's x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to
-# the normalised action range), sampled with DDIM-5. The paper's EDM (`{"name": "edm"}`) is one override away, but
-# on Meta-World reach-v3 (2500 steps, 50 held-out episodes) it reached 56% against 98% with this process: EDM's
-# 5-step sampler visits sigma 80 and 4.8 first, and the log-logistic training law (loc log 0.5, scale 0.5) puts
-# 0.004% of its mass above 80 and 1.1% above 4.8, so the first steps - and their noise routes - run at levels the
-# network has hardly seen.
-DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                       "num_train_timesteps": 100, "clip_sample": 1.0}
+# Diffusion process: the families' x0-prediction DDPM (DiffusionPolicy.default_formulation), sampled with DDIM-5.
+# The paper's EDM (`{"name": "edm"}`) is one override away, but on Meta-World reach-v3 (2500 steps, 50 held-out
+# episodes) it reached 56% against 98% with this process: EDM's 5-step sampler visits sigma 80 and 4.8 first, and
+# the log-logistic training law (loc log 0.5, scale 0.5) puts 0.004% of its mass above 80 and 1.1% above 4.8, so
+# the first steps - and their noise routes - run at levels the network has hardly seen.
 
 SIZES = {
     # name: (width, depth, heads, image channels)
@@ -78,11 +74,10 @@ class CachedStep(NamedTuple):
 
 
 @register_policy("mode")
-class MoDEPolicy(LanguageGoals, DiffusionPolicy):
-    default_formulation = DEFAULT_FORMULATION
+class MoDEPolicy(DiffusionPolicy):
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
-                 obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
+                 obs_horizon: int = 1, action_horizon: int = 10, n_action_steps: int = 10,
                  formulation: dict | str | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
@@ -108,9 +103,11 @@ class MoDEPolicy(LanguageGoals, DiffusionPolicy):
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
         # a language goal stands where the task id would (as in MDT): the instruction says which task
         self.language_encoder, self.lang_dim = language_encoder or None, int(lang_dim)
-        self.goal_modality = "language" if self.language_encoder else None  # what eval.py goal= may select
-        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 and not language_encoder else None
-        if self.language_encoder:
+        self.language_goals = self.language_encoder is not None
+        self.task_goals = not self.language_goals
+        self.goal_modality = "language" if self.language_goals else None  # what eval.py goal= may select
+        self.task_embedding = nn.Embedding(self.num_tasks, w) if self.takes_task else None
+        if self.language_goals:
             self.lang_goal = nn.Sequential(nn.Linear(self.lang_dim, w), nn.SiLU(), nn.Linear(w, w))
             self.null_lang = nn.Parameter(torch.zeros(w))
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))
@@ -202,46 +199,31 @@ class MoDEPolicy(LanguageGoals, DiffusionPolicy):
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        if self.language_encoder:  # a condition token, as the task token; the routers never see it
-            return {"tokens": torch.cat([self.language_token(goal or {}, tokens.shape[0])[:, None], tokens], dim=1),
-                    "task": None}
-        task = self.global_task_vector(goal, tokens.shape[0])
+        if self.language_goals:  # a condition token, as the task token; the routers never see it
+            return {"tokens": torch.cat([self.language_token(goal)[:, None], tokens], dim=1), "task": None}
+        task = self.global_task_vector(goal)
         tokens = self.with_task_token(tokens, goal)
         return {"tokens": tokens, "task": task}
 
-    def language_token(self, goal: dict, batch: int) -> torch.Tensor:
-        """[B, W]: the instruction embedding through `lang_goal`; the null token where `has_lang` is False."""
-        lang = goal.get("lang_emb")
-        if lang is None:
+    def language_token(self, goal: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, W] from a resolved goal: the instruction embedding through `lang_goal`, the null token where
+        `has_lang` is False (unlabelled training samples)."""
+        if "lang_emb" not in goal:
             raise ValueError(f"mode was trained with language goals ({self.language_encoder!r}): pass "
                              f"goal={{'instruction': str}} or {{'lang_emb': [B, {self.lang_dim}]}}, got {sorted(goal)}")
-        lang = torch.as_tensor(lang, device=self.null_lang.device).reshape(-1, lang.shape[-1])
-        if lang.shape[-1] != self.lang_dim:
-            raise ValueError(f"goal lang_emb has {lang.shape[-1]} features; this policy expects {self.lang_dim} "
-                             f"({self.language_encoder!r} embeddings)")
-        token = self.lang_goal(lang.to(self.null_lang.dtype)).expand(batch, -1)
-        has = goal.get("has_lang")
-        if has is not None:
-            has = torch.as_tensor(has, device=token.device).bool().reshape(-1, 1)
-            token = torch.where(has, token, self.null_lang.expand_as(token))
-        return token
+        token = self.lang_goal(goal["lang_emb"].to(self.null_lang.dtype))
+        return torch.where(goal["has_lang"][:, None], token, self.null_lang.expand_as(token))
 
     def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
         """The evaluator's goal for `task`: its instruction's embedding (language policies); the task id, which
         the evaluator adds itself, otherwise."""
-        if not self.language_encoder:
+        if not self.language_goals:
             return {}
         if self.goal_modality != "language":
             raise ValueError(f"mode takes language goals only, not goal={self.goal_modality!r}")
-        if instruction is None:
+        if not instruction:
             raise ValueError(f"task {task!r} has no instruction for a language goal")
         return {"lang_emb": self.embed_instructions([instruction])[0]}
-
-    @torch.no_grad()
-    def predict_action(self, obs, goal=None, generator=None):
-        """goal: {"instruction": str | list[str]} (embedded here) or {"lang_emb": ...} with a language encoder,
-        else the task ({"task": name} or {"task_id": ...}) of a multi-task policy."""
-        return super().predict_action(obs, self.embed_goal_instruction(goal), generator)
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
         """With a step index (sampling in eval mode) the cached step of this policy's (sampler, steps) replaces
