@@ -227,7 +227,7 @@ def test_task_token_and_image_observations():
 def _language_policy():
     torch.manual_seed(0)
     shapes = {**SHAPES, "num_tasks": 3}
-    policy = MoDEPolicy(shapes, _normalizer(), size="tiny", action_horizon=8, n_action_steps=4,
+    policy = MoDEPolicy(shapes, _normalizer(), size="tiny", obs_horizon=2, action_horizon=8, n_action_steps=4,
                         language_encoder="minilm", lang_dim=6)
     with torch.no_grad():
         for block in policy.blocks:
