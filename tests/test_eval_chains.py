@@ -82,6 +82,7 @@ class ExpertBehindThePolicyInterface:
     name = "expert-policy"
     obs_shapes = {"state": ((39,), "float32")}
     obs_horizon, n_action_steps, device = 1, 1, torch.device("cpu")
+    takes_task = True  # reads task ids, as a multi-task family does (make_goal_fn asks)
 
     def __init__(self, tasks):
         from metaworld.policies import ENV_POLICY_MAP
