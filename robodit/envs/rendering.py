@@ -74,11 +74,19 @@ class FastRenderer:
 
     One `mujoco.Renderer` (one GL context) per image size serves every camera of that size; the camera id and
     its orientation fix are cached per (size, camera), decided once so a frame never flips between steps.
-    `fast=False` keeps the model's own quality (for comparisons and pretty videos).
+    `fast=False` keeps the model's own quality (for comparisons and pretty videos). `hidden_groups` are geom
+    groups not drawn (robosuite's own renderer hides group 0, the collision geoms). `orient=False` returns what
+    the camera sees as MuJoCo renders it, with no per-camera rotation (for a caller with its own convention).
     """
 
-    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, fast: bool = True, max_size: int = 0):
-        self.model, self.data, self.fast = model, data, fast
+    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, fast: bool = True, max_size: int = 0,
+                 hidden_groups: tuple[int, ...] = (), orient: bool = True):
+        self.model, self.data, self.fast, self.orient = model, data, fast, orient
+        self.option = None
+        if hidden_groups:
+            self.option = mujoco.MjvOption()
+            for g in hidden_groups:
+                self.option.geomgroup[g] = 0
         if fast:
             configure_fast_quality(model, max_size)
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
@@ -131,7 +139,7 @@ class FastRenderer:
         cam = self._cameras.get(key)
         if cam is None:
             cam_id = self.camera_id(camera)
-            cam = self._cameras[key] = (cam_id, self.needs_rotation(cam_id))
+            cam = self._cameras[key] = (cam_id, self.orient and self.needs_rotation(cam_id))
         return cam
 
     def render(
@@ -141,7 +149,7 @@ class FastRenderer:
         height, width = (size, size) if isinstance(size, (int, np.integer)) else size
         r = self._renderer(int(height), int(width))
         cam_id, rotate = self._camera(int(height), int(width), camera)
-        r.update_scene(self.data, camera=cam_id)
+        r.update_scene(self.data, camera=cam_id, scene_option=self.option)
         if self.fast:  # update_scene keeps scene flags, but be robust to anyone else toggling them
             r.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             r.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0

@@ -216,7 +216,8 @@ def write_outputs(out: Path, summary: dict[str, Any], results: list, wandb_proje
     for r in results:
         if r.frames:
             i = seen[r.job.key] = seen.get(r.job.key, -1) + 1
-            name = f"{r.job.key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{r.job.key}_{i:03d}.mp4"
+            key = r.job.key.replace("/", "-")  # LIBERO tasks are "<suite>/<task>"
+            name = f"{key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{key}_{i:03d}.mp4"
             write_video(out / name, r.frames, fps=max(1, round(summary["run"].get("video_fps", 20))))
             videos.append(str(out / name))
     summary["videos"] = videos
