@@ -70,6 +70,22 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def observation_spec(image_size: int, cameras=tuple(CAMERAS)) -> dict[str, ArraySpec]:
+    """What a LiberoEnv observes: the keys `robodit convert lerobot` gives LeRobot's LIBERO datasets."""
+    spec = {"state": ArraySpec((8,), "float32")}
+    for cam in cameras if image_size > 0 else ():
+        spec[f"image_{cam}"] = ArraySpec((int(image_size), int(image_size), 3), "uint8")
+    return spec
+
+
+def _in_subtree(model, body: int, root: int) -> bool:
+    while body > 0:
+        if body == root:
+            return True
+        body = int(model.body_parentid[body])
+    return body == root
+
+
 class LiberoEnv(ControlInterface):
     """One LIBERO task, `task` = "<suite>/<task name>" (libero_tasks.check_task).
 
@@ -127,10 +143,7 @@ class LiberoEnv(ControlInterface):
         self.render_on = True
         self.render_seconds = self.physics_seconds = 0.0
         self.episode_seed: int | None = None
-        obs_spec = {"state": ArraySpec((8,), "float32")}
-        for cam in self.cameras:
-            obs_spec[f"image_{cam}"] = ArraySpec((self.image_size, self.image_size, 3), "uint8")
-        self.spec = EnvSpec(observation=obs_spec, action_dim=7, action_low=-np.ones(7, np.float32),
+        self.spec = EnvSpec(observation=observation_spec(self.image_size, self.cameras), action_dim=7, action_low=-np.ones(7, np.float32),
                             action_high=np.ones(7, np.float32), control_hz=20.0, robot="libero_panda",
                             max_episode_steps=self.max_episode_steps,
                             extra={"simulator": "libero", "task": self.task, "suite": self.suite,
@@ -216,6 +229,85 @@ class LiberoEnv(ControlInterface):
     @property
     def unwrapped(self):
         return self._env.env
+
+    # -- scripted expert (LIBERO-Object: "pick up the X and place it in the basket") -------------------------------
+    def expert_action(self, obs: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """A phase machine over waypoints from the simulator's object and basket poses: above the object (fingers
+        turned to close across its narrower side), down, close, lift clear of the basket's rim, over the basket,
+        down, open, back up. Each phase ends at its waypoint or on a step budget, so a stuck phase cannot stall
+        the episode. Reads the simulator, so `obs` is ignored (kept for the collect API)."""
+        if self._raw is None:
+            raise RuntimeError("call reset() before expert_action()")
+        if self.suite != "libero_object":
+            raise ValueError(f"the scripted LIBERO expert knows LIBERO-Object's pick-and-place tasks, not {self.task}")
+        if self._expert is None:
+            self._expert = {"phase": 0, "t": 0, "anchor": None}
+        st = self._expert
+        target_name, basket_name = self._env.obj_of_interest[:2]
+        eef = self._eef_pos()
+        lo, hi, closing = self._extent(target_name)
+        blo, bhi, _ = self._extent(basket_name)
+        center, bcenter = (lo + hi) / 2, (blo + bhi) / 2
+        height = hi[2] - lo[2]
+        grasp_z = max(hi[2] - min(0.035, height / 2), lo[2] + 0.015)
+        if st["t"] == 0:
+            st["anchor"] = eef.copy()
+        carry_z = bhi[2] + (st.get("below", height) + 0.05)
+        # phase: (target, gripper, tolerance, min steps, max steps, turn the fingers)
+        plan = [
+            (np.array([center[0], center[1], hi[2] + 0.06]), -1.0, 0.012, 0, 120, True),  # 0 above the object
+            (np.array([center[0], center[1], grasp_z]), -1.0, 0.008, 0, 60, True),  # 1 down to it
+            (st["anchor"], 1.0, 1.0, 12, 12, False),  # 2 close
+            (np.array([st["anchor"][0], st["anchor"][1], carry_z]), 1.0, 0.02, 0, 80, False),  # 3 lift
+            (np.array([bcenter[0], bcenter[1], carry_z]), 1.0, 0.015, 0, 120, False),  # 4 over the basket
+            (np.array([bcenter[0], bcenter[1], bhi[2] + st.get("below", height) - 0.01]), 1.0, 0.015, 0, 40, False),
+            (st["anchor"], -1.0, 1.0, 10, 10, False),  # 6 open
+            (st["anchor"] + np.array([0.0, 0.0, 0.1]), -1.0, 0.01, 0, 10**6, False),  # 7 back up
+        ]
+        phase = min(st["phase"], len(plan) - 1)
+        goal, grip, tol, lo_steps, hi_steps, turn = plan[phase]
+        action = np.zeros(7, np.float32)
+        action[:3] = np.clip((goal - eef) * 10.0, -1.0, 1.0)
+        if turn:
+            axis = self._eef_xmat()[:, 0]
+            yaw = np.arctan2(axis[0] * closing[1] - axis[1] * closing[0], axis @ closing)
+            yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2  # fingers are symmetric: the short way round
+            action[5] = np.clip(yaw * 2.0, -1.0, 1.0)
+        action[6] = grip
+        st["t"] += 1
+        if (np.linalg.norm(goal - eef) < tol and st["t"] >= lo_steps) or st["t"] >= hi_steps:
+            if phase == 2:  # how far the object hangs below the fingers, once held
+                st["below"] = float(eef[2] - lo[2])
+            st["phase"], st["t"] = phase + 1, 0
+        return action
+
+    def _eef_pos(self) -> np.ndarray:
+        robot = self._env.robots[0]
+        return np.array(self._env.sim.data.site_xpos[robot.eef_site_id])
+
+    def _eef_xmat(self) -> np.ndarray:
+        robot = self._env.robots[0]
+        return np.array(self._env.sim.data.site_xmat[robot.eef_site_id]).reshape(3, 3)
+
+    def _extent(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """World bounding box (low, high corners) of an object's collision geoms, and the horizontal direction
+        across its narrower side (the one fingers close along)."""
+        import mujoco
+
+        e = self._env.env
+        obj = e.objects_dict.get(name) or e.fixtures_dict.get(name)
+        m, d = self._env.sim.model._model, self._env.sim.data._data
+        root = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, obj.root_body)
+        geoms = [g for g in range(m.ngeom) if m.geom_group[g] == 0 and _in_subtree(m, int(m.geom_bodyid[g]), root)]
+        corners = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], np.float64)
+        pts = np.concatenate([d.geom_xpos[g] + (m.geom_aabb[g][:3] + corners * m.geom_aabb[g][3:])
+                              @ d.geom_xmat[g].reshape(3, 3).T for g in geoms])
+        rot = d.xmat[root].reshape(3, 3)
+        local = (pts - d.xpos[root]) @ rot  # extents along the body's own axes
+        span = local.max(axis=0) - local.min(axis=0)
+        across = rot[:, 0] if span[0] <= span[1] else rot[:, 1]
+        across = across * np.array([1.0, 1.0, 0.0])
+        return pts.min(axis=0), pts.max(axis=0), across / (np.linalg.norm(across) + 1e-9)
 
     # -- observations ---------------------------------------------------------------------------------------------
     def state_vector(self) -> np.ndarray:
