@@ -303,3 +303,24 @@ def test_lerobot_libero_dataset_converts_without_map_to_the_envs_keys_and_trains
     suite = restrict_suite(load_suite("libero_object"), tasks=[SOUP, KETCHUP])
     goal = make_goal_fn(policy, suite)  # suite task names -> the store's instructions
     assert int(goal(SOUP)["task_id"]) == list(frames["tasks"]).index(libero_tasks.instruction(SOUP))
+
+
+@needs_libero
+def test_fast_rendering_culls_without_changing_a_pixel():
+    out = _run_libero("""
+        import json, sys
+        import numpy as np
+        from robodit.envs.libero import LiberoEnv
+        env = LiberoEnv(sys.argv[1], image_size=64)
+        env.reset(seed=1)
+        for _ in range(30):
+            env.step(env.expert_action())
+        res = {}
+        for cam in ("image", "image2"):
+            env._renderer.cull = True
+            a = env._camera(cam, 128)
+            env._renderer.cull = False
+            res[cam] = bool(np.array_equal(a, env._camera(cam, 128)))
+        print(json.dumps(res))
+    """, SOUP)
+    assert json.loads(out) == {"image": True, "image2": True}
