@@ -173,9 +173,9 @@ def test_worker_in_libero_interpreter_runs_the_expert_to_success():
 
 
 @needs_libero
-def test_foreign_env_replay_is_deterministic_and_collect_draws_no_fixed_state(tmp_path):
-    """The proxy env in this process: reset(seed) + actions reproduce bit for bit (crash replay relies on it);
-    `collect` stores expert demos from sampled layouts (init_states=False), each far from every fixed state."""
+def test_foreign_env_same_seed_same_rollout():
+    """The proxy env in this process: reset(seed) + actions reproduce bit for bit in the same env (crash replay
+    relies on it; robosuite's soft reset kept the gripper's command ramp, so the second rollout differed)."""
     env = make_env(f"libero/{SOUP}", image_size=16)
     try:
         runs = []
@@ -187,16 +187,22 @@ def test_foreign_env_replay_is_deterministic_and_collect_draws_no_fixed_state(tm
         assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
     finally:
         env.close()
+
+
+@needs_libero
+@pytest.mark.slow
+def test_collect_draws_layouts_never_a_fixed_state(tmp_path):
+    """`collect` stores expert demos from sampled layouts (init_states=False), each checked against every fixed
+    initial state when drawn."""
     from robodit.datasets.collect import collect
     from robodit.datasets.store import DemoStore
 
     out = tmp_path / "demos.zarr"
-    summary = collect(f"libero/{SOUP}", episodes=1, out=out, image_size=16, cameras=("image", "image2"), seed=7,
-                      progress=False)
+    summary = collect(f"libero/{SOUP}", episodes=1, out=out, image_size=16, seed=7, progress=False)
     assert summary["kept"] == 1
     store = DemoStore.open(out)
     assert store.env["init_states"] is False and store.env["tasks"] == [SOUP]
-    assert set(store.keys) >= {"state", "image_image", "image_image2", "action"}
+    assert set(store.keys) == {"state", "image_image", "image_image2", "action"}
 
 
 # -- LeRobot's LIBERO datasets ------------------------------------------------------------------------------------
