@@ -34,11 +34,8 @@ rejected, so collected demos can never start from an evaluation state.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
-
-os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 

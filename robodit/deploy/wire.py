@@ -13,6 +13,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+PROTOCOL = 1  # bumped on any incompatible change of the messages below
+MIN_TOKEN_LEN = 16
+TOKEN_ENV = "ROBODIT_TOKEN"
+
 DTYPES = {"bool", "uint8", "int8", "uint16", "int16", "int32", "uint32", "int64", "float16", "float32", "float64"}
 MAX_NDIM = 8
 
@@ -73,6 +77,29 @@ def unpack(data: bytes) -> Any:
         raise
     except Exception as exc:  # msgpack raises several unrelated types for garbage input
         raise WireError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+# a generator's state as torch.Generator.get_state() gives it (CPU Mersenne Twister: 5056 bytes; CUDA: 16)
+MAX_GENERATOR_STATE = 8192
+
+
+def check_generators(gen, batch: int) -> list[dict] | dict | None:
+    """Validate the sampling-noise generators of a request: null, one {"device": str, "state": uint8 array}
+    for the whole batch, or a list of them, one per row (each row's noise then comes from its own)."""
+    if gen is None:
+        return None
+    rows = gen if isinstance(gen, list) else [gen]
+    if isinstance(gen, list) and len(gen) != batch:
+        raise WireError(f"'generator' lists {len(gen)} generator states for a batch of {batch}; expected one per row",
+                        "bad_request")
+    for g in rows:
+        if not (isinstance(g, dict) and isinstance(g.get("device"), str) and isinstance(g.get("state"), np.ndarray)):
+            raise WireError("a 'generator' entry must be a map {device: str, state: uint8 array}", "bad_request")
+        state = g["state"]
+        if state.dtype != np.uint8 or state.ndim != 1 or state.size > MAX_GENERATOR_STATE:
+            raise WireError(f"a generator state must be a 1-d uint8 array of at most {MAX_GENERATOR_STATE} bytes, got "
+                            f"{state.dtype} {list(state.shape)}", "bad_request")
+    return gen
 
 
 def is_image(shape, dtype) -> bool:
