@@ -28,6 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# run as a script, this file's folder leads sys.path, and this file would shadow the `libero` package
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
 SPEED_TASK = "libero_object/pick_up_the_alphabet_soup_and_place_it_in_the_basket"
 
@@ -69,7 +72,8 @@ def _per_task(summary: dict) -> list[dict]:
     for task, r in summary["tasks"].items():
         lo, hi = r.get("ci95", [None, None])
         rows.append({"task": task.split("/")[-1], "success": f"{r['successes']}/{r['episodes']}",
-                     "rate": round(r["success_rate"], 3), "wilson95": f"[{lo:.2f}, {hi:.2f}]" if lo is not None else "",
+                     "rate": round(r["success_rate"], 3),
+                     "wilson95": f"[{lo:.2f}, {hi:.2f}]" if lo is not None else "",
                      "mean_steps": round(r["mean_steps"] or 0, 1)})
     return rows
 

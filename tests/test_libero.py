@@ -63,7 +63,8 @@ def test_generated_suites_match_the_table_and_check_initial_states():
         if not want["tasks"]:
             assert not path.exists()
             continue
-        assert yaml.safe_load(path.read_text()) == want, f"{path} is stale: python -m robodit.evaluation.suites --write-libero"
+        assert yaml.safe_load(path.read_text()) == want, \
+            f"{path} is stale: python -m robodit.evaluation.suites --write-libero"
     s = load_suite("libero_object")
     assert s.seeds == [0] and s.max_steps == 280 and len(s.tasks) == 10 and s.tasks[0].episodes == 50
     assert s.tasks[0].instruction == "pick up the alphabet soup and place it in the basket"
@@ -259,7 +260,8 @@ def _synthetic_frames(size=32, lengths=(14, 18)):
     yy, xx = np.mgrid[0:size, 0:size]
     img = np.stack([(xx * 255 // size), (yy * 255 // size), np.zeros_like(xx)], -1).astype(np.uint8)  # asymmetric
     return {"image": np.repeat(img[None], n, 0), "image2": np.repeat(img[None, ::-1], n, 0),
-            "state": rng.normal(size=(n, 8)).astype(np.float32), "action": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
+            "state": rng.normal(size=(n, 8)).astype(np.float32),
+            "action": rng.uniform(-1, 1, (n, 7)).astype(np.float32),
             "lengths": np.array(lengths), "tasks": np.array([libero_tasks.instruction(t) for t in (SOUP, KETCHUP)])}
 
 

@@ -88,4 +88,5 @@ def make_env(name: str, **kwargs) -> ControlInterface:
     return _load(SIMULATORS[sim][0])(task, **kwargs)
 
 
-__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "INTERPRETERS", "SIMULATORS", "check_env_kwargs", "foreign_python", "make_env", "parse_env_name", "register_simulator"]
+__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "INTERPRETERS", "SIMULATORS", "check_env_kwargs",
+           "foreign_python", "make_env", "parse_env_name", "register_simulator"]

@@ -141,8 +141,8 @@ class LiberoEnv(ControlInterface):
         self.render_on = True
         self.render_seconds = self.physics_seconds = 0.0
         self.episode_seed: int | None = None
-        self.spec = EnvSpec(observation=observation_spec(self.image_size, self.cameras), action_dim=7, action_low=-np.ones(7, np.float32),
-                            action_high=np.ones(7, np.float32), control_hz=20.0, robot="libero_panda",
+        self.spec = EnvSpec(observation=observation_spec(self.image_size, self.cameras), action_dim=7,
+                            action_low=-np.ones(7, np.float32), action_high=np.ones(7, np.float32), control_hz=20.0, robot="libero_panda",
                             max_episode_steps=self.max_episode_steps,
                             extra={"simulator": "libero", "task": self.task, "suite": self.suite,
                                    "init_states": len(self.init_states)})

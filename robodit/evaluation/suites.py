@@ -187,7 +187,8 @@ def libero_suite(suite: str) -> dict[str, Any]:
     for t in libero_tasks.suite_tasks(suite):
         n = libero_tasks.init_state_count(t)
         if n:  # a task the package ships no initial states for cannot be evaluated by the protocol
-            tasks.append({"name": t, "instruction": libero_tasks.instruction(t), **({"episodes": n} if n < 50 else {})})
+            fewer = {"episodes": n} if n < 50 else {}  # some LIBERO-PRO variants ship 10
+            tasks.append({"name": t, "instruction": libero_tasks.instruction(t), **fewer})
     return {"name": suite, "kind": "tasks", "simulator": "libero", "episodes": 50, "seeds": [0],
             "max_steps": libero_tasks.max_steps(suite), "env": {}, "tasks": tasks}
 
