@@ -12,7 +12,7 @@
 2. Expert: `eval.py checkpoint=expert suite=<suite> episodes=N` (fixed initial states 0..N-1, the suite's step
    limit), success per task with Wilson intervals.
 3. Policy (with --checkpoint): the same suite and episodes.
-Prints markdown tables and writes <out>/libero.json.
+Prints markdown tables and writes --json (benchmarks/results/libero.json); reports and videos go to --out.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--policy-episodes", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,expert")
-    p.add_argument("--out", default="benchmarks/results/libero")
+    p.add_argument("--out", default="benchmarks/results/libero", help="evaluation outputs (reports, videos)")
+    p.add_argument("--json", default="benchmarks/results/libero.json")
     p.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)  # the .venv-libero half
     args = p.parse_args()
     if args.speed_only:
@@ -132,8 +133,8 @@ def main() -> None:
                             "wall_s": round(time.time() - t0, 1)}
         print(f"\n## Policy {args.checkpoint} on {args.suite}: mean {s['success_rate']:.3f}\n")
         print(_table(result["policy"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
-    (out / "libero.json").write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out / 'libero.json'}")
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
 
 
 def _cpu_model() -> str:
