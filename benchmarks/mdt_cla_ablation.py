@@ -60,7 +60,8 @@ def final_step(run: Path) -> int | None:
 def train_overrides(store: Path, run: Path, seed: int, args) -> list[str]:
     return ["policy=mdt", f"policy.size={args.size}", f"dataset.path={store.resolve()}", "logger=none",
             f"out_dir={run.resolve()}", f"train.steps={args.steps}", f"train.seed={args.seed_base + seed}",
-            "train.checkpoint_every=100000", "train.val_every=100000", "train.progress=false", f"train.log_every={args.log_every}"]
+            "train.checkpoint_every=100000", "train.val_every=100000", "train.progress=false",
+            f"train.log_every={args.log_every}", *args.override]
 
 
 def train(variant: str, seed: int, store: Path, args) -> dict:
@@ -157,6 +158,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--old-code", default=None, help="a checkout with the old CLA: adds the cla_old curve run")
     p.add_argument("--old-minutes", type=float, default=4.0)
+    p.add_argument("--override", action="append", default=[],
+                   help="extra Hydra override for every run, e.g. policy.mgf_weight=0 (repeatable)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default="benchmarks/results/mdt_cla")
     p.add_argument("--json", default="benchmarks/results/mdt_cla_ablation.json")
@@ -176,10 +179,15 @@ def main() -> None:
                "budget": {"steps": args.steps, "size": args.size, "seeds": seeds, "episodes_per_task_train":
                           args.episodes_per_task, "language_fraction": args.language_fraction,
                           "eval_episodes_per_task": args.episodes, "eval_max_steps": args.max_steps,
-                          "eval_suite": "mt10 (seeds 100000+)", "log_every": args.log_every},
+                          "eval_suite": "mt10 (seeds 100000+)", "log_every": args.log_every,
+                          "overrides": args.override, "old_code_minutes": args.old_minutes if args.old_code else None},
                "store": str(store), "variants": {}, "cla_curves": {}}
-    # seed-major order: both variants of seed 0 finish before seed 1 starts, so a cut-off run still compares
+    # seed-major order: both variants of seed 0 finish before seed 1 starts, so a cut-off run still compares;
+    # the old-code curve run comes right after seed 0
+    results_old = None
     for seed in seeds:
+        if seed != seeds[0] and (args.old_code or (out / "cla_old_s0" / "timing.json").exists()):
+            results_old = results_old or train("cla_old", 0, store, args)
         for name in args.variants.split(","):
             v = results["variants"].setdefault(name, {"runs": {}, "evals": {}, "success": {}})
             v["runs"][seed] = train(name, seed, store, args)
@@ -187,7 +195,7 @@ def main() -> None:
             if name != "cla_off":
                 results["cla_curves"][f"{name}_s{seed}"] = cla_curve(out / f"{name}_s{seed}" / "run")
     if args.old_code or (out / "cla_old_s0" / "timing.json").exists():
-        results["old_run"] = train("cla_old", 0, store, args)
+        results["old_run"] = results_old or train("cla_old", 0, store, args)
         results["cla_curves"]["cla_old_s0"] = cla_curve(out / "cla_old_s0" / "run")
     for v in results["variants"].values():
         v["success"] = {g: pooled([e.get(g) for e in v["evals"].values() if e]) for g in GOALS}
