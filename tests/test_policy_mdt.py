@@ -232,6 +232,20 @@ def test_cla_weight_zero_leaves_training_identical():
     for n in g_off:
         torch.testing.assert_close(g_off[n], g_on[n], msg=n)
 
+
+def test_checkpoints_of_the_pooled_cla_still_load():
+    """A checkpoint trained before the fix carries alignment.pool.*: it loads strictly (the pool's projection
+    becomes CLA's), so old MDT checkpoints still evaluate."""
+    policy = _policy()
+    state = {k: v for k, v in policy.state_dict().items() if not k.startswith("alignment.proj.")}
+    w, b = torch.randn(64, 64), torch.randn(64)
+    state.update({"alignment.pool.query": torch.zeros(1, 1, 64), "alignment.pool.attn.q.weight": torch.zeros(64, 64),
+                  "alignment.pool.attn.kv.weight": torch.zeros(128, 64), "alignment.pool.proj.weight": w,
+                  "alignment.pool.proj.bias": b})
+    fresh = _policy()
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.alignment.proj.weight, w) and torch.equal(fresh.alignment.proj.bias, b)
+
 @pytest.mark.parametrize("num_patches", [16, 49, 64, 196])
 def test_masks_cover_75_percent_within_one_patch(num_patches):
     mask = random_patch_mask(32, num_patches, 0.75, torch.Generator().manual_seed(1))

@@ -123,6 +123,15 @@ class ContrastiveAlignment(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints of the pooled CLA (`pool.query`, `pool.attn.*`, `pool.proj.*`) still load: the pool only
+        served training, so its projection becomes this one and the rest is dropped."""
+        for key in [k for k in state_dict if k.startswith(prefix + "pool.")]:
+            value = state_dict.pop(key)
+            if key.startswith(prefix + "pool.proj."):
+                state_dict.setdefault(prefix + key[len(prefix + "pool."):], value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, lang: torch.Tensor, image: torch.Tensor, same_goal: torch.Tensor) -> torch.Tensor:
         k = lang.shape[0]
         if lang.shape[:2] != (k, k) or image.shape != lang.shape or same_goal.shape != (k, k):
