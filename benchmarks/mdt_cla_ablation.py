@@ -183,12 +183,13 @@ def main() -> None:
                           "overrides": args.override, "old_code_minutes": args.old_minutes if args.old_code else None},
                "store": str(store), "variants": {}, "cla_curves": {}}
     # seed-major order: both variants of seed 0 finish before seed 1 starts, so a cut-off run still compares;
-    # the old-code curve run comes right after seed 0
+    # the (short) old-code curve run comes right after the first run, so the curves exist early
     results_old = None
     for seed in seeds:
-        if seed != seeds[0] and (args.old_code or (out / "cla_old_s0" / "timing.json").exists()):
-            results_old = results_old or train("cla_old", 0, store, args)
         for name in args.variants.split(","):
+            if results_old is None and (seed, name) != (seeds[0], args.variants.split(",")[0]) and \
+                    (args.old_code or (out / "cla_old_s0" / "timing.json").exists()):
+                results_old = train("cla_old", 0, store, args)
             v = results["variants"].setdefault(name, {"runs": {}, "evals": {}, "success": {}})
             v["runs"][seed] = train(name, seed, store, args)
             v["evals"][seed] = {g: evaluate(name, seed, g, args) for g in GOALS}
