@@ -133,6 +133,13 @@ class ContrastiveAlignment(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, lang: torch.Tensor, image: torch.Tensor, same_goal: torch.Tensor) -> torch.Tensor:
+        l2i, i2l = self.directional_losses(lang, image, same_goal)
+        return 0.5 * (l2i + i2l)
+
+    def directional_losses(self, lang: torch.Tensor, image: torch.Tensor,
+                           same_goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(language anchor vs image goals, image anchor vs language goals), each a mean cross-entropy over the
+        anchors that have a negative; both exact zeros in the graph when none has."""
         k = lang.shape[0]
         if lang.shape[:2] != (k, k) or image.shape != lang.shape or same_goal.shape != (k, k):
             raise ValueError(f"CLA expects lang and image goal tokens [K, K, D] and same_goal [K, K]; got "
@@ -144,11 +151,12 @@ class ContrastiveAlignment(nn.Module):
         excluded = same_goal.to(lang.device).bool() & ~eye
         rows = (~excluded & ~eye).any(dim=1)  # anchors with at least one negative
         if not rows.any():
-            return sum(p.sum() for p in self.parameters()) * 0.0 + (zl.sum() + zi.sum()) * 0.0
+            zero = sum(p.sum() for p in self.parameters()) * 0.0 + (zl.sum() + zi.sum()) * 0.0
+            return zero, zero
         diag = lambda z: z.diagonal(dim1=0, dim2=1).T  # z[i, i]: sample i under its own goal, [K, D]
         # language anchor i against image goals j, all in observation i; and image anchor against language goals
         l2i = scale * torch.einsum("id,ijd->ij", diag(zl), zi)
         i2l = scale * torch.einsum("id,ijd->ij", diag(zi), zl)
         labels = torch.arange(k, device=lang.device)[rows]
         ce = lambda logits: F.cross_entropy(logits.masked_fill(excluded, float("-inf"))[rows], labels)
-        return 0.5 * (ce(l2i) + ce(i2l))
+        return ce(l2i), ce(i2l)
