@@ -5,7 +5,8 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     schema, kind ("tasks" | "chains"), ci_method ("wilson95")
     suite            the validated suite: name, source, simulator, max_steps, env, tasks [{name, instruction,
                      goal_image, episodes, max_steps}], seeds (tasks) | chains, chain_length, seed, scenes
-    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts
+    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts; a served policy
+                     (checkpoint=ws://...): its URL, "remote:NAME", and server {url, checkpoint, policy}
     env, episodes_per_task (a number, or {task: count} when tasks differ), seed (first env seed),
     policy_seed (seeds the sampling noise), sampler, num_inference_steps, n_action_steps, device
     training_seeds   evaluation seeds the training demos were collected from (not held out; normally [])
@@ -26,8 +27,9 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     run              num_envs, workers, pipeline_groups, wall_time_s, episodes, env_steps, env_steps_per_s,
                      video_fps (videos play in real time: a frame every 4 control steps), policy_calls,
                      policy_seconds, crashes [{worker, pid, exitcode, reason, job (the episode running when it
-                     died, or null), key, seed, lane, subtask, at_step, attempt, action, rerun_jobs (every
-                     episode of that worker re-run)}], restarted_episodes, errors [{job, key, seed, error}]
+                     died, or null), key, seed, lane, subtask, at_step, attempt, during ("run", or "replay":
+                     the replacement worker failed while restoring it), action, rerun_jobs (every episode of
+                     that worker re-run)}], restarted_episodes, errors [{job, key, seed, error}]
                      (an errored episode is excluded from every rate and listed here, never a failure)
     wall_time_s, videos [paths], plot (path)
 """
@@ -158,7 +160,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                   "| worker | exit code | episode (key, seed) | step | what happened |", "|---|---:|---|---:|---|"]
         for c in run["crashes"]:
             where = f"{c['key']}, {c['seed']}" if c["job"] is not None else "-"
-            lines.append(f"| {c['worker']} | {c['exitcode']} | {where} | {c.get('at_step', '-')} | {c['action']}; "
+            step = f"{c.get('at_step', '-')}" + (" (replaying)" if c.get("during") == "replay" else "")
+            lines.append(f"| {c['worker']} | {c['exitcode']} | {where} | {step} | {c['action']}; "
                          f"re-ran episodes {c['rerun_jobs']} |")
         lines.append("")
     if run["errors"]:
@@ -216,7 +219,8 @@ def write_outputs(out: Path, summary: dict[str, Any], results: list, wandb_proje
     for r in results:
         if r.frames:
             i = seen[r.job.key] = seen.get(r.job.key, -1) + 1
-            name = f"{r.job.key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{r.job.key}_{i:03d}.mp4"
+            key = r.job.key.replace("/", "-")  # LIBERO tasks are "<suite>/<task>"
+            name = f"{key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{key}_{i:03d}.mp4"
             write_video(out / name, r.frames, fps=max(1, round(summary["run"].get("video_fps", 20))))
             videos.append(str(out / name))
     summary["videos"] = videos
@@ -255,6 +259,13 @@ def console_summary(summary: dict[str, Any], out_dir) -> str:
                      f"[{summary['suite']['name']}]")
         for task, r in summary["tasks"].items():
             lines.append(f"  {task}: {_pct(r['success_rate'])} {_ci(r['ci95'])}  ({_num(r['ms_per_chunk'])} ms per chunk)")
+        suite = summary["suite"]
+        if suite.get("simulator") == "libero":  # a LIBERO run's numbers only compare at the initial states that ran
+            seeds = sorted({x for r in summary["tasks"].values() for x in r.get("seeds") or []})
+            if seeds:
+                lines.append(f"LIBERO protocol: fixed initial states {seeds[0]}..{seeds[-1]} of each task "
+                             f"({len(seeds)} per task; the published numbers use all 50), 10 no-op settle steps, "
+                             f"at most {suite.get('max_steps')} steps")
     run = summary["run"]
     if summary.get("training_seeds"):
         lines.append(f"warning: {len(summary['training_seeds'])} evaluation seed(s) are seeds the training demos "

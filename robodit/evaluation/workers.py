@@ -8,22 +8,31 @@ autoreset; (4) `workers=0` runs the same protocol in-process, which is how the t
 count does not change results.
 
 Protocol (each request gets exactly one reply, in order):
-  ("start", lane, job, replay_actions, crash_at) -> obs after reset and replaying the given actions
+  ("start", lane, job, replay_actions, fault)    -> obs after reset and replaying the given actions
   ("step", lane, actions[n, A] | n_expert)      -> up to n steps; stops early at a subtask switch or the end
 Replies are ("ok", payload) or ("error", lane, traceback text) for exceptions raised by the env code.
-Workers never import torch.
+`fault` (tests only, None otherwise) makes the worker fail once the episode reaches a step, while replaying or
+running: an int step or ("die", step) exits like a segfaulting simulator, ("hang", step) stops answering.
+Workers never import torch. A simulator that needs another interpreter (LIBERO, `robodit.envs.INTERPRETERS`)
+gets workers started in that interpreter (`python -m robodit.evaluation.workers FD`), with the same protocol.
+
+Observations a policy never reads are not rendered: within a chunk of n actions only the last `obs_tail`
+steps' observations travel back, so the env's cameras are switched off (`set_render`) for the others. For
+LIBERO, whose frames cost 3-4 physics steps each, that is most of an evaluation's time.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
+from robodit.envs import foreign_python
 from robodit.evaluation.chains import ChainEpisode, Job
 
 
@@ -40,7 +49,7 @@ class WorkerState:
         self.prefix, self.kwargs, self.obs_tail, self.pool_size = env_prefix, dict(env_kwargs), obs_tail, pool_size
         self.pools: dict[int, OrderedDict] = {}
         self.episodes: dict[int, ChainEpisode] = {}
-        self.crash_at: dict[int, int] = {}
+        self.faults: dict[int, tuple[str, int] | None] = {}
 
     def _maker(self, lane: int, job: Job):
         pool = self.pools.setdefault(lane, OrderedDict())
@@ -75,16 +84,19 @@ class WorkerState:
             self.episodes.pop(lane, None)
             return "error", lane, traceback.format_exc(limit=8)
 
-    def _start(self, lane: int, job: Job, replay: list[np.ndarray], crash_at: int | None) -> dict:
+    def _start(self, lane: int, job: Job, replay: list[np.ndarray], fault) -> dict:
         ep = ChainEpisode(job.tasks, job.seed, job.max_steps, self._maker(lane, job), record=False)
+        self.faults[lane] = _parse_fault(fault)
         obs = ep.start()
-        for action in replay:  # crash recovery: the same actions give the same states (MuJoCo is deterministic)
+        for i, action in enumerate(replay):  # crash recovery: the same actions give the same states (MuJoCo is
+            ep.env.set_render(i >= len(replay) - self.obs_tail)  # deterministic; rendering changes no state)
             obs, _ = ep.apply(action)
+            self._maybe_fail(lane, ep)
+        ep.env.set_render(True)
         ep.record = job.record
         if job.record and not replay:
             ep.frames.append(ep.env.render())
         self.episodes[lane] = ep
-        self.crash_at[lane] = crash_at
         spec = ep.env.spec
         return {"obs": [obs], "sub": ep.sub, "event": None, "executed": np.zeros((0, spec.action_dim), np.float32),
                 "action_low": spec.action_low, "action_high": spec.action_high, "frames": self._frames(ep),
@@ -97,18 +109,27 @@ class WorkerState:
         tail, executed, event = [], [], None
         for i in range(n):
             action = ep.expert_action() if expert else actions[i]
+            ep.env.set_render(i >= n - self.obs_tail)
             obs, event = ep.apply(action)
             executed.append(np.asarray(action, np.float32))
             tail.append(obs)
-            if self.crash_at.get(lane) is not None and sum(ep.steps) + ep.t >= self.crash_at[lane]:
-                os._exit(17)  # fault injection for tests: die like a segfaulting simulator would
+            self._maybe_fail(lane, ep)
             if event is not None:
                 break
+        ep.env.set_render(True)  # a subtask switch's fresh env and the next start render as usual
         if event == "done":
             self.episodes.pop(lane)
         return {"obs": tail[-self.obs_tail:], "sub": ep.sub, "event": event, "executed": np.stack(executed),
                 "successes": list(ep.successes), "steps": list(ep.steps),
                 "satisfied_at_start": list(ep.satisfied_at_start), "frames": self._frames(ep)}
+
+    def _maybe_fail(self, lane: int, ep: ChainEpisode) -> None:
+        """Fault injection for tests: die like a segfaulting simulator, or hang like a stuck one."""
+        fault = self.faults.get(lane)
+        if fault is not None and sum(ep.steps) + ep.t >= fault[1]:
+            if fault[0] == "hang":
+                time.sleep(3600)  # the engine's timeout kills this process long before
+            os._exit(17)
 
     @staticmethod
     def _frames(ep: ChainEpisode) -> list:
@@ -120,6 +141,16 @@ class WorkerState:
             for env in pool.values():
                 env.close()
         self.pools.clear()
+
+
+def _parse_fault(fault) -> tuple[str, int] | None:
+    """None, a step (die there) or (kind, step) with kind "die" | "hang" -> (kind, step)."""
+    if fault is None:
+        return None
+    kind, step = ("die", fault) if isinstance(fault, (int, np.integer)) else fault
+    if kind not in ("die", "hang"):
+        raise ValueError(f"unknown fault {fault!r}: expected a step, ('die', step) or ('hang', step)")
+    return str(kind), int(step)
 
 
 def _worker_main(conn, env_prefix: str, env_kwargs: dict, obs_tail: int) -> None:
@@ -180,16 +211,23 @@ def _context():
 
 
 class ProcessWorker:
-    """One spawned subprocess; requests are pipelined, replies matched to tokens in send order."""
+    """One subprocess (a forkserver child, or `python`'s when given); requests are pipelined, replies matched to
+    tokens in send order."""
 
-    def __init__(self, wid: int, env_prefix: str, env_kwargs: dict, obs_tail: int):
+    def __init__(self, wid: int, env_prefix: str, env_kwargs: dict, obs_tail: int, python: str | None = None):
         self.wid = wid
-        ctx = _context()
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, env_prefix, dict(env_kwargs), obs_tail),
-                                daemon=True, name=f"robodit-env-{wid}")
-        self.proc.start()
-        child.close()
+        if python is None:
+            ctx = _context()
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_worker_main, args=(child, env_prefix, dict(env_kwargs), obs_tail),
+                                    daemon=True, name=f"robodit-env-{wid}")
+            self.proc.start()
+            child.close()
+        else:
+            from robodit.envs.interpreter import spawn
+
+            self.proc, self.conn = spawn(python, "robodit.evaluation.workers")
+            self.conn.send((env_prefix, dict(env_kwargs), obs_tail))
         self.pid = self.proc.pid
         self.pending: OrderedDict[int, tuple] = OrderedDict()  # token -> request, oldest first
         self.replies: dict[int, tuple] = {}
@@ -238,5 +276,13 @@ class ProcessWorker:
 
 
 def make_worker(wid: int, subprocess: bool, env_prefix: str, env_kwargs: dict, obs_tail: int) -> Any:
-    cls = ProcessWorker if subprocess else LocalWorker
-    return cls(wid, env_prefix, env_kwargs, obs_tail)
+    if not subprocess:  # in this process; a simulator of another interpreter is reached through ForeignEnv
+        return LocalWorker(wid, env_prefix, env_kwargs, obs_tail)
+    return ProcessWorker(wid, env_prefix, env_kwargs, obs_tail, python=foreign_python(env_prefix))
+
+
+if __name__ == "__main__":  # a worker in another interpreter (ProcessWorker with python=...)
+    from robodit.envs.interpreter import child_connection
+
+    _conn = child_connection()
+    _worker_main(_conn, *_conn.recv())

@@ -17,6 +17,8 @@ from einops import rearrange
 from torch import nn
 
 from robodit.nn.attention import TransformerEncoderBlock, make_norm
+from robodit.nn.encoders import images_to_float
+from robodit.policies.base import keep_in_graph
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -64,9 +66,7 @@ class MaskedForesight(nn.Module):
         self.norm = make_norm("layernorm", width)
         self.head = nn.Linear(width, patch_dim)
 
-    @staticmethod
-    def to_float(images: torch.Tensor) -> torch.Tensor:
-        return images.float().div(127.5).sub(1.0) if images.dtype == torch.uint8 else images.float()
+    to_float = staticmethod(images_to_float)
 
     def forward(self, context: torch.Tensor, targets: dict[str, torch.Tensor],
                 mask: torch.Tensor | None = None, generator: torch.Generator | None = None):
@@ -151,7 +151,7 @@ class ContrastiveAlignment(nn.Module):
         excluded = same_goal.to(lang.device).bool() & ~eye
         rows = (~excluded & ~eye).any(dim=1)  # anchors with at least one negative
         if not rows.any():
-            zero = sum(p.sum() for p in self.parameters()) * 0.0 + (zl.sum() + zi.sum()) * 0.0
+            zero = keep_in_graph((zl.sum() + zi.sum()) * 0.0, self.parameters())
             return zero, zero
         diag = lambda z: z.diagonal(dim1=0, dim2=1).T  # z[i, i]: sample i under its own goal, [K, D]
         # language anchor i against image goals j, all in observation i; and image anchor against language goals
