@@ -129,15 +129,18 @@ def tables(results: dict) -> str:
         steps = sorted({r["train_steps"] for r in v["runs"].values() if r})
         lines.append(f"| {name} | {len(mins)} | {','.join(map(str, steps)) or '-'} | "
                      f"{min(mins, default=0):.1f}–{max(mins, default=0):.1f} | " + " | ".join(cells) + " |")
-    curves = results["cla_curves"]
-    if curves:
-        marks = sorted({s for c in curves.values() for s, _ in c})
-        marks = [m for m in marks if m in (50, 100, 200, 300, 400, 500) or m % 250 == 0 or m == marks[-1]]
-        lines += ["", "CLA loss (train/cla_loss, logged every %d steps) | " % results["budget"]["log_every"] +
-                  " | ".join(str(m) for m in marks), "|---|" + "---:|" * len(marks)]
+    curves = {k: c for k, c in results["cla_curves"].items() if c}
+    if curves:  # median of the logged (single-batch, noisy) values per 100-step window, and the lowest one
+        last = max(s for c in curves.values() for s, _ in c)
+        windows = [(lo, min(lo + 99, last)) for lo in range(1, last + 1, 100)]
+        lines += ["", "| CLA loss, median per window (min) | " + " | ".join(f"{a}–{b}" for a, b in windows) +
+                  " | min |", "|---|" + "---:|" * (len(windows) + 1)]
         for name, c in curves.items():
-            at = dict(c)
-            lines.append(f"| {name} | " + " | ".join(f"{at[m]:.3g}" if m in at else "" for m in marks) + " |")
+            cells = []
+            for a, b in windows:
+                vals = sorted(v for s, v in c if a <= s <= b)
+                cells.append(f"{vals[len(vals) // 2]:.2g}" if vals else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {min(v for _, v in c):.1g} |")
     return "\n".join(lines)
 
 
