@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel this machine ships: an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"  # export: robodit export / ONNX Runtime, tested in tests/test_export.py
 	# tests/test_convert_lerobot.py checks our reader on datasets LeRobot itself writes. lerobot cannot be a
 	# dependency (0.4.4 pins torch<2.11; 0.5 needs Python 3.12): install it without its deps, plus what its
 	# dataset writer imports. Those tests skip, saying so, where this line was not run.

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +85,14 @@ CONFIGS = [
     ("pad/base ddim-10 cached", PADPolicy, dict(size="base", num_inference_steps=10)),
     ("pad/tiny ddim-50 cached", PADPolicy, dict(size="tiny", num_inference_steps=50)),
 ]
-NEEDS_IMAGES = (PADPolicy,)  # these rows always get a 64 px camera (their model resolution), --images or not
+NEEDS_IMAGES = (PADPolicy,)
+
+
+def selected(label: str, only: str) -> bool:
+    """--only: a part equal to a row's label picks that row alone ('dit/base ddim-10', not '... ddim-100');
+    any other part picks every label containing it."""
+    labels = {name for name, _, _ in CONFIGS}
+    return any(part == label or (part not in labels and part in label) for part in only.split(","))  # these rows always get a 64 px camera (their model resolution), --images or not
 
 
 def shape_meta(images: bool, state_dim: int = 39, action_dim: int = 4, image_size: int = 84) -> dict:
@@ -138,6 +146,45 @@ def policy_call(policy, obs, threads: int, bf16: bool = False):
         with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
             policy.predict_action(obs, generator=gen)
     return call
+
+
+PATHS = ("eager", "onnx", "compile", "aoti")
+
+
+def fast_path_call(policy, obs, path: str, threads: int, workdir: Path):
+    """The same chunk through `path` (robodit.deploy.export traces DiffusionPolicy.chunk_from_noise once):
+    onnx / aoti load the exported directory behind predict_action; compile runs torch.compile (inductor, weights
+    frozen into the graph) on the traced program. Returns (call, its actions for seed 0)."""
+    from robodit.deploy.export import export_policy, trace
+    from robodit.deploy.exported import ExportedPolicy
+
+    gen = torch.Generator(device=policy.device).manual_seed(0)
+    if path in ("onnx", "aoti"):
+        if policy.device.type != "cpu":
+            raise ValueError(f"the {path} artifact runs on the CPU")
+        out = export_policy(policy, workdir / path, path)
+        exported = ExportedPolicy(out, threads=threads)
+
+        def call():
+            torch.set_num_threads(threads)
+            return exported.predict_action(obs, generator=gen)
+    elif path == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights become constants: inductor prepacks them for its GEMMs
+        _, _, program = trace(policy, policy.device)
+        compiled = torch.compile(program.module())
+
+        def call():
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                obs_t, goal_t = policy.inference_inputs(obs)
+                return compiled(*obs_t.values(), *goal_t.values(), policy.chunk_noise(1, gen))
+    else:
+        raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
+    first = call()
+    gen.manual_seed(0)
+    return call, first
 
 
 def matmul_call(n: int, threads: int, device):
@@ -219,6 +266,8 @@ def main() -> None:
                     help="torch.compile each policy's denoiser (reduce-overhead: CUDA graphs); rows labelled '+compile'")
     ap.add_argument("--vs-lerobot", action="store_true",
                     help="time lerobot's DiffusionPolicy (state-only, DDIM-10) in the same round-robin")
+    ap.add_argument("--paths", default="eager",
+                    help=f"comma-separated, from {PATHS}: the exported / compiled chunk next to eager (CPU)")
     ap.add_argument("--matmul-size", type=int, default=512, help="side of the square matmul that sets the FLOP floor")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
@@ -229,9 +278,9 @@ def main() -> None:
     device = torch.device(args.device)
     args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
     suffix = (lambda t: f" @{t}t") if len(args.thread_counts) > 1 else (lambda t: "")
-    rows, calls = [], []
+    rows, calls, missing = [], [], []
     for label, cls, kw in CONFIGS:
-        if args.only and not any(part in label for part in args.only.split(",")):
+        if args.only and not selected(label, args.only):
             continue
         torch.manual_seed(0)
         meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
@@ -256,9 +305,23 @@ def main() -> None:
         base["gflops_per_action"] = round(base["gflops"] / policy.n_action_steps, 4)
         for threads in args.thread_counts:
             name = (f"{label} +bf16" if args.bf16 else label) + suffix(threads)
-            rows.append({"policy": name, "threads": threads, **base})
+            rows.append({"policy": name, "threads": threads, "path": "eager", **base})
             calls.append(policy_call(policy, obs, threads, args.bf16))
-    missing = []
+            eager = policy.predict_action(obs, generator=torch.Generator(device=device).manual_seed(0))
+            for path in [p for p in args.paths.split(",") if p != "eager"]:
+                row = {"policy": f"{label} [{path}]" + suffix(threads), "threads": threads, "path": path,
+                       **{k: base[k] for k in ("params_M", "active_params_M", "gflops", "actions_per_chunk")}}
+                try:
+                    t0 = time.perf_counter()
+                    call, first = fast_path_call(policy, obs, path, threads, Path(tempfile.mkdtemp()))
+                except Exception as exc:  # a family that cannot export: the row says why
+                    missing.append({**row, "missing": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                    print(f"{row['policy']}: not timed ({missing[-1]['missing']})", flush=True)
+                    continue
+                row["build_s"] = round(time.perf_counter() - t0, 1)
+                row["max_abs_diff_vs_eager"] = float((first - eager).abs().max())
+                rows.append(row)
+                calls.append(call)
     if args.vs_lerobot:
         for threads in args.thread_counts:
             row, call = lerobot_row(args, threads, device)
@@ -292,6 +355,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['policy']:44s} {row['gflops']:7.3f} GFLOP  {row.get('host_syncs', ''):>4} syncs  "
               f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f} ms"
+              + (f"  |diff| {row['max_abs_diff_vs_eager']:.1e}" if "max_abs_diff_vs_eager" in row else "")
               + (f"  {row['x_floor']:6.1f}x its FLOP floor" if "x_floor" in row else
                  f"  {row.get('gflop_per_s', 0):.1f} GFLOP/s"), flush=True)
     if args.vs_lerobot:
@@ -305,7 +369,8 @@ def main() -> None:
                     row["x_faster_than_lerobot"] = round(ref[0]["median_ms"] / row["median_ms"], 1)
                     print(f"ratio {row['policy']} vs lerobot: {row['x_faster_than_lerobot']}x")
                 else:
-                    print(f"ratio {row['policy']} vs lerobot: lerobot missing ({missing[0]['missing']})")
+                    why = [m["missing"] for m in missing if m["policy"].startswith("lerobot")]
+                    print(f"ratio {row['policy']} vs lerobot: lerobot missing ({why[0] if why else 'not timed'})")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.thread_counts, "gpu": gpu,
                           "torch": torch.__version__, "load_avg": [round(x, 2) for x in loads]},
