@@ -71,6 +71,18 @@ class ExportedPolicy:
         return run
 
     # -- the Policy contract ------------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return int(self.manifest.get("num_tasks", 1))
+
+    @property
+    def takes_task(self) -> bool:
+        return "task_id" in self.inputs
+
+    def goal_keys(self) -> list[str]:
+        """The goal keys this artifact reads (the server tells its clients)."""
+        return ["task", "task_id"] if self.takes_task else []
+
     def reset(self) -> None:
         """Stateless: nothing to forget between episodes."""
 

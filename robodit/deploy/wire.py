@@ -13,6 +13,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from robodit.keys import is_image_key
+
 PROTOCOL = 1  # bumped on any incompatible change of the messages below
 MIN_TOKEN_LEN = 16
 TOKEN_ENV = "ROBODIT_TOKEN"
@@ -79,8 +81,27 @@ def unpack(data: bytes) -> Any:
         raise WireError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def is_image(shape, dtype) -> bool:
-    return len(shape) == 3 and str(dtype) == "uint8"
+# a generator's state as torch.Generator.get_state() gives it (CPU Mersenne Twister: 5056 bytes; CUDA: 16)
+MAX_GENERATOR_STATE = 8192
+
+
+def check_generators(gen, batch: int) -> list[dict] | dict | None:
+    """Validate the sampling-noise generators of a request: null, one {"device": str, "state": uint8 array}
+    for the whole batch, or a list of them, one per row (each row's noise then comes from its own)."""
+    if gen is None:
+        return None
+    rows = gen if isinstance(gen, list) else [gen]
+    if isinstance(gen, list) and len(gen) != batch:
+        raise WireError(f"'generator' lists {len(gen)} generator states for a batch of {batch}; expected one per row",
+                        "bad_request")
+    for g in rows:
+        if not (isinstance(g, dict) and isinstance(g.get("device"), str) and isinstance(g.get("state"), np.ndarray)):
+            raise WireError("a 'generator' entry must be a map {device: str, state: uint8 array}", "bad_request")
+        state = g["state"]
+        if state.dtype != np.uint8 or state.ndim != 1 or state.size > MAX_GENERATOR_STATE:
+            raise WireError(f"a generator state must be a 1-d uint8 array of at most {MAX_GENERATOR_STATE} bytes, got "
+                            f"{state.dtype} {list(state.shape)}", "bad_request")
+    return gen
 
 
 def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -> dict[str, np.ndarray]:
@@ -96,7 +117,7 @@ def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -
         x = obs[key]
         if not isinstance(x, np.ndarray):
             raise WireError(f"observation {key!r} must be an array, got {type(x).__name__}", "bad_request")
-        image = is_image(shape, dtype)
+        image = is_image_key(shape, dtype)
         if image and x.dtype != np.uint8:
             raise WireError(f"observation {key!r} has dtype {x.dtype}; expected uint8 (an image)", "bad_dtype")
         if not image and x.dtype.kind != "f":
