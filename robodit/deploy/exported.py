@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from robodit.deploy.wire import check_observation, is_image
+from robodit.deploy.wire import check_observation
+from robodit.keys import is_image_key
 
 MANIFEST = "export.json"
 
@@ -100,7 +101,7 @@ class ExportedPolicy:
             arrays[key] = x
         arrays = check_observation(arrays, self.obs_shapes, self.obs_horizon, max_batch=1 << 16)
         for key, (shape, dtype) in self.obs_shapes.items():
-            if is_image(shape, dtype) and arrays[key].shape[-1] == shape[2] and arrays[key].shape[-3] != shape[2]:
+            if is_image_key(shape, dtype) and arrays[key].shape[-1] == shape[2] and arrays[key].shape[-3] != shape[2]:
                 arrays[key] = np.ascontiguousarray(np.moveaxis(arrays[key], -1, -3))  # HWC → CHW
         return arrays
 
