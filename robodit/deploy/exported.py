@@ -101,8 +101,9 @@ class ExportedPolicy:
             arrays[key] = x
         arrays = check_observation(arrays, self.obs_shapes, self.obs_horizon, max_batch=1 << 16)
         for key, (shape, dtype) in self.obs_shapes.items():
-            if is_image_key(shape, dtype) and arrays[key].shape[-1] == shape[2] and arrays[key].shape[-3] != shape[2]:
-                arrays[key] = np.ascontiguousarray(np.moveaxis(arrays[key], -1, -3))  # HWC → CHW
+            x = arrays[key]
+            if is_image_key(shape, dtype) and x.shape[-1] == shape[2] and x.shape[-3] != shape[2]:
+                arrays[key] = np.ascontiguousarray(np.moveaxis(x, -1, -3))  # HWC → CHW
         return arrays
 
     def _task_ids(self, goal: dict[str, Any] | None, batch: int) -> np.ndarray | None:
