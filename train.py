@@ -9,12 +9,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from robodit.evaluation.training_eval import PeriodicEvaluator
 from robodit.training.trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    train(cfg, evaluator_factory=PeriodicEvaluator)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def fake_obs(policy, rng) -> dict[str, np.ndarray]:
 
 def _serve_child(size, images, steps, threads, conn, seconds):
     torch.set_num_threads(threads)
-    from robodit.envs.remote import PolicyServer
+    from robodit.deploy.server import PolicyServer
 
     server = PolicyServer(build_policy(size, images, steps), TOKEN, host="127.0.0.1", port=0).start()
     conn.send(server.url)
@@ -67,7 +67,7 @@ def pct(xs, q):
 
 
 def round_trip(args) -> dict:
-    from robodit.envs.remote import RemotePolicy
+    from robodit.deploy.client import RemotePolicy
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -11,8 +11,7 @@ import os
 import sys
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback."""
+from robodit.errors import CLIError  # noqa: F401 - the old spelling `robodit.cli.CLIError` keeps working
 
 
 def _cmd_collect(args: argparse.Namespace) -> None:
@@ -58,7 +57,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from robodit.envs.remote import serve_command
+    from robodit.deploy.server import serve_command
 
     serve_command(args)
 

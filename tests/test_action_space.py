@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from robodit.envs.action_space import (
+from robodit.action_space import (
     ADAPTERS,
     SLOTS,
     UNIFIED_DIM,
@@ -72,7 +72,7 @@ def test_register_and_bad_slots():
 
 
 def test_unified_layout_splits_state_from_context_and_normalisation_commutes():
-    from robodit.envs.action_space import UnifiedLayout
+    from robodit.action_space import UnifiedLayout
 
     obs = {"state": ((39,), "float32"), "goal": ((3,), "float32"), "image_cam": ((8, 8, 3), "uint8")}
     lay = UnifiedLayout.build("metaworld_sawyer", obs, "state", context_dim=48)

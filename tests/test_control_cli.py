@@ -14,7 +14,7 @@ import pytest
 from _control_fakes import ConstantPolicy, CuePolicy, tiny_dit
 
 from robodit.cli import main
-from robodit.envs.remote import RemotePolicy, healthz
+from robodit.deploy.client import RemotePolicy, healthz
 from robodit.training.checkpoint import export_state, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +77,9 @@ def test_serve_and_run_through_it(checkpoint, capsys):
 
 def run_fake(monkeypatch, policy, *extra, robot="configs/robot/dry_run.yaml", dry_run=True):
     """`robodit run` with `policy` standing in for a loaded checkpoint."""
-    import robodit
+    from robodit.training import checkpoint as ckpt_io
 
-    monkeypatch.setattr(robodit, "load_policy", lambda path, device="cpu": policy)
+    monkeypatch.setattr(ckpt_io, "load_policy", lambda path, device="cpu": policy)
     return main(["run", "--policy", "fake-checkpoint", "--robot", str(ROOT / robot), *(["--dry-run"] * dry_run),
                  *extra])
 
@@ -194,7 +194,7 @@ def test_dry_run_refuses_a_policy_that_does_not_fit_the_configured_robot(monkeyp
 
 
 def test_run_passes_the_policy_timeout(monkeypatch, capsys):
-    import robodit.envs.remote as remote
+    import robodit.deploy.client as remote
 
     seen = {}
 

@@ -111,7 +111,7 @@ def test_from_config_with_a_factory():
 
 
 def test_camera_keys_are_the_ones_convert_lerobot_stores():
-    from robodit.datasets.convert.common import safe_key
+    from robodit.keys import safe_key
 
     class DottedCamera(FakeSO100):
         @property

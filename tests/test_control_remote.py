@@ -11,8 +11,9 @@ from _control_fakes import ConstantPolicy, FreezableProxy, tiny_dit
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from robodit.envs.remote import PolicyServer, RemotePolicy, RemotePolicyError, healthz
-from robodit.envs.wire import pack, unpack
+from robodit.deploy.client import RemotePolicy, RemotePolicyError, healthz
+from robodit.deploy.server import PolicyServer
+from robodit.deploy.wire import pack, unpack
 
 TOKEN = "test-token-0123456789abcdef"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.test_training import _cfg
+from test_training import _cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

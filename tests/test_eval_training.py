@@ -37,7 +37,7 @@ def reach_store(tmp_path_factory):
 
 def test_periodic_eval_logs_success_and_keeps_best_k(reach_store, tmp_path):
     run = tmp_path / "run"
-    last = train(_cfg(reach_store, run, 6, every=2, episodes=2, max_steps=8, keep_best=2, workers=0, num_envs=2))
+    last = train(_cfg(reach_store, run, 6, every=2, episodes=2, max_steps=8, keep_best=2, workers=0, num_envs=2), evaluator_factory=PeriodicEvaluator)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/success_rate" in r]
     assert [r["step"] for r in evals] == [2, 4, 6] and all(r["eval/episodes"] == 2 for r in evals)
@@ -58,8 +58,8 @@ def test_periodic_eval_logs_success_and_keeps_best_k(reach_store, tmp_path):
 
 def test_eval_does_not_change_training(reach_store, tmp_path):
     """Same seed with and without evaluation: bit-identical weights (evaluation touches no training RNG)."""
-    a = train(_cfg(reach_store, tmp_path / "a", 4))
-    b = train(_cfg(reach_store, tmp_path / "b", 4, every=2, episodes=1, max_steps=4, workers=0, num_envs=1))
+    a = train(_cfg(reach_store, tmp_path / "a", 4), evaluator_factory=PeriodicEvaluator)
+    b = train(_cfg(reach_store, tmp_path / "b", 4, every=2, episodes=1, max_steps=4, workers=0, num_envs=1), evaluator_factory=PeriodicEvaluator)
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (tmp_path / "a" / "best").exists()

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 import robodit
 from robodit.datasets.multi import build_multi_store, store_paths
 from robodit.datasets.sampler import WindowConfig
-from robodit.envs.action_space import adapter_for
+from robodit.action_space import adapter_for
 from robodit.training.checkpoint import read_config, resolve_checkpoint
 from robodit.training.trainer import Trainer, train
-from tests.conftest import make_toy_store
+from conftest import make_toy_store
 
 MW, TWO = "metaworld_sawyer", "robosuite_two_panda"
 

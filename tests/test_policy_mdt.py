@@ -126,7 +126,7 @@ def test_labelled_episode_fraction_is_exact():
 
 def _mdt_store(path, lang_every=3, encoder="minilm"):
     """Two tasks, images, instructions on every third episode, a fake cached embedding table."""
-    from tests.conftest import make_toy_store
+    from conftest import make_toy_store
 
     make_toy_store(path, episodes=6, length=(12, 20), image_size=16, tasks=("a-task", "b-task"))
     arrays = {}

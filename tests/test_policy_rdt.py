@@ -7,10 +7,10 @@ from omegaconf import OmegaConf
 
 import robodit
 from robodit.datasets.normalizer import Normalizer
-from robodit.envs.action_space import UNIFIED_DIM
+from robodit.action_space import UNIFIED_DIM
 from robodit.policies.rdt import RDTPolicy
 from robodit.training.trainer import train
-from tests.conftest import make_toy_store
+from conftest import make_toy_store
 
 MW = {"obs": {"state": {"shape": [39], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
       "action": {"shape": [4]}, "num_tasks": 1}

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("robosuite")
 
-from robodit.envs.action_space import adapter_for
+from robodit.action_space import adapter_for
 from robodit.envs.robosuite import RobosuiteEnv, check_task
 
 

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from robodit.datasets.sampler import (ResumableBatchSampler, WindowConfig, WindowDataset, batch_shares,
                                       split_episodes)
 from robodit.datasets.store import DemoStore
-from tests.conftest import make_toy_store
+from conftest import make_toy_store
 
 
 @pytest.mark.parametrize("cache", [True, False])

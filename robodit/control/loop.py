@@ -27,7 +27,8 @@ import numpy as np
 
 from robodit.control.executors import ChunkExecutor
 from robodit.envs.safety import SafetyStop
-from robodit.evaluation.runner import ObservationHistory
+from robodit.control.history import ObservationHistory
+from robodit.errors import CLIError
 
 log = logging.getLogger("robodit.control")
 
@@ -210,11 +211,9 @@ def _sigterm_as_interrupt():
 
 
 def _load_policy(args, hz: float):
-    import robodit
-    from robodit.cli import CLIError
-
+    from robodit.training import checkpoint as ckpt_io
     if args.policy.startswith(("ws://", "wss://")):
-        from robodit.envs.remote import RemotePolicy
+        from robodit.deploy.client import RemotePolicy
 
         timeout = getattr(args, "policy_timeout", None)
         timeout = 30.0 if timeout is None else float(timeout)
@@ -224,7 +223,7 @@ def _load_policy(args, hz: float):
             return RemotePolicy(args.policy, token=args.token, timeout=timeout)
         except RuntimeError as exc:
             raise CLIError(str(exc)) from None
-    policy = robodit.load_policy(args.policy, device=args.device)
+    policy = ckpt_io.load_policy(args.policy, device=args.device)
     fps = (getattr(policy, "checkpoint_config", {}).get("store") or {}).get("fps")
     if fps and abs(float(fps) - hz) > 1e-6:
         log.warning("the policy was trained on %.1f Hz demonstrations; running at %.1f Hz changes what each "
@@ -236,7 +235,6 @@ def _drive(args, cfg: dict, policy, hz: float) -> LoopResult:
     """Build the robot and run the loop. On the way out the robot is closed FIRST (stopped or held, its
     connection released), then the policy (a remote request still in flight fails at once), and only then is
     background inference waited for: a hung server never keeps a live arm waiting."""
-    from robodit.cli import CLIError
     from robodit.control.executors import make_executor, policy_infer
     from robodit.control.robots import build_robot
 
@@ -295,7 +293,6 @@ def run_command(args) -> None:
     """`robodit run --policy CHECKPOINT_OR_URL --robot CONFIG [--strategy] [--hz] [--dry-run]`."""
     import torch
 
-    from robodit.cli import CLIError
     from robodit.control.robots import load_robot_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from robodit.datasets.language import paraphrases
+from robodit.errors import CLIError
 
 # env-attr fields that must agree when appending to an existing store (they decide the stored keys / meaning)
 _MUST_MATCH = ("simulator", "image_size", "cameras", "goal_observable")
@@ -216,8 +217,6 @@ def collect_multitask(source: str, tasks: list[str], episodes_per_task: int, out
 
 def collect_command(args) -> None:
     """CLI entry (`robodit collect`): failures become one-line errors with exit status 2."""
-    from robodit.cli import CLIError
-
     common = dict(out=args.out, image_size=args.image_size, cameras=args.cameras, seed=args.seed,
                   max_steps=args.max_steps, max_attempts=args.max_attempts, progress=True,
                   has_actions=not getattr(args, "no_actions", False))

@@ -2,7 +2,7 @@
 
 Why: a unified-action-space policy (RDT) pretrains on every embodiment at once. Each store keeps its own
 `WindowDataset` (windows, splits, caching are unchanged); this wrapper maps every sample into one layout
-(`robodit.envs.action_space.UnifiedLayout`) so samples of different robots batch together:
+(`robodit.action_space.UnifiedLayout`) so samples of different robots batch together:
 
     obs.state    [To, 128]  proprioception in its unified slots (raw units), state_mask [128]
     obs.context  [To, C]    the other low-dim observation values (object poses, goals), zero-padded to C
@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from robodit.datasets.normalizer import Normalizer, compute_stats
 from robodit.datasets.sampler import WindowConfig, WindowDataset, split_episodes
 from robodit.datasets.store import DemoStore
-from robodit.envs.action_space import UnifiedLayout
-from robodit.nn.encoders import is_image_key
+from robodit.action_space import UnifiedLayout
+from robodit.keys import is_image_key
 
 
 def store_paths(dataset_cfg) -> list[str]:

@@ -10,9 +10,7 @@ import difflib
 import importlib
 import os
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first `import mujoco` anywhere
-
-from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec  # noqa: E402
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
 
 # prefix -> (module:Class taking (task, **kwargs), module:function validating a task name)
 SIMULATORS: dict[str, tuple[str, str]] = {
@@ -27,6 +25,9 @@ def register_simulator(prefix: str, env_class: str, check_task: str) -> None:
 
 
 def _load(path: str):
+    """Import a simulator's "module:attr". Its first `import mujoco` picks the GL backend from MUJOCO_GL, so the
+    headless default (EGL) is set here, when a simulator is about to load, never at `import robodit.envs`."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from robodit.datasets.convert.common import safe_key
+from robodit.keys import safe_key
 from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
 
 log = logging.getLogger("robodit.lerobot")

@@ -1,7 +1,7 @@
 """robosuite 1.5 (Lift, TwoArmLift, TwoArmHandover with Pandas, OSC_POSE) behind the `ControlInterface`.
 
 Why our own wrapper: robosuite's observation dict is keyed per robot and changes with the task; policies want
-one flat `state` whose layout the unified-action-space adapters know (robodit.envs.action_space:
+one flat `state` whose layout the unified-action-space adapters know (robodit.action_space:
 `ROBOSUITE_ARM_STATE` values per arm, robot0 = right arm, robot1 = left, then the task's `object-state`).
 Its object placement draws from NumPy's *global* generator, so `reset(seed=s)` seeds that generator for the
 reset only (and restores it), which makes one seed one layout. Cameras are rendered with our fast renderer on
@@ -25,7 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 
-from robodit.envs.action_space import ROBOSUITE_ARM_STATE, adapter_for
+from robodit.action_space import ROBOSUITE_ARM_STATE, adapter_for
 from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
 from robodit.envs.rendering import FastRenderer
 

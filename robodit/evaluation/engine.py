@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from robodit.evaluation.chains import Job
-from robodit.evaluation.runner import ObservationHistory
+from robodit.control.history import ObservationHistory
 from robodit.evaluation.workers import WorkerCrash, make_worker
 
 

@@ -50,9 +50,9 @@ def load_eval_policy(checkpoint, device: str = "cpu", sampler: str | None = None
     """The policy to evaluate, or None for `checkpoint=expert` (each task's scripted expert)."""
     if str(checkpoint) == EXPERT:
         return None
-    import robodit
+    from robodit.training import checkpoint as ckpt_io
 
-    policy = robodit.load_policy(checkpoint, device=device)
+    policy = ckpt_io.load_policy(checkpoint, device=device)
     if sampler:
         policy.sampler = sampler
     if num_inference_steps is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robodit.evaluation.runner import ObservationHistory
+from robodit.control.history import ObservationHistory
 
 
 def supports_frame_grid(policy) -> bool:

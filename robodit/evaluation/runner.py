@@ -6,7 +6,6 @@ the start of an episode), asks for a chunk of Tp actions, executes the first `n_
 
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,26 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from robodit.control.history import ObservationHistory
 from robodit.envs.base import ControlInterface
-
-
-class ObservationHistory:
-    """The last `horizon` observations stacked along a leading time axis."""
-
-    def __init__(self, horizon: int):
-        self.horizon = horizon
-        self.frames: collections.deque = collections.deque(maxlen=horizon)
-
-    def reset(self, obs: dict[str, np.ndarray]) -> None:
-        self.frames.clear()
-        for _ in range(self.horizon):
-            self.frames.append(obs)
-
-    def push(self, obs: dict[str, np.ndarray]) -> None:
-        self.frames.append(obs)
-
-    def stacked(self, keys) -> dict[str, np.ndarray]:
-        return {k: np.stack([f[k] for f in self.frames])[None] for k in keys}
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robodit.keys import is_image_key
+
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels // 4) or 1, channels)
@@ -62,10 +64,6 @@ class ResNetImageEncoder(nn.Module):
         lead = x.shape[:-3]
         x = self.blocks(self.stem(x.reshape(-1, *x.shape[-3:])))
         return self.head(x.mean(dim=(-2, -1))).reshape(*lead, -1)
-
-
-def is_image_key(shape: tuple[int, ...], dtype: str) -> bool:
-    return len(shape) == 3 and str(dtype) == "uint8"
 
 
 class ObservationEncoder(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.nn.encoders import is_image_key
+from robodit.keys import is_image_key
 
 POLICIES: dict[str, type["Policy"]] = {}
 

@@ -73,8 +73,13 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig | dict):
+    """`evaluator_factory(eval_cfg, out_dir, store_record)` builds the training-time evaluator (train.py passes
+    robodit.evaluation.training_eval.PeriodicEvaluator): evaluation sits a floor above training, so it is handed
+    in rather than imported."""
+
+    def __init__(self, cfg: DictConfig | dict, evaluator_factory=None):
         self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.evaluator_factory = evaluator_factory
         self.dist: DistInfo = setup_distributed(self.cfg.train.get("device", "auto"))
         self.device = self.dist.device
         self.out_dir = Path(self.cfg.out_dir).expanduser().resolve()
@@ -198,9 +203,10 @@ class Trainer:
         eval_cfg = OmegaConf.to_container(tc.eval, resolve=True) if tc.get("eval") else {}
         evaluator = None
         if eval_cfg.get("every") and dist.is_main:
-            from robodit.evaluation.training_eval import PeriodicEvaluator
-
-            evaluator = PeriodicEvaluator(eval_cfg, self.out_dir, self.store_record)
+            if self.evaluator_factory is None:
+                raise ValueError("train.eval.every > 0 needs an evaluator: run train.py, or pass evaluator_factory="
+                                 "robodit.evaluation.training_eval.PeriodicEvaluator to train()/Trainer()")
+            evaluator = self.evaluator_factory(eval_cfg, self.out_dir, self.store_record)
         logger = RunLogger(self.out_dir, kind=self.cfg.logger.get("kind", "none"),
                            project=self.cfg.logger.get("project", "robodit"), mode=self.cfg.logger.get("mode", "offline"),
                            config=config_record, enabled=dist.is_main,
@@ -452,8 +458,8 @@ class Trainer:
                   flush=True)
 
 
-def train(cfg: DictConfig | dict) -> Path | None:
-    trainer = Trainer(cfg)
+def train(cfg: DictConfig | dict, evaluator_factory=None) -> Path | None:
+    trainer = Trainer(cfg, evaluator_factory)
     try:
         return trainer.run()
     finally:

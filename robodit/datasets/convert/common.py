@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import abc
 
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-_SAFE = re.compile(r"[^A-Za-z0-9_]+")
+from robodit.keys import safe_key  # noqa: F401 - converters import it from here
+
 
 
 class ConvertError(ValueError):
@@ -73,11 +73,6 @@ class Source(abc.ABC):
 
     def close(self) -> None:
         pass
-
-
-def safe_key(name: str) -> str:
-    """A store key ([A-Za-z0-9_]+) from a source name: runs of other characters become one '_'."""
-    return _SAFE.sub("_", name).strip("_") or "x"
 
 
 def parse_map(items: Iterable[str] | None) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.nn.encoders import is_image_key
+from robodit.keys import is_image_key
 from robodit.policies.base import register_policy
 from robodit.policies.dit.modeling import DiTPolicy
 from robodit.policies.language_goals import LanguageGoals

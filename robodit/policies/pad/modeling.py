@@ -25,7 +25,7 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.diffusion.base import masked_mean, randn
 from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock
 from robodit.nn.embeddings import SinusoidalEmbedding
-from robodit.nn.encoders import is_image_key
+from robodit.keys import is_image_key
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 from robodit.policies.language_goals import LanguageGoals

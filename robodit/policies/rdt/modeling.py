@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.envs.action_space import UNIFIED_DIM, UnifiedLayout
+from robodit.action_space import UNIFIED_DIM, UnifiedLayout
 from robodit.nn.attention import MLP, Attention, RMSNorm
 from robodit.nn.embeddings import SinusoidalEmbedding
-from robodit.nn.encoders import ObservationEncoder, is_image_key
+from robodit.keys import is_image_key
+from robodit.nn.encoders import ObservationEncoder
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 from robodit.policies.language_goals import LanguageGoals

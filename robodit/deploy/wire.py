@@ -13,6 +13,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+PROTOCOL = 1  # bumped on any incompatible change of the messages below
+MIN_TOKEN_LEN = 16
+TOKEN_ENV = "ROBODIT_TOKEN"
+
 DTYPES = {"bool", "uint8", "int8", "uint16", "int16", "int32", "uint32", "int64", "float16", "float32", "float64"}
 MAX_NDIM = 8
 
