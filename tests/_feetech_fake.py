@@ -10,8 +10,9 @@ What each servo models (addresses from the STS3215 control table, little-endian 
 - EEPROM/SRAM as 256 bytes: firmware version, model number 777, ID, position limits, homing offset
   (sign-magnitude, bit 11), torque enable, lock, goal and present position (sign-magnitude, bit 15)...
 - a shaft angle `actual` in encoder ticks: Present_Position = actual - Homing_Offset (mod 4096), as the servo
-  reports it; a Goal_Position write while torque is on clamps the goal to the position limits and moves the shaft
-  there at once (no dynamics); with torque off goals are ignored, as a limp servo's are.
+  reports it; a Goal_Position write while torque is on clamps the goal to the position limits, and the shaft
+  moves there at `speed` ticks/s (at once by default); with torque off goals are ignored, as a limp servo's are.
+- `muted`: the servos stop answering, as when a cable is pulled.
 - packets with a bad checksum get no answer; every instruction is recorded in `log` for the tests.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 import tty
 from dataclasses import dataclass, field
 
@@ -47,10 +49,12 @@ def _checksum(body: bytes) -> int:
 @dataclass
 class FakeServo:
     id: int
-    actual: int = 2048  # shaft angle, encoder ticks
+    actual: float = 2048  # shaft angle, encoder ticks
+    speed: float | None = None  # ticks/s towards the goal while torque is on; None: there at once
     mem: bytearray = field(default_factory=lambda: bytearray(256))
 
     def __post_init__(self):
+        self.target, self._t = self.actual, time.monotonic()
         self.mem[0], self.mem[1] = 3, 10  # firmware 3.10
         self._set_word("Model_Number", MODEL_STS3215)
         self.mem[ADDR["ID"]] = self.id
@@ -80,9 +84,17 @@ class FakeServo:
     def limits(self) -> tuple[int, int]:
         return self._word("Min_Position_Limit"), self._word("Max_Position_Limit")
 
+    def _advance(self) -> None:
+        now = time.monotonic()
+        dt, self._t = now - self._t, now
+        if self.torque:
+            step = abs(self.target - self.actual) if self.speed is None else self.speed * dt
+            self.actual += max(-step, min(step, self.target - self.actual))
+
     @property
     def present(self) -> int:
-        return (self.actual - self.homing_offset) % 4096
+        self._advance()
+        return int(round(self.actual - self.homing_offset)) % 4096
 
     @property
     def torque(self) -> bool:
@@ -93,21 +105,24 @@ class FakeServo:
         return bytes(self.mem[addr:addr + n])
 
     def write(self, addr: int, data: bytes) -> None:
+        self._advance()
         self.mem[addr:addr + len(data)] = data
         goal = ADDR["Goal_Position"]
         if addr <= goal < addr + len(data) and self.torque:
             lo, hi = self.limits
-            target = min(hi, max(lo, _sm_decode(self._word("Goal_Position"), 15)))
-            self.actual = (target + self.homing_offset) % 4096
+            self.target = min(hi, max(lo, _sm_decode(self._word("Goal_Position"), 15))) + self.homing_offset
+        if not self.torque:  # limp: the shaft stays where it is, a later torque-on holds it there
+            self.target = self.actual
 
 
 class FakeArm:
     """Six STS3215 servos with ids 1-6 on one bus (an SO-100/101 arm's wiring), answering Feetech packets."""
 
-    def __init__(self, positions: dict[str, int] | None = None):
-        self.servos = {i + 1: FakeServo(i + 1) for i in range(len(MOTORS))}
+    def __init__(self, positions: dict[str, int] | None = None, speed: float | None = None):
+        self.servos = {i + 1: FakeServo(i + 1, speed=speed) for i in range(len(MOTORS))}
         for name, ticks in (positions or {}).items():
-            self.servo(name).actual = ticks
+            self.servo(name).actual = self.servo(name).target = ticks
+        self.muted = threading.Event()  # set: the servos stop answering (a cable pulled, power lost)
         self.log: list[tuple[str, int, int, bytes]] = []  # (instruction, id, address, data)
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -208,7 +223,7 @@ class PtyPort:
             except OSError:
                 return
             reply = self.arm.feed(data)
-            if reply:
+            if reply and not self.arm.muted.is_set():
                 os.write(self.master, reply)
 
     def close(self) -> None:

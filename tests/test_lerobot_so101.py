@@ -39,6 +39,8 @@ needs_so101 = pytest.mark.skipif(
 CALIBRATION = {m: {"id": i + 1, "drive_mode": 0, "homing_offset": 40 * (i - 2), "range_min": 700 + 10 * i,
                    "range_max": 3400 - 10 * i} for i, m in enumerate(MOTORS)}
 START = {m: 2048 + 30 * i for i, m in enumerate(MOTORS)}  # shaft angles (ticks) the arm rests at
+TARGET = [30.0, -20.0, 15.0, 0.0, 45.0, 60.0]  # where the test policy sends it (deg; gripper 0-100)
+LIMIT = np.array([5, 5, 5, 5, 10, 10])  # the shipped config's max_delta per tick
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +60,13 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny untrained DiT on the SO-101's 6 joints; its action range is +-20 (deg; gripper 0-40)."""
-    policy = tiny_dit(state_dim=6, action_dim=6)
+    """A tiny untrained DiT on the SO-101's 6 joints. Untrained, it outputs the middle of its action range, set
+    to TARGET, so every run drives the arm from START towards TARGET."""
     import torch
 
-    lo, hi = np.array([-20.0] * 5 + [0.0]), np.array([20.0] * 5 + [40.0])
+    policy = tiny_dit(state_dim=6, action_dim=6)
     stats = policy.normalizer.state_dict_flat()
-    stats.update(action__offset=torch.tensor((lo + hi) / 2).float(), action__scale=torch.tensor((hi - lo) / 2).float(),
+    stats.update(action__offset=torch.tensor(TARGET, dtype=torch.float32), action__scale=torch.full((6,), 2.0),
                  state__scale=torch.full((6,), 180.0))
     cfg = {"policy": {"_target_": "robodit.policies.dit.DiTPolicy", "size": "tiny", "action_horizon": 8,
                       "n_action_steps": 4, "num_inference_steps": 2},
@@ -86,42 +88,126 @@ def so101_config(tmp_path, port: str, **robot) -> Path:
     return path
 
 
-def degrees(arm: FakeArm, name: str, ticks: int) -> float:
-    """LeRobot's reading of `ticks` (present position) in degrees: (ticks - range middle) * 360 / 4095."""
+def reading(name: str, ticks: int) -> float:
+    """LeRobot's reading of a present position: degrees from the range middle, the gripper 0-100 of its range."""
     c = CALIBRATION[name]
+    if name == "gripper":
+        return (ticks - c["range_min"]) / (c["range_max"] - c["range_min"]) * 100
     return (ticks - (c["range_min"] + c["range_max"]) / 2) * 360 / 4095
 
 
-def run_cli(env, checkpoint, config, *extra, stdin="", timeout=240, popen=False):
+def readings(goal: dict[int, int]) -> np.ndarray:
+    return np.array([reading(m, goal[i + 1]) for i, m in enumerate(MOTORS)])
+
+
+TICK = np.array([360 / 4095] * 5 + [100 / 2660])  # one encoder tick in LeRobot's units (LeRobot truncates)
+
+
+def close(a, b) -> bool:
+    """Equal to within the encoder tick LeRobot's float-to-ticks truncation may lose."""
+    return bool(np.all(np.abs(np.subtract(a, b)) <= 1.01 * TICK))
+
+
+def run_cli(env, checkpoint, config, *extra, stdin="", timeout=300):
     cmd = [sys.executable, "-m", "robodit.cli", "run", "--policy", str(checkpoint), "--robot", str(config),
            "--threads", "1", *extra]
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 @needs_so101
 def test_robodit_run_drives_lerobots_so101_over_the_serial_port(env, checkpoint, tmp_path):
     """A fresh arm (factory EEPROM) and a calibration file: LeRobot asks, ENTER writes the file to the motors;
-    then 24 ticks of the policy through the shipped config's safety layer reach the servos as Goal_Position."""
+    then the policy's commands pass the shipped config's safety layer and reach the servos as Goal_Position."""
     arm = FakeArm(START)
     with arm.serve() as port:
-        r = run_cli(env, checkpoint, so101_config(tmp_path, port.path), "--steps", "24", stdin="\n")
+        r = run_cli(env, checkpoint, so101_config(tmp_path, port.path), "--steps", "24", "--strategy", "receding",
+                    stdin="\n")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])
-    assert summary["steps"] == 24 and summary["stopped"] is None
-    assert "so101_follower" in r.stdout or "SOFollower" in r.stdout
-    for name in MOTORS:  # LeRobot's calibrate() wrote the file's calibration into each servo's EEPROM
+    assert summary["steps"] == summary["sent"] == 24 and summary["stopped"] is None
+    assert "Writing calibration file" in r.stderr  # LeRobot's own calibrate(), answered by the ENTER
+    for name in MOTORS:  # ... which wrote the file's calibration into each servo's EEPROM
         s, c = arm.servo(name), CALIBRATION[name]
         assert (s.homing_offset, *s.limits) == (c["homing_offset"], c["range_min"], c["range_max"])
+    goals = [readings(g) for g in arm.goal_writes()]  # one sync write of all six joints per command
+    assert len(goals) >= 24  # the policy's 24, and a watchdog hold (the last target again) if inference stalled
+    # max_delta is measured from the arm: the first command is one limit away from where the arm stood, and
+    # each next one a limit further, until the policy's target is reached and held
+    stood = readings({i + 1: START[m] - CALIBRATION[m]["homing_offset"] for i, m in enumerate(MOTORS)})
+    ramp = [g for k, g in enumerate(goals) if k == 0 or not np.array_equal(g, goals[k - 1])]
+    for k, got in enumerate(ramp):
+        want = stood + np.clip(np.subtract(TARGET, stood), -(k + 1) * LIMIT, (k + 1) * LIMIT)
+        assert close(got, want), f"command {k}: {got} != {want}"
+    assert close(goals[-1], TARGET)
+    assert "safety max_delta" in r.stderr and not [e for e in arm.log if e[0].startswith("unsupported")]
+    assert not any(s.torque for s in arm.servos.values())  # a normal end: LeRobot turns torque off
+
+
+@needs_so101
+def test_ctrl_c_holds_the_arm_where_it_is_and_keeps_torque_on(env, checkpoint, tmp_path):
+    """Ctrl-C mid-motion: the e-stop commands the joints' measured positions (the servos lag their goals here),
+    no command follows, and the arm stays powered after robodit exits instead of dropping."""
+    arm = FakeArm(START, speed=400)  # ~35 deg/s: slower than the commands ramp, so goal and position differ
+    arm.calibrate(CALIBRATION)  # calibrated before: LeRobot asks nothing
+    with arm.serve() as port:
+        cmd = [sys.executable, "-m", "robodit.cli", "run", "--policy", str(checkpoint), "--robot",
+               str(so101_config(tmp_path, port.path)), "--threads", "1", "--steps", "100000"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while len(arm.goal_writes()) < 8 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        at_exit = {i + 1: arm.present()[m] for i, m in enumerate(MOTORS)}
+    assert proc.returncode == 2 and "stopped" in err and "E-STOP" in err, err[-3000:]
     goals = arm.goal_writes()
-    assert len(goals) >= 24 and all(sorted(g) == [1, 2, 3, 4, 5, 6] for g in goals)
-    # max_delta [5, 5, 5, 5, 10, 10] deg per tick, measured from the arm's joints: the first command is within
-    # 5 deg (+1 tick of LeRobot's rounding) of where the arm stood
-    first = [degrees(arm, m, goals[0][i + 1]) for i, m in enumerate(MOTORS)]
-    stood = [degrees(arm, m, (START[m] - CALIBRATION[m]["homing_offset"]) % 4096) for m in MOTORS]
-    step = 360 / 4095
-    assert np.all(np.abs(np.subtract(first, stood)) <= np.array([5, 5, 5, 5, 10, 10]) + step)
-    assert not [e for e in arm.log if e[0].startswith("unsupported")]
-    assert not any(s.torque for s in arm.servos.values())  # a normal end: LeRobot's torque-off at disconnect
+    hold = readings(goals[-1])
+    assert close(hold, readings(at_exit)), (hold, readings(at_exit))  # held where it was...
+    assert np.abs(readings(goals[-2]) - hold).max() > 1.0  # ...not at the last target it was moving to
+    assert all(s.torque for s in arm.servos.values()), "torque was turned off after the e-stop: the arm drops"
+
+
+@needs_so101
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["wrong port", "type typo", "key typo", "no feetech sdk", "cable pulled"])
+def test_what_goes_wrong_on_the_bench_is_one_clear_line(env, checkpoint, tmp_path, case):
+    """Each mistake or fault is exit status 2 and one line saying what to fix, never a traceback."""
+    arm = FakeArm(START)
+    arm.calibrate(CALIBRATION)
+    with arm.serve() as port:
+        robot = {"wrong port": {"port": str(tmp_path / "ttyACM9")}, "type typo": {"type": "so101_folower"},
+                 "key typo": {"prot": port.path}}.get(case, {})
+        cfg = yaml.safe_load(so101_config(tmp_path, port.path).read_text())
+        cfg["robot"]["lerobot"].update(robot)
+        (tmp_path / "so101.yaml").write_text(yaml.safe_dump(cfg))
+        argv = ["run", "--policy", str(checkpoint), "--robot", str(tmp_path / "so101.yaml"), "--threads", "1",
+                "--steps", "60", "--strategy", "receding"]
+        hide = "scservo_sdk" if case == "no feetech sdk" else "no_such_module"
+        code = (f"import sys; sys.modules[{hide!r}] = None\n"  # `import scservo_sdk` fails as if not installed
+                "from robodit.cli import main; sys.exit(main(sys.argv[1:]))")
+        if case == "cable pulled":  # the servos stop answering after the 10th command
+            import threading
+
+            def pull():
+                while len(arm.goal_writes()) < 10:
+                    time.sleep(0.01)
+                arm.muted.set()
+
+            threading.Thread(target=pull, daemon=True).start()
+        r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("robodit run: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    expect = {"wrong port": ["did not connect", "ttyACM9"],
+              "type typo": ["'so101_folower'", "did you mean 'so101_follower'"],
+              "key typo": ["'prot'", "did you mean 'port'"],
+              "no feetech sdk": ["'scservo_sdk'", "pip install feetech-servo-sdk"],
+              "cable pulled": ["stopped", "Present_Position"]}[case]
+    assert all(e in errors[0] for e in expect), errors[0]
+    if case == "cable pulled":  # the e-stop could not reach the arm; robodit still exits (no hang, no retry loop)
+        assert len(arm.goal_writes()) <= 11
