@@ -147,7 +147,7 @@ def test_robodit_run_drives_lerobots_so101_over_the_serial_port(env, checkpoint,
 def test_ctrl_c_holds_the_arm_where_it_is_and_keeps_torque_on(env, checkpoint, tmp_path):
     """Ctrl-C mid-motion: the e-stop commands the joints' measured positions (the servos lag their goals here),
     no command follows, and the arm stays powered after robodit exits instead of dropping."""
-    arm = FakeArm(START, speed=400)  # ~35 deg/s: slower than the commands ramp, so goal and position differ
+    arm = FakeArm(START, speed=50)  # ~4.4 deg/s, far slower than the commands ramp: goal and position differ
     arm.calibrate(CALIBRATION)  # calibrated before: LeRobot asks nothing
     with arm.serve() as port:
         cmd = [sys.executable, "-m", "robodit.cli", "run", "--policy", str(checkpoint), "--robot",
@@ -169,16 +169,54 @@ def test_ctrl_c_holds_the_arm_where_it_is_and_keeps_torque_on(env, checkpoint, t
     hold = readings(goals[-1])
     assert close(hold, readings(at_exit)), (hold, readings(at_exit))  # held where it was...
     assert np.abs(readings(goals[-2]) - hold).max() > 1.0  # ...not at the last target it was moving to
+    assert not close(hold, TARGET)
     assert all(s.torque for s in arm.servos.values()), "torque was turned off after the e-stop: the arm drops"
+
+
+
+@pytest.fixture
+def forget_lerobot():
+    """Drop what a failed lerobot import left in sys.modules, so later imports in this process start afresh."""
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.split(".")[0] in ("lerobot", "draccus", "serial", "deepdiff"):
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("hidden,package", [
+    ("lerobot", "pip install --no-deps lerobot==0.4.4"),
+    ("draccus", "pip install draccus==0.10.0"),
+    pytest.param("serial", "pip install pyserial", marks=needs_so101),  # the module is not named like its package
+    pytest.param("deepdiff", "pip install deepdiff", marks=needs_so101),
+])
+def test_a_missing_module_names_the_package_to_install(monkeypatch, capsys, forget_lerobot, hidden, package):
+    """`robodit run` on the SO-101 config where part of LeRobot's stack is missing (hidden here): one line
+    naming the module and the pip package that provides it. (scservo_sdk: the slow test below.)"""
+    from _control_fakes import ConstantPolicy
+
+    from robodit.cli import main
+    from robodit.training import checkpoint as ckpt_io
+
+    policy = ConstantPolicy([0.0] * 6)
+    policy.obs_shapes = {"state": ((6,), "float32")}
+    monkeypatch.setattr(ckpt_io, "load_policy", lambda path, device="cpu": policy)
+    monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` fails as if it were not installed
+    rc = main(["run", "--policy", "ckpt", "--robot", str(ROOT / "configs/robot/so101_lerobot.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"Python module {hidden!r}" in err and package in err, err
 
 
 @needs_so101
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["wrong port", "type typo", "key typo", "no feetech sdk", "cable pulled"])
+@pytest.mark.parametrize("case", ["wrong port", "type typo", "key typo", "no feetech sdk", "cable pulled",
+                                  "uncalibrated without a terminal"])
 def test_what_goes_wrong_on_the_bench_is_one_clear_line(env, checkpoint, tmp_path, case):
     """Each mistake or fault is exit status 2 and one line saying what to fix, never a traceback."""
     arm = FakeArm(START)
-    arm.calibrate(CALIBRATION)
+    if case != "uncalibrated without a terminal":  # else LeRobot asks on stdin whether to write the file
+        arm.calibrate(CALIBRATION)
     with arm.serve() as port:
         robot = {"wrong port": {"port": str(tmp_path / "ttyACM9")}, "type typo": {"type": "so101_folower"},
                  "key typo": {"prot": port.path}}.get(case, {})
@@ -200,14 +238,15 @@ def test_what_goes_wrong_on_the_bench_is_one_clear_line(env, checkpoint, tmp_pat
 
             threading.Thread(target=pull, daemon=True).start()
         r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+                           stdin=subprocess.DEVNULL, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("robodit run: error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     expect = {"wrong port": ["did not connect", "ttyACM9"],
               "type typo": ["'so101_folower'", "did you mean 'so101_follower'"],
               "key typo": ["'prot'", "did you mean 'port'"],
               "no feetech sdk": ["'scservo_sdk'", "pip install feetech-servo-sdk"],
-              "cable pulled": ["stopped", "Present_Position"]}[case]
+              "cable pulled": ["stopped", "Present_Position"],
+              "uncalibrated without a terminal": ["calibration", "lerobot-calibrate"]}[case]
     assert all(e in errors[0] for e in expect), errors[0]
     if case == "cable pulled":  # the e-stop could not reach the arm; robodit still exits (no hang, no retry loop)
         assert len(arm.goal_writes()) <= 11

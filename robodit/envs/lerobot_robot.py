@@ -220,9 +220,11 @@ def make_lerobot_robot(type: str, **kwargs):  # noqa: A002 - LeRobot's own key n
         raise _missing(exc, type) from None
 
 
-# import name -> what pip installs it (the SO-100/101 stack: `lerobot[feetech]`'s robot-side dependencies)
-PIP_NAMES = {"lerobot": "lerobot==0.4.4", "draccus": "draccus==0.10.0", "deepdiff": "deepdiff",
-             "serial": "pyserial", "scservo_sdk": "feetech-servo-sdk", "dynamixel_sdk": "dynamixel-sdk",
+# import name -> what pip installs it: LeRobot 0.4.4's SO-100/101 stack (`lerobot[feetech]` less its torch pin)
+PIP_NAMES = {"lerobot": "--no-deps lerobot==0.4.4 (its own deps pin torch<2.11) and draccus==0.10.0 deepdiff "
+                        "pyserial feetech-servo-sdk",
+             "draccus": "draccus==0.10.0", "deepdiff": "deepdiff", "serial": "pyserial",
+             "scservo_sdk": "feetech-servo-sdk", "dynamixel_sdk": "dynamixel-sdk",
              "torchvision": "torchvision (the build matching your torch)"}
 
 
@@ -236,5 +238,5 @@ def _missing_text(exc: ImportError) -> str:
 def _missing(exc: ImportError, robot_type: str | None = None) -> ImportError:
     """An ImportError naming the missing module and the pip package that provides it."""
     what = f"robot type {robot_type!r}" if robot_type else "robot.lerobot"
-    return ImportError(f"{what} {_missing_text(exc)} (LeRobot's robot stack: `make install`, or pip install "
-                       "'lerobot[feetech]' where its torch pin fits); or drive the arm through robot.factory")
+    return ImportError(f"{what} {_missing_text(exc)} (the whole stack: the Makefile's lerobot lines, as "
+                       "`make install` runs them); or drive the arm through robot.factory")
