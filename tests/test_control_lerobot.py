@@ -164,3 +164,25 @@ def test_so101_config_keeps_torque_on_after_an_estop():
 
     cfg = load_robot_config(Path(__file__).resolve().parents[1] / "configs/robot/so101_lerobot.yaml")
     assert cfg["robot"]["torque_off_after_estop"] is False
+
+
+def test_an_uncalibrated_arm_is_refused_before_it_moves():
+    """`calibrate: false` skips LeRobot's calibration check; motors whose calibration differs from the file would
+    then be driven with wrong joint readings and position limits: refused at connect, nothing sent."""
+    from robodit.errors import CLIError
+
+    class Uncalibrated(FakeSO100):
+        is_calibrated = False
+
+    fake = Uncalibrated(camera=False)
+    robot = LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4, calibrate=False)
+    with pytest.raises(CLIError, match="calibrat"):
+        robot.reset()
+    assert fake.connect_calls == [False] and not fake.sent
+    robot.close()
+    assert not fake.connected
+
+
+def test_lerobot_config_without_a_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="robot.lerobot needs type"):
+        LeRobotRobot.from_config({"lerobot": {"port": "/dev/ttyACM0"}})

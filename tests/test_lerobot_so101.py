@@ -211,17 +211,19 @@ def test_a_missing_module_names_the_package_to_install(monkeypatch, capsys, forg
 @needs_so101
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["wrong port", "type typo", "key typo", "no feetech sdk", "cable pulled",
-                                  "uncalibrated without a terminal"])
+                                  "uncalibrated without a terminal", "uncalibrated with calibrate: false"])
 def test_what_goes_wrong_on_the_bench_is_one_clear_line(env, checkpoint, tmp_path, case):
     """Each mistake or fault is exit status 2 and one line saying what to fix, never a traceback."""
     arm = FakeArm(START)
-    if case != "uncalibrated without a terminal":  # else LeRobot asks on stdin whether to write the file
+    if not case.startswith("uncalibrated"):  # else the motors' EEPROM differs from the calibration file
         arm.calibrate(CALIBRATION)
     with arm.serve() as port:
         robot = {"wrong port": {"port": str(tmp_path / "ttyACM9")}, "type typo": {"type": "so101_folower"},
                  "key typo": {"prot": port.path}}.get(case, {})
         cfg = yaml.safe_load(so101_config(tmp_path, port.path).read_text())
         cfg["robot"]["lerobot"].update(robot)
+        if case == "uncalibrated with calibrate: false":
+            cfg["robot"]["calibrate"] = False
         (tmp_path / "so101.yaml").write_text(yaml.safe_dump(cfg))
         argv = ["run", "--policy", str(checkpoint), "--robot", str(tmp_path / "so101.yaml"), "--threads", "1",
                 "--steps", "60", "--strategy", "receding"]
@@ -246,7 +248,10 @@ def test_what_goes_wrong_on_the_bench_is_one_clear_line(env, checkpoint, tmp_pat
               "key typo": ["'prot'", "did you mean 'port'"],
               "no feetech sdk": ["'scservo_sdk'", "pip install feetech-servo-sdk"],
               "cable pulled": ["stopped", "Present_Position"],
-              "uncalibrated without a terminal": ["calibration", "lerobot-calibrate"]}[case]
+              "uncalibrated without a terminal": ["calibration", "lerobot-calibrate"],
+              "uncalibrated with calibrate: false": ["calibration differs", "robot.calibrate: true"]}[case]
     assert all(e in errors[0] for e in expect), errors[0]
     if case == "cable pulled":  # the e-stop could not reach the arm; robodit still exits (no hang, no retry loop)
         assert len(arm.goal_writes()) <= 11
+    else:
+        assert not arm.goal_writes()  # refused before the arm was commanded

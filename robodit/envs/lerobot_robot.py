@@ -13,6 +13,11 @@ infinite bounds. `stop()` (what an e-stop calls) commands the present measured p
 arm stays where it is instead of finishing its last target. LeRobot robots turn torque off when they disconnect
 (`disable_torque_on_disconnect`, default true), which would drop an arm the e-stop just held in place; so after
 an e-stop `close()` keeps torque on unless the config sets `torque_off_after_estop: true`.
+
+Connecting runs LeRobot's own `connect()`: its motor handshake, and its calibration check, which asks on stdin
+whether to write the calibration file to motors that differ. A wrong port, a missing motor, no terminal for that
+question, or motors left uncalibrated (`calibrate: false`) are one-line errors before the arm moves
+(tests/test_lerobot_so101.py drives LeRobot's SO-101 class over a fake serial port).
 """
 
 from __future__ import annotations
@@ -79,7 +84,11 @@ class LeRobotRobot(ControlInterface):
             module, _, attr = str(cfg["factory"]).partition(":")
             robot = getattr(importlib.import_module(module), attr)(**(cfg.get("kwargs") or {}))
         elif "lerobot" in cfg:
-            robot = make_lerobot_robot(**cfg["lerobot"])
+            lr = dict(cfg["lerobot"] or {})
+            if "type" not in lr:
+                raise ValueError("robot.lerobot needs type: LeRobot's robot type, e.g. so101_follower")
+            robot = make_lerobot_robot(**lr)
+            cfg.setdefault("name", lr["type"])  # the name LeRobot's registry (and robodit's action space) use
         else:
             raise ValueError("robot.type lerobot needs robot.factory ('module:callable') or robot.lerobot "
                              "({type: so101_follower, port: ..., ...})")
@@ -119,6 +128,11 @@ class LeRobotRobot(ControlInterface):
                            "(ENTER writes the file to the motors), or calibrate with lerobot-calibrate") from None
         except (ConnectionError, OSError, RuntimeError) as exc:  # wrong port, unplugged, a motor missing
             raise CLIError(f"{self.spec.robot} did not connect: {' '.join(str(exc).split())}") from exc
+        if not getattr(self.robot, "is_calibrated", True):  # `calibrate: false` skipped LeRobot's check
+            raise CLIError(f"{self.spec.robot}: the motors' calibration differs from LeRobot's calibration file "
+                           "(robot.calibrate is false, so nothing was written): its joint readings and the servos' "
+                           "position limits would not be the ones the policy and safety bounds assume. Set "
+                           "robot.calibrate: true (LeRobot asks whether to write the file), or run lerobot-calibrate")
 
     def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
         """Connect if needed and read the present observation (a person resets a real scene)."""
