@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _control_fakes import tiny_dit
+from _control_fakes import ConstantPolicy, tiny_dit
 from _feetech_fake import MOTORS, FakeArm
 
 from robodit.training.checkpoint import export_state, save_checkpoint
@@ -75,14 +75,13 @@ def checkpoint(tmp_path_factory):
                            ema_state=None, normalizer_state=stats, config=cfg)
 
 
-def so101_config(tmp_path, port: str, **robot) -> Path:
+def so101_config(tmp_path, port: str) -> Path:
     """configs/robot/so101_lerobot.yaml as shipped (safety settings and all), with the fake arm's port."""
     cfg = yaml.safe_load((ROOT / "configs/robot/so101_lerobot.yaml").read_text())
     cal_dir = tmp_path / "calibration"
     cal_dir.mkdir(exist_ok=True)
     (cal_dir / f"{cfg['robot']['lerobot']['id']}.json").write_text(json.dumps(CALIBRATION))
     cfg["robot"]["lerobot"].update(port=port, calibration_dir=str(cal_dir))
-    cfg["robot"].update(robot)
     path = tmp_path / "so101.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -100,7 +99,9 @@ def readings(goal: dict[int, int]) -> np.ndarray:
     return np.array([reading(m, goal[i + 1]) for i, m in enumerate(MOTORS)])
 
 
-TICK = np.array([360 / 4095] * 5 + [100 / 2660])  # one encoder tick in LeRobot's units (LeRobot truncates)
+# one encoder tick in LeRobot's units (its float-to-ticks conversion truncates)
+GRIPPER_TICKS = CALIBRATION["gripper"]["range_max"] - CALIBRATION["gripper"]["range_min"]
+TICK = np.array([360 / 4095] * 5 + [100 / GRIPPER_TICKS])
 
 
 def close(a, b) -> bool:
@@ -193,8 +194,6 @@ def forget_lerobot():
 def test_a_missing_module_names_the_package_to_install(monkeypatch, capsys, forget_lerobot, hidden, package):
     """`robodit run` on the SO-101 config where part of LeRobot's stack is missing (hidden here): one line
     naming the module and the pip package that provides it. (scservo_sdk: the slow test below.)"""
-    from _control_fakes import ConstantPolicy
-
     from robodit.cli import main
     from robodit.training import checkpoint as ckpt_io
 
