@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: `python eval.py checkpoint=runs/x [suite=mt10] episodes=50 out_dir=runs/x/eval`.
 
 Thin Hydra entry point; the logic lives in robodit.evaluation.evaluate (heavy imports stay inside `main`, so
-config errors and --help come back at once). `checkpoint=expert` evaluates the scripted experts.
+config errors and --help come back at once). `checkpoint=expert` evaluates the scripted experts;
+`checkpoint=ws://HOST:PORT` a policy served by `robodit serve` (token from $ROBODIT_TOKEN).
 """
 
 import sys

@@ -52,15 +52,30 @@ def obs(b=1):
     return {"state": np.random.default_rng(0).normal(size=(b, 2, 5)).astype(np.float32)}
 
 
-def test_remote_matches_local_and_is_seeded(server):
+def test_remote_draws_the_noise_a_local_policy_would(server):
+    """A generator travels as its state and comes back advanced, so the served policy samples exactly what the
+    local one does from the same generators: one for the batch, or one per row as evaluation passes them (a
+    list used to reach torch.randint: TypeError)."""
+    local = server.policy.inner
     with RemotePolicy(server.url, TOKEN) as remote:
         assert remote.obs_shapes == {"state": ((5,), "float32")} and remote.action_horizon == 8
-        a = remote.predict_action(obs(2), generator=torch.Generator().manual_seed(3))
+        g_remote, g_local = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        a = remote.predict_action(obs(2), generator=g_remote)
+        assert a.shape == (2, 8, 3) and torch.equal(a, local.predict_action(obs(2), generator=g_local))
+        assert torch.equal(g_remote.get_state(), g_local.get_state())  # advanced exactly as a local call does
+        rows_remote = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+        rows_local = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+        for _ in range(2):  # the second call continues each row's generator where the first left it
+            assert torch.equal(remote.predict_action(obs(3), generator=rows_remote),
+                               local.predict_action(obs(3), generator=rows_local))
+        assert all(torch.equal(r.get_state(), l.get_state()) for r, l in zip(rows_remote, rows_local))
+        with pytest.raises(RemotePolicyError, match="2 generator states for a batch of 3"):
+            remote.predict_action(obs(3), generator=rows_remote[:2])
+        remote.meta["generator_state"] = False  # an older server: one seed per batch only
+        with pytest.raises(RemotePolicyError, match="not a generator per row"):
+            remote.predict_action(obs(3), generator=rows_remote)
         b = remote.predict_action(obs(2), generator=torch.Generator().manual_seed(3))
-        assert a.shape == (2, 8, 3) and torch.equal(a, b)
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(3)).item())
-        local = server.policy.inner.predict_action(obs(2), generator=torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(a, local)
+        assert torch.equal(b, remote.predict_action(obs(2), generator=torch.Generator().manual_seed(3)))
         assert remote.ping() < 1.0
 
 
@@ -86,6 +101,15 @@ def test_wrong_token_is_refused_before_any_work(server):
     (pack({"type": "infer", "obs": {"state": {"__ndarray__": 1, "dtype": "float32", "shape": [1, 2, 5],
                                               "data": b"1234"}}}), "bad_shape", "needs 40 bytes"),
     (pack({"type": "launch"}), "bad_request", "unknown request type"),
+    (pack({"type": "infer", "obs": obs(2), "generator": [{"device": "cpu", "state": np.zeros(5056, np.uint8)}]}),
+     "bad_request", "1 generator states for a batch of 2"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "cpu", "state": np.zeros(8, np.float32)}}),
+     "bad_request", "1-d uint8 array"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "cpu", "state": np.zeros(10, np.uint8)}}),
+     "bad_request", "not a valid cpu generator state"),
+    (pack({"type": "infer", "obs": obs(), "generator": {"device": "mps", "state": np.zeros(16, np.uint8)}}),
+     "bad_request", "cannot be rebuilt on this server"),
+    (pack({"type": "goal", "task": 3}), "bad_request", "'task' (text)"),
 ])
 def test_bad_requests_get_a_named_error_and_the_connection_stays_usable(server, payload, code, words):
     calls = server.policy.calls
@@ -232,3 +256,28 @@ def test_goals_by_task_name_and_instruction_travel_as_text():
             remote.predict_action(obs(1), goal={"task_id": np.array([0]), "instruction": "reach the goal"})
         with pytest.raises(RemotePolicyError, match="goal 'lang_emb' must be an array"):
             remote.predict_action(obs(1), goal={"lang_emb": "not numbers"})
+
+
+def test_evaluation_reads_the_checkpoint_and_task_goals_from_the_server():
+    """What evaluation needs of a checkpoint (store record, task count, sampler) comes with the meta, and a task's
+    goal is the served policy's own `goal_for_task` (e.g. an instruction embedding computed where the encoder is)."""
+    policy = tiny_dit(num_tasks=2)
+    policy.checkpoint_dir, policy.task_names = "/runs/x/step_1", ["reach-v3", "push-v3"]
+    policy.checkpoint_config = {"store": {"env": {"name": "metaworld/reach-v3", "tasks": ["reach-v3", "push-v3"]}}}
+
+    def goal_for_task(task, instruction=None, goal_image=None):
+        if task not in policy.task_names:
+            raise ValueError(f"unknown task {task!r}")
+        return {"lang_emb": torch.full((4,), float(len(instruction or "")))}
+
+    policy.goal_for_task = goal_for_task
+    with PolicyServer(policy, TOKEN) as srv, RemotePolicy(srv.url, TOKEN) as remote:
+        assert remote.checkpoint_config["store"]["env"]["tasks"] == ["reach-v3", "push-v3"]
+        assert remote.num_tasks == 2 and remote.task_names == ["reach-v3", "push-v3"]
+        assert remote.meta["checkpoint"] == "/runs/x/step_1" and remote.num_inference_steps == 2
+        goal = remote.goal_for_task("push-v3", instruction="push it")
+        assert list(goal) == ["lang_emb"] and np.array_equal(goal["lang_emb"], np.full(4, 7.0, np.float32))
+        with pytest.raises(RemotePolicyError, match="policy_error.*unknown task 'pick-v3'"):
+            remote.goal_for_task("pick-v3")
+        with pytest.raises(RemotePolicyError, match="goal images cannot be sent"):
+            remote.goal_for_task("push-v3", goal_image="goal.png")

@@ -1,6 +1,11 @@
 """Parallel rollouts: fixed seeds reproduce exactly for any worker count, and a worker crash changes nothing."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -82,6 +87,45 @@ def test_episode_that_always_kills_its_worker_is_an_error_not_a_failure(reach_ch
     assert engine.crashes[0]["action"].startswith("gave up")
 
 
+def test_a_worker_that_hangs_while_replaying_is_replaced_again(reach_checkpoint, tmp_path):
+    """Recovery is re-entrant: episode 1 kills its worker at step 9; the replacement then hangs while replaying
+    episode 0 (its 2nd start, step 5 of the 12 it replays). That timeout was not caught and aborted the whole
+    evaluation; now the replacement is replaced too, and the results still equal the clean run's."""
+    kw = dict(episodes=4, max_steps=24, num_envs=2, pipeline_groups=1, workers=1, videos=0, progress=False,
+              timeout_s=8.0)
+    clean = evaluate(reach_checkpoint, out_dir=tmp_path / "clean", **kw)
+    crashed = evaluate(reach_checkpoint, out_dir=tmp_path / "crash", inject_crash={1: 9, 0: [None, ("hang", 5)]},
+                       **kw)
+    first, second = crashed["run"]["crashes"]
+    assert first["job"] == 1 and first["exitcode"] == 17 and first["during"] == "run"
+    assert first["action"] == "the replacement failed too, replaying episode 0: replaced again"
+    assert second["job"] == 0 and "no reply for 8 s" in second["reason"] and second["during"] == "replay"
+    assert second["attempt"] == 1 and second["action"].startswith("re-ran from seed, replayed 12 actions exactly")
+    assert crashed["run"]["errors"] == []
+    t_clean, t_crash = clean["tasks"]["reach-v3"], crashed["tasks"]["reach-v3"]
+    assert t_crash["episodes"] == 4 and t_crash["fingerprint"] == t_clean["fingerprint"]
+
+
+def test_an_episode_that_crashes_every_replay_is_errored_and_the_run_goes_on(reach_checkpoint, tmp_path):
+    """Episode 0 kills its worker at step 9, then again at step 2 of every replay: after max_attempts (3) it is
+    reported as errored; episode 1 (same worker, replayed each time) and the others finish as in a clean run."""
+    kw = dict(episodes=4, max_steps=24, num_envs=2, pipeline_groups=1, workers=1, videos=0, progress=False)
+    clean = evaluate(reach_checkpoint, out_dir=tmp_path / "clean", **kw)
+    crashed = evaluate(reach_checkpoint, out_dir=tmp_path / "crash", inject_crash={0: [9, 2, 2, 2, 2]}, **kw)
+    crashes = crashed["run"]["crashes"]
+    assert [c["job"] for c in crashes] == [0, 0, 0] and [c["attempt"] for c in crashes] == [1, 2, 3]
+    assert [c["during"] for c in crashes] == ["run", "replay", "replay"]
+    assert crashes[-1]["action"].startswith("gave up")
+    (error,) = crashed["run"]["errors"]
+    assert error["job"] == 0 and "3 times" in error["error"]
+    t_clean, t_crash = clean["tasks"]["reach-v3"], crashed["tasks"]["reach-v3"]
+    assert t_crash["episodes"] == 3 and t_crash["errors"] == 1
+    assert t_crash["seeds"] == t_clean["seeds"][1:]
+    assert t_crash["success_per_episode"] == t_clean["success_per_episode"][1:]
+    saved = json.loads((tmp_path / "crash" / "results.json").read_text())
+    assert saved["run"]["errors"][0]["job"] == 0
+
+
 def test_env_names_the_task_run_and_overlap_with_training_is_flagged(reach_checkpoint, tmp_path):
     """env=SIM/TASK overrides the store's tasks (it was silently ignored); evaluating on the demos' own seed
     (0) or on a task the checkpoint never saw is recorded and said, not hidden."""
@@ -121,3 +165,41 @@ def test_a_lone_row_is_padded_so_it_takes_the_batched_path(reach_checkpoint, mon
     assert sizes and min(sizes) == 2
     batched, _ = run_suite(suite, policy, num_envs=2, pipeline_groups=1, **kw)
     assert [r.digest for r in alone] == [r.digest for r in batched]
+
+
+def test_eval_through_a_policy_server_gives_the_local_episodes(reach_checkpoint, tmp_path, monkeypatch):
+    """`eval.py checkpoint=ws://...` evaluates a policy served by `robodit serve`: the tasks come from the server's
+    meta (the checkpoint's store record), each episode's noise generator travels with its request, and every
+    episode (success, steps, every action) equals the local evaluation of the same checkpoint."""
+    root = Path(__file__).resolve().parents[1]
+    token = "eval-test-token-0123456789"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ROBODIT_TOKEN=token)
+    server = subprocess.Popen([sys.executable, "-m", "robodit.cli", "serve", str(reach_checkpoint), "--port", "0",
+                               "--threads", "1", "--max-batch", "2", "--max-seconds", "300"], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert "serving" in line, line + server.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        knobs = dict(episodes=3, max_steps=20, num_envs=2, pipeline_groups=1, workers=0, seed=100_000)
+        remote = subprocess.run([sys.executable, "eval.py", f"checkpoint={url}", f"out_dir={tmp_path / 'remote'}",
+                                 "videos=0", "progress=false", *(f"{k}={v}" for k, v in knobs.items())],
+                                cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        monkeypatch.delenv("ROBODIT_TOKEN", raising=False)
+        with pytest.raises(ValueError, match=r"put its token in \$ROBODIT_TOKEN"):
+            evaluate(url, out_dir=tmp_path / "x", episodes=1)
+        monkeypatch.setenv("ROBODIT_TOKEN", token)
+        with pytest.raises(ValueError, match="batches of 3 observations.*at most 2"):
+            evaluate(url, out_dir=tmp_path / "x", episodes=1, num_envs=6, pipeline_groups=2)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    local = evaluate(reach_checkpoint, out_dir=tmp_path / "local", videos=0, progress=False, **knobs)
+    served = json.loads((tmp_path / "remote" / "results.json").read_text())
+    assert served["server"]["checkpoint"] == str(reach_checkpoint) and served["checkpoint"] == url
+    assert list(served["tasks"]) == list(local["tasks"]) == ["reach-v3"]  # from the store record, via the meta
+    mine, theirs = served["tasks"]["reach-v3"], local["tasks"]["reach-v3"]
+    for key in ("seeds", "success_per_episode", "mean_steps", "fingerprint"):
+        assert mine[key] == theirs[key], key
+    assert served["run"]["env_steps"] == local["run"]["env_steps"]

@@ -6,18 +6,11 @@ server that has stopped answering), so a timeout costs the configured time, not 
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import hashlib
-import hmac
-import ipaddress
 import itertools
 import json
-import logging
 import os
 import threading
 import time
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -41,9 +34,11 @@ class RemotePolicy:
     """`predict_action(obs, goal=None, generator=None) -> Tensor [B, Tp, A]`, computed by a PolicyServer.
 
     Mirrors a local policy's attributes (obs_shapes, obs_horizon, action_horizon, n_action_steps, action_dim,
-    device) from the server's meta, so the runner and evaluation use either. A `generator` is turned into a
-    seed for the server, so remote rollouts are as reproducible as local ones. Not for concurrent callers:
-    one request is in flight at a time (a lock enforces it).
+    device, and for evaluation the checkpoint's store record, task count and sampler) from the server's meta, so
+    the runner and evaluation use either. `generator` (one, or a list with one per row as evaluation passes it)
+    travels as its whole state and comes back advanced: a served policy draws the very noise a local one would,
+    so evaluating through a server gives the same episodes. Not for concurrent callers: one request is in
+    flight at a time (a lock enforces it).
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
@@ -63,6 +58,13 @@ class RemotePolicy:
         self.obs_shapes = {k: (tuple(s), d) for k, (s, d) in meta["obs_shapes"].items()}
         self.obs_horizon, self.action_horizon = meta["obs_horizon"], meta["action_horizon"]
         self.n_action_steps, self.action_dim = meta["n_action_steps"], meta["action_dim"]
+        # what evaluation reads of a loaded checkpoint (robodit/evaluation/evaluate.py)
+        self.checkpoint_dir = self.url
+        self.checkpoint_config = {"store": meta.get("store") or {}}
+        self.num_tasks, self.task_names = int(meta.get("num_tasks", 1)), list(meta.get("task_names") or [])
+        self.sampler, self.num_inference_steps = meta.get("sampler"), meta.get("num_inference_steps")
+        if meta.get("goal_modality") is not None:
+            self.goal_modality = meta["goal_modality"]
 
     def _connect(self):
         from websockets.exceptions import InvalidStatus
@@ -119,10 +121,35 @@ class RemotePolicy:
             arrays[key] = x[None] if x.ndim == len(shape) + 1 else x
         if goal is not None:
             goal = {k: _goal_value(v) for k, v in goal.items()}
-        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
-        reply = self._request({"type": "infer", "obs": arrays, "goal": goal, "seed": seed})
+        msg = {"type": "infer", "obs": arrays, "goal": goal}
+        per_row = isinstance(generator, (list, tuple))
+        gens = list(generator) if per_row else [] if generator is None else [generator]
+        if gens and self.meta.get("generator_state"):
+            states = [{"device": g.device.type, "state": g.get_state().numpy()} for g in gens]
+            msg["generator"] = states if per_row else states[0]
+        elif per_row:
+            raise RemotePolicyError(f"{self.url} takes one seed per batch, not a generator per row (an older "
+                                    "robodit serve): update the server to evaluate through it")
+        elif gens:  # an older server: one seed for the batch, reproducible run to run but not equal to local
+            msg["seed"] = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+        reply = self._request(msg)
+        if "generator" in msg:  # continue from where the server's sampling left each generator
+            back = reply.get("generator")
+            back = back if per_row else [back]
+            if not isinstance(back, list) or len(back) != len(gens):
+                raise RemotePolicyError(f"{self.url} did not return the {len(gens)} generator state(s) it was sent")
+            for g, state in zip(gens, back):
+                g.set_state(torch.from_numpy(state["state"]))
         self.last_infer_ms = float(reply.get("infer_ms", float("nan")))  # server-side model time
         return torch.from_numpy(reply["action"])
+
+    def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
+        """Evaluation's goal for `task`, computed by the served policy (e.g. its instruction embedding); {} when it
+        needs none beyond a task id. Goal images are files on this machine: not supported through a server."""
+        if goal_image is not None:
+            raise RemotePolicyError("goal images cannot be sent to a served policy; evaluate image goals with the "
+                                    "checkpoint itself")
+        return self._request({"type": "goal", "task": task, "instruction": instruction})["goal"]
 
     def ping(self) -> float:
         """Round-trip seconds of a ping (no model work)."""

@@ -2,10 +2,17 @@
 
 Protocol (websocket, binary msgpack frames, arrays as in robodit.deploy.wire):
   → {"type": "infer", "id", "obs": {key: [B, To, ...]}, "goal": {key: array; "instruction" / "task": text} | None,
-     "seed": int | None}
-  ← {"type": "action", "id", "action": float32 [B, Tp, A], "infer_ms"}  or  {"type": "error", "id", "code", "error"}
-  → {"type": "meta"} ← the policy's observation shapes, horizons, limits;  → {"type": "ping"} ← {"type": "pong"}
+     "generator": {"device", "state": uint8 [N]} | [one per row] | None,  "seed": int | None (older clients)}
+  ← {"type": "action", "id", "action": float32 [B, Tp, A], "infer_ms", "generator": the states after sampling}
+     or  {"type": "error", "id", "code", "error"}
+  → {"type": "meta"} ← the policy's observation shapes, horizons, limits, and what evaluation needs to know of the
+     checkpoint (its training-store record, task count, sampler);  → {"type": "ping"} ← {"type": "pong"}
+  → {"type": "goal", "task", "instruction"} ← {"type": "goal", "goal": {key: array}}: the policy's goal_for_task
 Plain `GET /healthz` answers JSON without a token.
+
+Noise: the client sends each generator's whole state and gets it back advanced, so a served policy draws exactly
+the noise a local one would from the same generators, one per row as evaluation passes them (`generator_state`
+in the meta says a server does this; an older one only took one `seed` for the batch).
 
 Why it is shaped this way: the token is checked during the HTTP handshake (`Authorization: Bearer T`, compared
 as SHA-256 digests with `hmac.compare_digest`: constant time, no length leak), so an unauthenticated peer never
@@ -23,7 +30,6 @@ import concurrent.futures
 import hashlib
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -34,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from robodit.deploy.wire import (MIN_TOKEN_LEN, PROTOCOL, TOKEN_ENV, WireError, check_goal,
-                                 check_observation, is_image, is_text, pack, unpack)
+from robodit.deploy.wire import (MAX_GENERATOR_STATE, MAX_TEXT, MIN_TOKEN_LEN, PROTOCOL, TOKEN_ENV, WireError,
+                                 check_generators, check_goal, check_observation, is_image, pack, unpack)
 from robodit.errors import CLIError
 
 log = logging.getLogger("robodit.server")
@@ -60,12 +66,14 @@ class PolicyServer:
         self.obs_shapes = {k: (tuple(s), str(d)) for k, (s, d) in policy.obs_shapes.items()}
         self.obs_horizon = int(policy.obs_horizon)
         per_sample = sum(int(np.prod(s)) * (1 if is_image(s, d) else 8) for s, d in self.obs_shapes.values())
-        self.max_request_bytes = int(max_request_bytes or self.max_batch * self.obs_horizon * per_sample + 256 * 1024)
+        self.max_request_bytes = int(max_request_bytes or self.max_batch * (self.obs_horizon * per_sample
+                                                                            + MAX_GENERATOR_STATE) + 256 * 1024)
         self.meta = {"protocol": PROTOCOL, "policy": getattr(policy, "name", type(policy).__name__),
                      "obs_shapes": {k: [list(s), d] for k, (s, d) in self.obs_shapes.items()},
                      "obs_horizon": self.obs_horizon, "action_horizon": int(policy.action_horizon),
                      "n_action_steps": int(policy.n_action_steps), "action_dim": int(policy.action_dim),
-                     "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes}
+                     "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes,
+                     "generator_state": True, **checkpoint_meta(policy)}
         self.stats = {"clients": 0, "served": 0, "errors": 0, "refused_auth": 0, "refused_busy": 0, "inflight": 0}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="robodit-serve")
         self._stop: asyncio.Event | None = None
@@ -126,19 +134,23 @@ class PolicyServer:
             return {"type": "pong", "id": rid, "time": time.time()}
         if kind == "meta":
             return {"type": "meta", "id": rid, **self.meta}
+        if kind == "goal":
+            return await self._goal_reply(rid, req)
         if kind != "infer":
-            return self._error(rid, "bad_request", f"unknown request type {kind!r}; expected infer | meta | ping")
+            return self._error(rid, "bad_request",
+                               f"unknown request type {kind!r}; expected infer | meta | goal | ping")
         try:
             obs = check_observation(req.get("obs"), self.obs_shapes, self.obs_horizon, self.max_batch)
             goal = check_goal(req.get("goal"))
             seed = req.get("seed")
             if seed is not None and not isinstance(seed, int):
                 raise WireError(f"'seed' must be an int or null, got {type(seed).__name__}", "bad_request")
+            gens = self._generators(check_generators(req.get("generator"), len(next(iter(obs.values())))), seed)
         except WireError as exc:
             return self._error(rid, exc.code, str(exc))
         self.stats["inflight"] += 1
         try:
-            action, spent = await asyncio.get_running_loop().run_in_executor(self.pool, self._infer, obs, goal, seed)
+            action, spent = await asyncio.get_running_loop().run_in_executor(self.pool, self._infer, obs, goal, gens)
         except (ValueError, KeyError, TypeError) as exc:
             return self._error(rid, "policy_error", f"the policy refused the request: {exc}")
         except Exception as exc:  # the server keeps serving whatever the model does
@@ -151,14 +163,61 @@ class PolicyServer:
             return self._error(rid, "nonfinite_action", f"the policy returned {bad} non-finite (NaN/inf) values in "
                                f"its {np.size(action)}-value action chunk; nothing was sent")
         self.stats["served"] += 1
-        return {"type": "action", "id": rid, "action": action, "infer_ms": 1000 * spent}
+        reply = {"type": "action", "id": rid, "action": action, "infer_ms": 1000 * spent}
+        if req.get("generator") is not None:  # the states after sampling: the client continues from them
+            states = [{"device": g.device.type, "state": g.get_state().numpy()}
+                      for g in (gens if isinstance(gens, list) else [gens])]
+            reply["generator"] = states if isinstance(gens, list) else states[0]
+        return reply
 
-    def _infer(self, obs, goal, seed) -> tuple[np.ndarray, float]:
+    async def _goal_reply(self, rid, req: dict) -> dict:
+        """{"type": "goal", "task", "instruction"} -> the policy's `goal_for_task` (what evaluation would compute
+        locally: an instruction's embedding, ...), as arrays; {} for a policy without one."""
+        task, instruction = req.get("task"), req.get("instruction")
+        if not isinstance(task, str) or not (instruction is None or isinstance(instruction, str)) or \
+                len(task) > MAX_TEXT or len(instruction or "") > MAX_TEXT:
+            return self._error(rid, "bad_request", f"a goal request needs 'task' (text) and 'instruction' (text or "
+                               f"null), each at most {MAX_TEXT} characters")
+        fn = getattr(self.policy, "goal_for_task", None)
+        if fn is None:
+            return {"type": "goal", "id": rid, "goal": {}}
+
+        def compute():
+            import torch
+
+            with torch.inference_mode():
+                goal = fn(task, instruction=instruction) or {}
+            return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in goal.items()}
+
+        try:
+            goal = await asyncio.get_running_loop().run_in_executor(self.pool, compute)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._error(rid, "policy_error", f"the policy has no goal for task {task!r}: {exc}")
+        return {"type": "goal", "id": rid, "goal": goal}
+
+    def _generators(self, gen, seed):
+        """torch generators for a request: rebuilt from the states the client sent (else from an older client's
+        one seed, else None). A state from a device this server lacks is refused."""
+        import torch
+
+        if gen is None:
+            return None if seed is None else torch.Generator(device=self.policy.device).manual_seed(int(seed))
+        out = []
+        for g in gen if isinstance(gen, list) else [gen]:
+            if g["device"] not in ("cpu", torch.device(self.policy.device).type):
+                raise WireError(f"a generator on {g['device']!r} cannot be rebuilt on this server (policy on "
+                                f"{self.policy.device}); send CPU generators", "bad_request")
+            try:
+                out.append(torch.Generator(device=g["device"]).set_state(torch.from_numpy(g["state"])))
+            except (RuntimeError, ValueError) as exc:
+                raise WireError(f"not a valid {g['device']} generator state: {exc}", "bad_request") from None
+        return out if isinstance(gen, list) else out[0]
+
+    def _infer(self, obs, goal, gen) -> tuple[np.ndarray, float]:
         import torch
 
         t0 = time.perf_counter()
         device = self.policy.device
-        gen = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         with torch.inference_mode():
             t_obs = {k: torch.from_numpy(v).to(device) for k, v in obs.items()}
             t_goal = None if goal is None else {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
@@ -208,6 +267,20 @@ class PolicyServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def checkpoint_meta(policy) -> dict[str, Any]:
+    """What a client evaluating the served policy needs of its checkpoint: where it came from, its training-store
+    record (simulator, tasks, seeds used: evaluation's defaults), its task count and sampler settings."""
+    cfg = getattr(policy, "checkpoint_config", None) or {}
+    store = json.loads(json.dumps(cfg.get("store") or {}, default=str))  # plain types only (YAML dates, int keys)
+    meta = {"checkpoint": str(getattr(policy, "checkpoint_dir", "") or ""), "store": store,
+            "num_tasks": int(getattr(policy, "num_tasks", 1)),
+            "task_names": list(getattr(policy, "task_names", None) or [])}
+    for key in ("sampler", "num_inference_steps", "goal_modality"):
+        value = getattr(policy, key, None)
+        meta[key] = value if value is None or isinstance(value, (str, int)) else str(value)
+    return meta
 
 
 def serve_command(args) -> None:

@@ -12,8 +12,10 @@ MT10 DiT, so a lone row is padded to two); MuJoCo is deterministic. So an episod
 run to run, for any `workers` count (0 = in-process), `num_envs` or `pipeline_groups`, and whichever other
 tasks share the suite (re-running one task alone reproduces its episodes). A worker crash changes nothing:
 the crashed worker is replaced and each of its episodes is re-run from its seed, replaying the actions
-already taken (checked bit for bit against the observation it had reached), then continued. An episode whose
-own step kills a worker `max_attempts` times is reported as an error, never as a failure.
+already taken (checked bit for bit against the observation it had reached), then continued. Recovery is
+re-entrant: a replacement that dies or hangs while replaying is replaced in turn. An episode that kills a worker
+`max_attempts` times (in its own steps or while being replayed) is reported as an error, never as a failure,
+and the run goes on.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class _Lane:
     calls: int = 0
     seconds: float = 0.0
     noise: torch.Generator | None = None  # this episode's own sampling noise
+    replaying: int | None = None  # token of its replay request while crash recovery restores it
 
 
 def episode_generator(seed: int, job: Job, device) -> torch.Generator:
@@ -83,7 +86,7 @@ class RolloutEngine:
     def __init__(self, env_prefix: str, env_kwargs: dict | None = None, policy=None,
                  goal_fn: Callable[[str], dict | None] | None = None, num_envs: int = 10, workers: int = 2,
                  pipeline_groups: int = 2, seed: int = 0, n_action_steps: int | None = None,
-                 timeout_s: float = 300.0, max_attempts: int = 3, inject_crash: dict[int, int] | None = None,
+                 timeout_s: float = 300.0, max_attempts: int = 3, inject_crash: dict[int, Any] | None = None,
                  on_result: Callable[[JobResult], None] | None = None):
         if num_envs < 1 or workers < 0 or pipeline_groups < 1:
             raise ValueError(f"need num_envs >= 1, workers >= 0, pipeline_groups >= 1; got {num_envs}, {workers}, "
@@ -106,6 +109,8 @@ class RolloutEngine:
         self.results: dict[int, JobResult] = {}
         self.attempts = {j.index: 0 for j in jobs}  # crashes an episode caused itself
         self.reruns = {j.index: 0 for j in jobs}  # times it was re-run after any crash of its worker
+        self.starts = {j.index: 0 for j in jobs}  # start requests sent for it (first run, replays, restarts)
+        self.ever_answered = False  # some env worker has answered: workers can run the envs
         self.queue = deque(jobs)
         self.low = self.high = None
         w = max(1, self.n_workers)
@@ -135,8 +140,16 @@ class RolloutEngine:
     # -- scheduling ---------------------------------------------------------------------------------------------
     def _start_msg(self, lane: _Lane, replay: bool) -> tuple:
         job = lane.job
-        crash_at = self.inject_crash.get(job.index) if self.attempts[job.index] == 0 and not replay else None
-        return ("start", lane.idx, job, list(lane.actions) if replay else [], crash_at)
+        n, self.starts[job.index] = self.starts[job.index], self.starts[job.index] + 1
+        return ("start", lane.idx, job, list(lane.actions) if replay else [], self._fault(job.index, n))
+
+    def _fault(self, index: int, n: int):
+        """Tests: the fault injected into job `index`'s n-th start (0 = its first run, then each re-run).
+        `inject_crash[index]` is a step (its first run dies there: see workers.py) or a list, one per start."""
+        plan = self.inject_crash.get(index)
+        if isinstance(plan, list):
+            return plan[n] if n < len(plan) else None
+        return plan if n == 0 else None
 
     def _send(self, lane: _Lane, msg: tuple) -> None:
         lane.req, lane.token = msg, self.workers[lane.worker].send(msg)
@@ -233,52 +246,75 @@ class RolloutEngine:
 
     # -- crash recovery -----------------------------------------------------------------------------------------
     def _recover(self, crash: WorkerCrash) -> None:
-        """Replace the worker, re-run its lanes' episodes up to where they were, re-send their requests.
+        """Replace the dead worker and bring its lanes back to where they were.
+
+        Re-entrant: the replacement can die or hang too while it replays those episodes. That crash is charged
+        to the episode being replayed, and recovery starts over with a fresh worker. Every round charges one
+        episode, and an episode charged `max_attempts` times is reported as an error, so recovery ends."""
+        while crash is not None:
+            crash = self._replace(crash)
+
+    def _replace(self, crash: WorkerCrash) -> WorkerCrash | None:
+        """One round of recovery; returns the replacement's own crash if it failed while replaying.
 
         The oldest unanswered request was the one executing when it died: its episode is the culprit, whose
-        attempt count decides when to give up. The other episodes on that worker are re-run the same way."""
+        attempt count decides when to give up. Every episode on that worker is re-run from its seed, replaying
+        the actions it had taken; then the requests that were in flight are sent again."""
         old = self.workers[crash.wid]
-        if not old.answered:
+        self.ever_answered = self.ever_answered or old.answered or any(w.answered for w in self.workers)
+        if not self.ever_answered:
             raise RuntimeError(f"{crash} before answering any request: envs cannot run in a worker process "
                                "(try workers=0 to see the error in this process)") from crash
         hosted = [lane for lane in self.lanes if lane.worker == crash.wid and lane.job is not None]
         oldest = next(iter(old.pending), None)
-        culprit = next((lane for lane in hosted if lane.token == oldest), None)
+        culprit = next((lane for lane in hosted if oldest is not None and oldest in (lane.token, lane.replaying)),
+                       None)
+        during = "replay" if culprit is not None and culprit.replaying == oldest else "run"
+        for lane in hosted:  # tokens of the dead worker: its replacement numbers its requests afresh
+            lane.token = lane.replaying = None
         old.kill()
         self.workers[crash.wid] = new = make_worker(crash.wid, True, self.prefix, self.env_kwargs, self.obs_tail)
         event = {"worker": crash.wid, "pid": crash.pid, "exitcode": crash.exitcode, "reason": crash.reason,
-                 "job": None, "rerun_jobs": [], "action": "no episode was running"}
+                 "job": None, "during": None, "rerun_jobs": [], "action": "no episode was running"}
         self.crashes.append(event)
+        if culprit is not None:
+            job = culprit.job
+            self.attempts[job.index] += 1
+            event.update(job=job.index, key=job.key, seed=job.seed, lane=culprit.idx, subtask=culprit.sub,
+                         at_step=len(culprit.actions), attempt=self.attempts[job.index], during=during)
+            if self.attempts[job.index] >= self.max_attempts:
+                event["action"] = "gave up: reported as an error, not a failure"
+                self._finish(culprit, None, error=f"{crash} {self.attempts[job.index]} times")
+                hosted.remove(culprit)
         for lane in hosted:
             job = lane.job
-            if lane is culprit:
-                self.attempts[job.index] += 1
-                event.update(job=job.index, key=job.key, seed=job.seed, lane=lane.idx, subtask=lane.sub,
-                             at_step=len(lane.actions), attempt=self.attempts[job.index])
-                if self.attempts[job.index] >= self.max_attempts:
-                    event["action"] = "gave up: reported as an error, not a failure"
-                    self._finish(lane, None, error=f"{crash} {self.attempts[job.index]} times")
-                    continue
             self.reruns[job.index] += 1
             event["rerun_jobs"].append(job.index)
             how = "re-ran from seed"
-            pending = lane.req
             if lane.started:
-                token = new.send(self._start_msg(lane, replay=True))
-                reply = new.result(token, self.timeout_s)
+                lane.replaying = new.send(self._start_msg(lane, replay=True))
+                try:
+                    reply = new.result(lane.replaying, self.timeout_s)
+                except WorkerCrash as again:
+                    if culprit is not None and culprit.job is not None:  # (not given up)
+                        event["action"] = f"the replacement failed too, replaying episode {job.index}: replaced again"
+                    return again
+                lane.replaying = None
                 if reply[0] == "ok" and _same_obs(reply[1]["obs"][-1], lane.last_obs):
                     how = f"re-ran from seed, replayed {len(lane.actions)} actions exactly"
                 else:  # the simulator did not reproduce: run the episode again from its start instead
                     how = "replay diverged: episode restarted from its seed"
                     lane.started, lane.actions, lane.frames, lane.calls, lane.seconds = False, [], [], 0, 0.0
                     lane.noise = self._episode_noise(job)
-                    pending = self._start_msg(lane, replay=False)
+                    lane.req = self._start_msg(lane, replay=False)
             elif lane.req is not None and lane.req[0] == "start":
-                pending = self._start_msg(lane, replay=False)  # no crash injection on a re-run
+                lane.req = self._start_msg(lane, replay=False)
             if lane is culprit:
                 event["action"] = how
-            if pending is not None:
-                self._send(lane, pending)
+        for lane in hosted:  # the requests that were in flight, in lane order, after every replay succeeded
+            if lane.req is not None:
+                self._send(lane, lane.req)
+        return None
 
 
 def _same_obs(a: dict, b: dict | None) -> bool:

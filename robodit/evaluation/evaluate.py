@@ -1,7 +1,9 @@
 """Evaluate a checkpoint (or the scripted experts) on a suite: results.json, report.md, plot, videos.
 
 With no suite, the checkpoint's training-store record says which simulator, tasks, cameras and episode limit
-to use, so `python eval.py checkpoint=...` needs nothing else (an ad-hoc suite of those tasks). Evaluation
+to use, so `python eval.py checkpoint=...` needs nothing else (an ad-hoc suite of those tasks). A policy served
+by `robodit serve` is evaluated as `checkpoint=ws://HOST:PORT` (token from $ROBODIT_TOKEN): the record comes
+from the server's meta, and the sampling noise travels with each request, so it gives the local episodes. Evaluation
 seeds start far above the collection seeds (held-out initial conditions). The results.json schema is in
 robodit/evaluation/report.py.
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +49,34 @@ def env_kwargs_from_record(record: dict, policy) -> dict[str, Any]:
     return kwargs
 
 
+SERVED = ("ws://", "wss://")
+
+
+def is_served(checkpoint) -> bool:
+    return str(checkpoint).startswith(SERVED)
+
+
 def load_eval_policy(checkpoint, device: str = "cpu", sampler: str | None = None,
                      num_inference_steps: int | None = None):
-    """The policy to evaluate, or None for `checkpoint=expert` (each task's scripted expert)."""
+    """The policy to evaluate, or None for `checkpoint=expert` (each task's scripted expert); a ws:// URL is a
+    policy served by `robodit serve`, reached with the token in $ROBODIT_TOKEN."""
     if str(checkpoint) == EXPERT:
         return None
+    if is_served(checkpoint):
+        from robodit.deploy.client import RemotePolicy
+        from robodit.deploy.wire import TOKEN_ENV
+
+        if sampler or num_inference_steps is not None:
+            raise ValueError(f"checkpoint={checkpoint}: the server samples as it was started; set "
+                             "num_inference_steps with `robodit serve --num-inference-steps N` instead of here")
+        if not os.environ.get(TOKEN_ENV):
+            raise ValueError(f"checkpoint={checkpoint} is a policy server: put its token in ${TOKEN_ENV}")
+        policy = RemotePolicy(str(checkpoint), os.environ[TOKEN_ENV])
+        if not policy.meta.get("generator_state"):
+            policy.close()
+            raise ValueError(f"{checkpoint} runs an older robodit serve, which cannot draw each episode's own "
+                             "noise: update the server to evaluate through it")
+        return policy
     from robodit.training import checkpoint as ckpt_io
 
     policy = ckpt_io.load_policy(checkpoint, device=device)
@@ -257,6 +284,13 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
     if n_action_steps is not None and int(n_action_steps) < 1:
         raise ValueError(f"n_action_steps must be >= 1 (or null for the policy's), got {n_action_steps}")
     policy = load_eval_policy(checkpoint, device, sampler, num_inference_steps)
+    served = is_served(checkpoint)
+    if served:
+        try:
+            _check_server_batch(policy, num_envs, pipeline_groups)
+        except ValueError:
+            policy.close()
+            raise
     if policy is not None and n_action_steps is not None and int(n_action_steps) > policy.action_horizon:
         raise ValueError(f"n_action_steps={n_action_steps} exceeds the {policy.action_horizon} actions a chunk of "
                          f"{policy.name} holds")
@@ -283,8 +317,12 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
     knobs = dict(num_envs=num_envs, workers=workers, pipeline_groups=pipeline_groups, seed=seed,
                  n_action_steps=n_action_steps, timeout_s=timeout_s)
     t0 = time.time()
-    results, engine = run_suite(s, policy, env_kwargs, videos=videos, inject_crash=inject_crash, progress=progress,
-                                **knobs)
+    try:
+        results, engine = run_suite(s, policy, env_kwargs, videos=videos, inject_crash=inject_crash,
+                                    progress=progress, **knobs)
+    finally:
+        if served:
+            policy.close()
     wall = time.time() - t0
     summary: dict[str, Any] = {
         "schema": "robodit.eval/2", "kind": s.kind, "suite": s.to_dict(),
@@ -298,6 +336,9 @@ def evaluate(checkpoint: str | Path, episodes: int | None = None, out_dir: str |
         "n_action_steps": n_action_steps or getattr(policy, "n_action_steps", None), "device": device,
         **overlap,
     }
+    if served:
+        summary["server"] = {"url": str(checkpoint), "checkpoint": policy.meta.get("checkpoint"),
+                             "policy": policy.meta.get("policy")}
     if modality is not None:
         summary["goal"] = {"modality": modality, "instructions": instructions,
                            "per_task": {t.name: t.instruction if modality == "language" else t.goal_image
@@ -369,6 +410,16 @@ def _episodes_per_task(s: Suite) -> int | dict[str, int]:
         return s.chains
     counts = {t.name: t.episodes * len(s.seeds) for t in s.tasks}
     return next(iter(counts.values())) if len(set(counts.values())) == 1 else counts
+
+
+def _check_server_batch(policy, num_envs: int, pipeline_groups: int) -> None:
+    """The engine asks for one group's lanes at once (a lone lane padded to two): the server must take that batch."""
+    groups = max(1, min(int(pipeline_groups), int(num_envs)))
+    rows, limit = max(2, math.ceil(int(num_envs) / groups)), int(policy.meta.get("max_batch") or 0)
+    if limit and rows > limit:
+        raise ValueError(f"num_envs={num_envs} over pipeline_groups={pipeline_groups} sends batches of {rows} "
+                         f"observations; {policy.url} takes at most {limit} (robodit serve --max-batch): lower "
+                         "num_envs or raise pipeline_groups (results do not depend on either)")
 
 
 def _warn_overlap(overlap: dict) -> None:

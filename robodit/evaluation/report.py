@@ -5,7 +5,8 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     schema, kind ("tasks" | "chains"), ci_method ("wilson95")
     suite            the validated suite: name, source, simulator, max_steps, env, tasks [{name, instruction,
                      goal_image, episodes, max_steps}], seeds (tasks) | chains, chain_length, seed, scenes
-    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts
+    checkpoint, policy   checkpoint dir and policy name, or "expert" for the scripted experts; a served policy
+                     (checkpoint=ws://...): its URL, "remote:NAME", and server {url, checkpoint, policy}
     env, episodes_per_task (a number, or {task: count} when tasks differ), seed (first env seed),
     policy_seed (seeds the sampling noise), sampler, num_inference_steps, n_action_steps, device
     training_seeds   evaluation seeds the training demos were collected from (not held out; normally [])
@@ -26,8 +27,9 @@ results.json (schema "robodit.eval/2"); rates are fractions in [0, 1], intervals
     run              num_envs, workers, pipeline_groups, wall_time_s, episodes, env_steps, env_steps_per_s,
                      video_fps (videos play in real time: a frame every 4 control steps), policy_calls,
                      policy_seconds, crashes [{worker, pid, exitcode, reason, job (the episode running when it
-                     died, or null), key, seed, lane, subtask, at_step, attempt, action, rerun_jobs (every
-                     episode of that worker re-run)}], restarted_episodes, errors [{job, key, seed, error}]
+                     died, or null), key, seed, lane, subtask, at_step, attempt, during ("run", or "replay":
+                     the replacement worker failed while restoring it), action, rerun_jobs (every episode of
+                     that worker re-run)}], restarted_episodes, errors [{job, key, seed, error}]
                      (an errored episode is excluded from every rate and listed here, never a failure)
     wall_time_s, videos [paths], plot (path)
 """
@@ -158,7 +160,8 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
                   "| worker | exit code | episode (key, seed) | step | what happened |", "|---|---:|---|---:|---|"]
         for c in run["crashes"]:
             where = f"{c['key']}, {c['seed']}" if c["job"] is not None else "-"
-            lines.append(f"| {c['worker']} | {c['exitcode']} | {where} | {c.get('at_step', '-')} | {c['action']}; "
+            step = f"{c.get('at_step', '-')}" + (" (replaying)" if c.get("during") == "replay" else "")
+            lines.append(f"| {c['worker']} | {c['exitcode']} | {where} | {step} | {c['action']}; "
                          f"re-ran episodes {c['rerun_jobs']} |")
         lines.append("")
     if run["errors"]:

@@ -8,9 +8,11 @@ autoreset; (4) `workers=0` runs the same protocol in-process, which is how the t
 count does not change results.
 
 Protocol (each request gets exactly one reply, in order):
-  ("start", lane, job, replay_actions, crash_at) -> obs after reset and replaying the given actions
+  ("start", lane, job, replay_actions, fault)    -> obs after reset and replaying the given actions
   ("step", lane, actions[n, A] | n_expert)      -> up to n steps; stops early at a subtask switch or the end
 Replies are ("ok", payload) or ("error", lane, traceback text) for exceptions raised by the env code.
+`fault` (tests only, None otherwise) makes the worker fail once the episode reaches a step, while replaying or
+running: an int step or ("die", step) exits like a segfaulting simulator, ("hang", step) stops answering.
 Workers never import torch.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
 from collections import OrderedDict
 from typing import Any
@@ -40,7 +43,7 @@ class WorkerState:
         self.prefix, self.kwargs, self.obs_tail, self.pool_size = env_prefix, dict(env_kwargs), obs_tail, pool_size
         self.pools: dict[int, OrderedDict] = {}
         self.episodes: dict[int, ChainEpisode] = {}
-        self.crash_at: dict[int, int] = {}
+        self.faults: dict[int, tuple[str, int] | None] = {}
 
     def _maker(self, lane: int, job: Job):
         pool = self.pools.setdefault(lane, OrderedDict())
@@ -75,16 +78,17 @@ class WorkerState:
             self.episodes.pop(lane, None)
             return "error", lane, traceback.format_exc(limit=8)
 
-    def _start(self, lane: int, job: Job, replay: list[np.ndarray], crash_at: int | None) -> dict:
+    def _start(self, lane: int, job: Job, replay: list[np.ndarray], fault) -> dict:
         ep = ChainEpisode(job.tasks, job.seed, job.max_steps, self._maker(lane, job), record=False)
+        self.faults[lane] = _parse_fault(fault)
         obs = ep.start()
         for action in replay:  # crash recovery: the same actions give the same states (MuJoCo is deterministic)
             obs, _ = ep.apply(action)
+            self._maybe_fail(lane, ep)
         ep.record = job.record
         if job.record and not replay:
             ep.frames.append(ep.env.render())
         self.episodes[lane] = ep
-        self.crash_at[lane] = crash_at
         spec = ep.env.spec
         return {"obs": [obs], "sub": ep.sub, "event": None, "executed": np.zeros((0, spec.action_dim), np.float32),
                 "action_low": spec.action_low, "action_high": spec.action_high, "frames": self._frames(ep),
@@ -100,8 +104,7 @@ class WorkerState:
             obs, event = ep.apply(action)
             executed.append(np.asarray(action, np.float32))
             tail.append(obs)
-            if self.crash_at.get(lane) is not None and sum(ep.steps) + ep.t >= self.crash_at[lane]:
-                os._exit(17)  # fault injection for tests: die like a segfaulting simulator would
+            self._maybe_fail(lane, ep)
             if event is not None:
                 break
         if event == "done":
@@ -109,6 +112,14 @@ class WorkerState:
         return {"obs": tail[-self.obs_tail:], "sub": ep.sub, "event": event, "executed": np.stack(executed),
                 "successes": list(ep.successes), "steps": list(ep.steps),
                 "satisfied_at_start": list(ep.satisfied_at_start), "frames": self._frames(ep)}
+
+    def _maybe_fail(self, lane: int, ep: ChainEpisode) -> None:
+        """Fault injection for tests: die like a segfaulting simulator, or hang like a stuck one."""
+        fault = self.faults.get(lane)
+        if fault is not None and sum(ep.steps) + ep.t >= fault[1]:
+            if fault[0] == "hang":
+                time.sleep(3600)  # the engine's timeout kills this process long before
+            os._exit(17)
 
     @staticmethod
     def _frames(ep: ChainEpisode) -> list:
@@ -120,6 +131,16 @@ class WorkerState:
             for env in pool.values():
                 env.close()
         self.pools.clear()
+
+
+def _parse_fault(fault) -> tuple[str, int] | None:
+    """None, a step (die there) or (kind, step) with kind "die" | "hang" -> (kind, step)."""
+    if fault is None:
+        return None
+    kind, step = ("die", fault) if isinstance(fault, (int, np.integer)) else fault
+    if kind not in ("die", "hang"):
+        raise ValueError(f"unknown fault {fault!r}: expected a step, ('die', step) or ('hang', step)")
+    return str(kind), int(step)
 
 
 def _worker_main(conn, env_prefix: str, env_kwargs: dict, obs_tail: int) -> None:
