@@ -159,6 +159,7 @@ class LeRobotRobot(ControlInterface):
     def stop(self) -> None:
         """Command the measured positions of every actuator whose action name is also an observation."""
         self.estopped = True
+        _release_buses(self.robot)
         raw = self.robot.get_observation()
         hold = {k: float(raw[k]) for k in self.action_names if k in raw}
         if len(hold) == len(self.action_names):
@@ -172,6 +173,24 @@ class LeRobotRobot(ControlInterface):
             _keep_torque_on(self.robot)
         if getattr(self.robot, "is_connected", True):
             self.robot.disconnect()
+
+
+def _release_buses(robot) -> None:
+    """Free the robot's motor buses for the e-stop's hold. A signal (Ctrl-C, SIGTERM) raised inside a bus
+    transaction leaves the Feetech/Dynamixel SDK's port marked busy (`is_using`), so every later read fails with
+    "Port is in use!" and the hold never reaches the arm; its unread reply may still sit in the input buffer.
+    Mark each port free and drop that input, as LeRobot's own `disconnect()` frees the port before torque-off."""
+    parts = [robot, *getattr(robot, "__dict__", {}).values()]  # a bimanual robot holds one robot per arm
+    for part in parts:
+        for bus in (part, getattr(part, "bus", None)):
+            port = getattr(bus, "port_handler", None)
+            if port is None or not getattr(port, "is_open", False):
+                continue
+            port.is_using = False
+            try:
+                port.ser.reset_input_buffer()
+            except Exception as exc:  # noqa: BLE001 - the hold is still tried
+                log.debug("stop: could not clear %s's input: %s", getattr(bus, "port", "the bus"), exc)
 
 
 def _keep_torque_on(robot) -> None:
