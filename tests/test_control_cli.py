@@ -238,8 +238,10 @@ def test_a_simulators_task_is_the_goal_of_a_policy_that_knows_it():
 
     from robodit.control.loop import run_goal
 
-    multi = SimpleNamespace(task_names=["reach-v3", "push-v3"])
+    multi = SimpleNamespace(task_names=["reach-v3", "push-v3"], takes_task=True)
     args = lambda **kw: SimpleNamespace(**{"task": None, "goal_task": None, "instruction": None, **kw})  # noqa: E731
     assert run_goal(args(task="push-v3"), multi) == {"task": "push-v3"}
-    assert run_goal(args(task="push-v3"), SimpleNamespace(task_names=["push-v3"])) is None  # one task: no id needed
+    assert run_goal(args(task="push-v3"), SimpleNamespace(task_names=["push-v3"], takes_task=False)) is None  # one task
+    # goal-conditioned (MDT) on a multi-task store: it reads instructions or goal images, and refuses task ids
+    assert run_goal(args(task="push-v3"), SimpleNamespace(task_names=["reach-v3", "push-v3"], takes_task=False)) is None
     assert run_goal(args(task="door-open-v3"), multi) is None  # unknown: the policy's own error says which exist

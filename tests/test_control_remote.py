@@ -256,6 +256,10 @@ def test_goals_by_task_name_and_instruction_travel_as_text():
             remote.predict_action(obs(1), goal={"task_id": np.array([0]), "instruction": "reach the goal"})
         with pytest.raises(RemotePolicyError, match="goal 'lang_emb' must be an array"):
             remote.predict_action(obs(1), goal={"lang_emb": "not numbers"})
+        # the client knows what the served policy reads (evaluation gives task ids only to policies that read them)
+        assert remote.goal_keys() == policy.goal_keys() == ["task", "task_id"] and remote.takes_task
+        with pytest.raises(RemotePolicyError, match=r"goal \['colour'\]: DiTPolicy takes \['task', 'task_id'\]"):
+            remote.predict_action(obs(1), goal={"colour": np.zeros(1)})
 
 
 def test_evaluation_reads_the_checkpoint_and_task_goals_from_the_server():

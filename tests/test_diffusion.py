@@ -391,6 +391,16 @@ def test_make_formulation_inputs():
     assert set(FORMULATIONS) == {"ddpm", "edm", "flow"}
 
 
+def test_a_formulation_without_a_schedule_cannot_be_built():
+    """`_schedule` had a `...` body without being abstract: a subclass that forgot it built fine and its
+    schedule() returned None, which the inference caches then keyed on."""
+    ddpm = type(make_formulation(name="ddpm"))
+    forgetful = type("Forgetful", (Formulation,), {k: getattr(ddpm, k) for k in (
+        "sample_level", "add_noise", "model_input", "target", "denoised", "_sample")})
+    with pytest.raises(TypeError, match="_schedule"):
+        forgetful()
+
+
 def test_errors_name_the_allowed_values():
     form = make_formulation(name="edm")
     with pytest.raises(ValueError, match=r"'bogus'.*ddim, euler, heun, dpmsolver\+\+"):

@@ -250,3 +250,17 @@ def test_compare_plot_of_seed_groups_over_different_task_sets(monkeypatch, tmp_p
     _eval_into(monkeypatch, tmp_path / "push", {"push-v3": [True, False]})
     columns = parse_columns([f"g={tmp_path}/g_s*", str(tmp_path / "push")])
     assert plot_comparison(tmp_path / "c.png", columns, compare(columns)).stat().st_size > 0
+
+
+def test_the_simulators_cameras_are_the_policys_image_keys():
+    """Cameras are found by dtype/shape, not by an `image_` prefix: a policy trained on converted real-robot data
+    with a `wrist` camera got no images from the simulator and failed later on a missing key; now the evaluator says
+    why at once. Simulator cameras (`image_<camera>`) still become the env's cameras and image size."""
+    from types import SimpleNamespace
+
+    sim = SimpleNamespace(obs_shapes={"state": ((39,), "float32"), "image_corner2": ((32, 32, 3), "uint8"),
+                                      "image_gripperPOV": ((32, 32, 3), "uint8")})
+    assert ev.env_kwargs_from_record({}, sim) == {"image_size": 32, "cameras": ("corner2", "gripperPOV")}
+    real = SimpleNamespace(obs_shapes={"state": ((39,), "float32"), "wrist": ((32, 32, 3), "uint8")})
+    with pytest.raises(ValueError, match=r"cameras \['wrist'\] are not simulator cameras.*image_<camera>"):
+        ev.env_kwargs_from_record({}, real)

@@ -20,7 +20,7 @@ def _store(path):
                       "action": rng.normal(size=(T, 2)).astype(np.float32),
                       "image_corner2": np.full((T, 16, 16, 3), i, np.uint8)}
             w.append_episode(arrays, task="reach-v3" if i < 2 else "push-v3",
-                             instruction="reach the goal" if i == 1 else None)
+                             instruction="reach the goal" if i == 1 else None, seed=None if i == 2 else 4 + i)
     return path
 
 
@@ -34,6 +34,7 @@ def test_info_text(tmp_path, capsys):
     assert "image_corner2  uint8    (16, 16, 3)" in out and "chunk 1024 frames" in out
     assert "reach-v3  2 episodes, 1 with language, 1 instructions" in out
     assert "compression ratio" in out
+    assert "seeds:      2 episode(s) with their collection seed; 2 seed(s) used, 0 failed attempt(s)" in out
 
 
 def test_info_json(tmp_path, capsys):

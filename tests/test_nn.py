@@ -2,7 +2,7 @@
 
 import torch
 
-from robodit.nn.attention import RMSNorm
+from robodit.nn.attention import AdaLNZeroBlock, RMSNorm
 
 
 def test_rmsnorm_is_the_rms_formula_and_keeps_the_input_dtype():
@@ -42,3 +42,32 @@ def test_moe_dispatch_matches_a_dense_mixture_in_value_and_gradient():
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
         assert g[3].abs().max() == 0 and g[:3].abs().max() > 0
+
+
+def test_a_fresh_adaln_zero_block_is_the_identity():
+    """The docstring promised it, but the cross-attention branch was not gated: a fresh block moved x."""
+    torch.manual_seed(0)
+    block = AdaLNZeroBlock(16, 2)
+    x, context, cond = torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 16)
+    torch.testing.assert_close(block(x, cond, context=context), x, rtol=0, atol=0)
+    with torch.no_grad():  # once trained, every branch contributes
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert (block(x, cond, context=context) - x).abs().max() > 1e-2
+
+
+def test_a_block_saved_before_the_cross_gate_loads_as_it_ran():
+    """Older checkpoints have no `cross_gate`; they load with the gate at one (their ungated cross-attention)
+    and compute what they computed, under strict loading too."""
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(AdaLNZeroBlock(16, 2))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        trained[0].cross_gate.fill_(1.0)
+    old = {k: v for k, v in trained.state_dict().items() if not k.endswith("cross_gate")}
+    loaded = torch.nn.Sequential(AdaLNZeroBlock(16, 2))
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded[0].cross_gate, torch.ones(16))
+    x, context, cond = torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 16)
+    torch.testing.assert_close(loaded[0](x, cond, context=context), trained[0](x, cond, context=context))

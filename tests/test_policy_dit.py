@@ -4,7 +4,7 @@ import torch
 from robodit.datasets.normalizer import Normalizer
 from robodit.policies.dit import DiTPolicy
 
-SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "wrist": {"shape": [16, 16, 3], "dtype": "uint8"}},
           "action": {"shape": [3]}, "num_tasks": 1}
 
 
@@ -20,7 +20,7 @@ def _batch(b=8, to=2, tp=8):
     state = torch.randn(b, to, 5, generator=g)
     w = torch.randn(5, 3, generator=g)
     action = torch.tanh(state[:, -1:] @ w).expand(b, tp, 3).contiguous()
-    return {"obs.state": state, "obs.image_cam": torch.randint(0, 255, (b, to, 3, 16, 16), dtype=torch.uint8, generator=g),
+    return {"obs.state": state, "obs.wrist": torch.randint(0, 255, (b, to, 3, 16, 16), dtype=torch.uint8, generator=g),
             "action": action, "action_is_pad": torch.zeros(b, tp, dtype=torch.bool)}
 
 
@@ -34,7 +34,7 @@ def test_predict_action_shape_units_and_determinism(formulation, sampler):
     b = policy.predict_action(obs, generator=torch.Generator().manual_seed(1))
     assert a.shape == (2, 8, 3) and torch.equal(a, b)
     # HWC images straight from a simulator are accepted too
-    obs_hwc = dict(obs, image_cam=obs["image_cam"].permute(0, 1, 3, 4, 2))
+    obs_hwc = dict(obs, wrist=obs["wrist"].permute(0, 1, 3, 4, 2))
     assert torch.equal(policy.predict_action(obs_hwc, generator=torch.Generator().manual_seed(1)), a)
 
 
@@ -59,7 +59,7 @@ def test_bad_observation_is_named():
     obs = {k[4:]: v[:1] for k, v in _batch().items() if k.startswith("obs.")}
     with pytest.raises(ValueError, match="'state'"):
         policy.predict_action(dict(obs, state=torch.zeros(1, 2, 7)))
-    with pytest.raises(KeyError, match="image_cam"):
+    with pytest.raises(KeyError, match="wrist"):
         policy.predict_action({"state": obs["state"]})
     with pytest.raises(ValueError, match="NaN"):
         policy.predict_action(dict(obs, state=torch.full((1, 2, 5), float("nan"))))

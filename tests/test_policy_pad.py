@@ -12,7 +12,7 @@ from robodit.datasets.store import DemoStore
 from robodit.policies.pad import PADPolicy
 from robodit.training.trainer import train
 
-SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+SHAPES = {"obs": {"state": {"shape": [5], "dtype": "float32"}, "wrist": {"shape": [16, 16, 3], "dtype": "uint8"}},
           "action": {"shape": [3]}, "num_tasks": 2}
 
 
@@ -26,7 +26,7 @@ def _policy(**kw):
 def _batch(b=6, action_free=(), seed=0):
     g = torch.Generator().manual_seed(seed)
     img = lambda *s: torch.randint(0, 256, (b, *s, 3, 16, 16), dtype=torch.uint8, generator=g)
-    batch = {"obs.state": torch.randn(b, 1, 5, generator=g), "obs.image_cam": img(1), "future.image_cam": img(2),
+    batch = {"obs.state": torch.randn(b, 1, 5, generator=g), "obs.wrist": img(1), "future.wrist": img(2),
              "action": torch.rand(b, 4, 3, generator=g) * 2 - 1, "action_is_pad": torch.zeros(b, 4, dtype=torch.bool),
              "task_id": torch.arange(b) % 2}
     for i in action_free:  # what the sampler yields for a has_actions=False episode
@@ -101,7 +101,7 @@ def test_tiny_pad_learns_a_toy():
     policy = _policy()
     batch = _batch(b=16)
     batch["action"] = torch.tanh(batch["obs.state"][:, -1:] @ torch.randn(5, 3)).expand(16, 4, 3).contiguous()
-    batch["future.image_cam"] = batch["obs.image_cam"].expand(16, 2, 3, 16, 16).contiguous()
+    batch["future.wrist"] = batch["obs.wrist"].expand(16, 2, 3, 16, 16).contiguous()
     opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     hist = []
     for _ in range(150):
@@ -116,12 +116,12 @@ def test_tiny_pad_learns_a_toy():
 
 def test_predicted_frames_shape_range_and_determinism():
     policy = _randomise(_policy(image_size=8, patch_size=4)).eval()  # store frames are 16 px: resized to 8
-    obs = {"state": torch.randn(3, 1, 5), "image_cam": torch.randint(0, 256, (3, 1, 16, 16, 3), dtype=torch.uint8)}
+    obs = {"state": torch.randn(3, 1, 5), "wrist": torch.randint(0, 256, (3, 1, 16, 16, 3), dtype=torch.uint8)}
     actions, frames = policy.predict(obs, {"task_id": 1}, generator=torch.Generator().manual_seed(0))
-    assert actions.shape == (3, 4, 3) and set(frames) == {"image_cam"}
-    f = frames["image_cam"]
+    assert actions.shape == (3, 4, 3) and set(frames) == {"wrist"}
+    f = frames["wrist"]
     assert f.shape == (3, 2, 3, 8, 8) and f.min() >= 0 and f.max() <= 1 and f.std() > 0
-    again = policy.predict_frames(obs, {"task_id": 1}, generator=torch.Generator().manual_seed(0))["image_cam"]
+    again = policy.predict_frames(obs, {"task_id": 1}, generator=torch.Generator().manual_seed(0))["wrist"]
     assert torch.equal(f, again)
     assert torch.equal(policy.predict_action(obs, {"task_id": 1}, generator=torch.Generator().manual_seed(0)), actions)
     with pytest.raises(ValueError, match="task_id"):
@@ -131,12 +131,12 @@ def test_predicted_frames_shape_range_and_determinism():
 def _mixed_store(path, size=16):
     """Two tasks with actions + one task as action-free video, frames that encode their own index."""
     rng = np.random.default_rng(0)
-    keys = {"state": ((5,), "float32"), "action": ((3,), "float32"), "image_cam": ((size, size, 3), "uint8")}
+    keys = {"state": ((5,), "float32"), "action": ((3,), "float32"), "wrist": ((size, size, 3), "uint8")}
     with DemoStore.create(path, keys, fps=10.0, robot="toy", env={"name": "toy/none"}) as store:
         for e, (task, acts) in enumerate([("a", True), ("b", True), ("v", False), ("a", True), ("v", False)]):
             n = 12 + e
             img = np.broadcast_to((np.arange(n) * 10 + e)[:, None, None, None], (n, size, size, 3)).astype(np.uint8)
-            arrays = {"state": rng.normal(size=(n, 5)).astype(np.float32), "image_cam": img}
+            arrays = {"state": rng.normal(size=(n, 5)).astype(np.float32), "wrist": img}
             if acts:
                 arrays["action"] = rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)
             store.append_episode(arrays, task=task, has_actions=acts)
@@ -150,29 +150,32 @@ def test_sampler_future_frames(tmp_path):
     ds = WindowDataset(store, WindowConfig(obs_horizon=1, action_horizon=4, future_frames=2, future_stride=3),
                        train=False)
     s = ds[10]  # episode 0 (12 frames), t = 10: futures t+3, t+6 clip to the last frame (11)
-    assert s["future.image_cam"].shape == (2, 3, 16, 16) and s["future.image_cam"].dtype == torch.uint8
-    assert s["future.image_cam"][:, 0, 0, 0].tolist() == [110, 110] and s["obs.image_cam"][0, 0, 0, 0] == 100
-    assert ds[2]["future.image_cam"][:, 0, 0, 0].tolist() == [50, 80]
+    assert s["future.wrist"].shape == (2, 3, 16, 16) and s["future.wrist"].dtype == torch.uint8
+    assert s["future.wrist"][:, 0, 0, 0].tolist() == [110, 110] and s["obs.wrist"][0, 0, 0, 0] == 100
+    assert ds[2]["future.wrist"][:, 0, 0, 0].tolist() == [50, 80]
     video = ds[12 + 13 + 1]  # episode 2: action-free
-    assert video["action_is_pad"].all() and video["future.image_cam"][:, 0, 0, 0].tolist() == [42, 72]
+    assert video["action_is_pad"].all() and video["future.wrist"][:, 0, 0, 0].tolist() == [42, 72]
+
+
+def _train_cfg(store, out, steps=3, action_loss_start_step=1, action_fraction=None, **train_kw):
+    base = OmegaConf.load("configs/train.yaml")
+    policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/pad.yaml")), size="tiny",
+                      action_horizon=4, n_action_steps=2, future_frames=2, future_stride=3, image_size=16,
+                      patch_size=4, num_inference_steps=2, action_loss_start_step=action_loss_start_step)
+    return OmegaConf.create({
+        "out_dir": str(out), "policy": policy_cfg,
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store),
+                        action_fraction=action_fraction),
+        "logger": {"kind": "none"},
+        "train": dict(OmegaConf.to_container(base.train), steps=steps, batch_size=8, checkpoint_every=steps,
+                      log_every=1, val_every=0, warmup_steps=1, progress=False, device="cpu", **train_kw),
+    })
 
 
 @pytest.mark.parametrize("action_fraction", [None, 0.5])
 def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path, action_fraction):
     store = _mixed_store(tmp_path / "mixed.zarr")
-    base = OmegaConf.load("configs/train.yaml")
-    policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/pad.yaml")), size="tiny",
-                      action_horizon=4, n_action_steps=2, future_frames=2, future_stride=3, image_size=16,
-                      patch_size=4, num_inference_steps=2, action_loss_start_step=1)
-    cfg = OmegaConf.create({
-        "out_dir": str(tmp_path / "run"), "policy": policy_cfg,
-        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(store),
-                        action_fraction=action_fraction),
-        "logger": {"kind": "none"},
-        "train": dict(OmegaConf.to_container(base.train), steps=3, batch_size=8, checkpoint_every=3, log_every=1,
-                      val_every=0, warmup_steps=1, progress=False, device="cpu"),
-    })
-    last = train(cfg)
+    last = train(_train_cfg(store, tmp_path / "run", action_fraction=action_fraction))
     assert last is not None and last.name == "step_00000003"
     if action_fraction:  # every logged batch had exactly half its windows with actions
         import json
@@ -182,9 +185,9 @@ def test_mixed_store_trains_through_the_trainer_and_reloads(tmp_path, action_fra
         assert logged and all(f == 0.5 for f in logged)
     policy = robodit.load_policy(tmp_path / "run")
     assert isinstance(policy, PADPolicy) and policy.num_tasks == 3 and int(policy.train_steps) == 3
-    obs = {"state": np.zeros((1, 5), np.float32), "image_cam": np.zeros((1, 16, 16, 3), np.uint8)}
+    obs = {"state": np.zeros((1, 5), np.float32), "wrist": np.zeros((1, 16, 16, 3), np.uint8)}
     actions = policy.predict_action(obs, {"task_id": 0})
-    frames = policy.predict_frames(obs, {"task_id": 2})["image_cam"]
+    frames = policy.predict_frames(obs, {"task_id": 2})["wrist"]
     assert actions.shape == (1, 4, 3) and torch.isfinite(actions).all()
     assert frames.shape == (1, 2, 3, 16, 16) and 0 <= frames.min() and frames.max() <= 1
 
@@ -244,7 +247,7 @@ def test_eval_writes_a_grid_of_predicted_vs_real_frames(tmp_path, capsys):
 
 def test_inference_cache_matches_uncached_and_is_dropped_when_weights_change():
     policy = _randomise(_policy(num_inference_steps=4)).eval()
-    obs = {"state": torch.randn(3, 1, 5), "image_cam": torch.randint(0, 256, (3, 1, 16, 16, 3), dtype=torch.uint8)}
+    obs = {"state": torch.randn(3, 1, 5), "wrist": torch.randint(0, 256, (3, 1, 16, 16, 3), dtype=torch.uint8)}
     goal = {"task_id": torch.tensor([1, 0, 1])}  # mixed tasks in one batch: each sample gathers its own row
 
     def run(cached=True):
@@ -258,7 +261,7 @@ def test_inference_cache_matches_uncached_and_is_dropped_when_weights_change():
 
     (a_c, f_c), (a_u, f_u) = run(), run(cached=False)
     assert policy._mod_cache  # the cached path really ran
-    assert torch.allclose(a_c, a_u, atol=1e-5) and torch.allclose(f_c["image_cam"], f_u["image_cam"], atol=1e-5)
+    assert torch.allclose(a_c, a_u, atol=1e-5) and torch.allclose(f_c["wrist"], f_u["wrist"], atol=1e-5)
     # a weight change (what the trainer's optimizer step does) must not leave stale modulations behind
     with torch.no_grad():
         for block in policy.blocks:
@@ -286,7 +289,7 @@ def test_instruction_conditioning_replaces_the_task_id_where_present():
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and policy.lang_proj[0].weight.grad.abs().sum() > 0
     policy.eval()
-    obs = {"state": batch["obs.state"][:1], "image_cam": batch["obs.image_cam"][:1]}
+    obs = {"state": batch["obs.state"][:1], "wrist": batch["obs.wrist"][:1]}
     e1, e2 = torch.randn(1, 8), torch.randn(1, 8)
     gen = lambda: torch.Generator().manual_seed(0)
     a1 = policy.predict_action(obs, goal={"lang_emb": e1}, generator=gen())  # no task id needed with language
@@ -299,3 +302,32 @@ def test_instruction_conditioning_replaces_the_task_id_where_present():
     assert not torch.allclose(policy.denoise(x, level, c1), policy.denoise(x, level, c2))
     with pytest.raises(ValueError, match="task_id"):
         policy.predict_action(obs, goal=None)
+
+
+def test_a_task_by_name_reaches_pad():
+    """`robodit run --goal-task` and `robodit serve` pass goal={"task": NAME}; PAD handed the name to
+    torch.as_tensor (TypeError), so a multi-task PAD checkpoint could only be driven by the evaluator's ids."""
+    policy = _randomise(_policy()).eval()
+    policy.task_names = ["drawer-close-v3", "drawer-open-v3"]  # as load_policy records the store's table
+    obs = {"state": np.zeros((1, 5), np.float32), "wrist": np.zeros((1, 16, 16, 3), np.uint8)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    by_name = policy.predict_action(obs, goal={"task": "drawer-open-v3"}, generator=gen())
+    assert torch.equal(by_name, policy.predict_action(obs, goal={"task_id": 1}, generator=gen()))
+    assert not torch.equal(by_name, policy.predict_action(obs, goal={"task": "drawer-close-v3"}, generator=gen()))
+    with pytest.raises(ValueError, match=r"goal task \['door-open-v3'\] is not one this policy was trained on"):
+        policy.predict_action(obs, goal={"task": "door-open-v3"})
+
+
+def test_fine_tuning_counts_its_own_steps_before_the_action_loss(tmp_path):
+    """train.init_from takes the weights, not the source run's step counter: with action_loss_start_step=2 the
+    fine-tune's first two steps train on the image loss alone (the copied counter of 3 skipped them)."""
+    import json
+
+    store = _mixed_store(tmp_path / "mixed.zarr")
+    src = train(_train_cfg(store, tmp_path / "src", steps=3))
+    assert int(robodit.load_policy(src).train_steps) == 3
+    ft = train(_train_cfg(store, tmp_path / "ft", steps=3, action_loss_start_step=2, init_from=str(src)))
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
+    assert [r["train/loss"] == r["train/image_loss"] for r in rows] == [True, True, False]
+    assert int(robodit.load_policy(ft).train_steps) == 3

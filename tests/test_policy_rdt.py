@@ -12,7 +12,7 @@ from robodit.policies.rdt import RDTPolicy
 from robodit.training.trainer import train
 from conftest import make_toy_store
 
-MW = {"obs": {"state": {"shape": [39], "dtype": "float32"}, "image_cam": {"shape": [16, 16, 3], "dtype": "uint8"}},
+MW = {"obs": {"state": {"shape": [39], "dtype": "float32"}, "wrist": {"shape": [16, 16, 3], "dtype": "uint8"}},
       "action": {"shape": [4]}, "num_tasks": 1}
 
 
@@ -29,12 +29,12 @@ def _policy(**kw):
 def _obs(b=2):
     g = torch.Generator().manual_seed(0)
     return {"state": torch.randn(b, 2, 39, generator=g),
-            "image_cam": torch.randint(0, 255, (b, 2, 3, 16, 16), dtype=torch.uint8, generator=g)}
+            "wrist": torch.randint(0, 255, (b, 2, 3, 16, 16), dtype=torch.uint8, generator=g)}
 
 
 def _batch(b=4, tp=8):
     obs = _obs(b)
-    return {"obs.state": obs["state"], "obs.image_cam": obs["image_cam"],
+    return {"obs.state": obs["state"], "obs.wrist": obs["wrist"],
             "action": torch.tanh(torch.randn(b, tp, 4)), "action_is_pad": torch.zeros(b, tp, dtype=torch.bool)}
 
 
@@ -128,7 +128,7 @@ def test_1b_on_meta_device_has_about_1_2b_parameters():
 
 def test_tiny_trains_through_the_trainer_and_reloads(tmp_path):
     store = make_toy_store(tmp_path / "mw.zarr", episodes=3, length=(12, 16), state_dim=39, action_dim=4,
-                           robot="metaworld_sawyer", fps=80.0)
+                           robot="metaworld_sawyer", fps=80.0, image_size=16)  # cameras `wrist`, `agentview_image`
     base = OmegaConf.load("configs/train.yaml")
     policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/rdt.yaml")), size="tiny",
                       robot="metaworld_sawyer", action_horizon=8, n_action_steps=4, num_inference_steps=3)
@@ -142,7 +142,9 @@ def test_tiny_trains_through_the_trainer_and_reloads(tmp_path):
     last = train(cfg)
     policy = robodit.load_policy(tmp_path / "run")
     assert policy.checkpoint_dir == last and isinstance(policy, RDTPolicy) and policy.control_hz == 80.0  # the store's fps
-    out = policy.predict_action({"state": np.zeros((2, 39), np.float32)})
+    assert sorted(policy.image_shapes) == ["agentview_image", "wrist"]  # a `wrist` camera was dropped (KeyError)
+    cams = {k: np.zeros((2, 16, 16, 3), np.uint8) for k in policy.image_shapes}
+    out = policy.predict_action({"state": np.zeros((2, 39), np.float32), **cams})
     assert out.shape == (1, 8, 4) and torch.isfinite(out).all()
 
 

@@ -41,9 +41,9 @@ def test_split_is_by_episode_and_disjoint():
 def test_images_are_uint8_chw_and_shift_keeps_shape(tmp_path):
     path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16)
     ds = WindowDataset(path, WindowConfig(obs_horizon=2, action_horizon=4, image_shift=2), train=True)
-    x = ds[(5, 7)]["obs.image_cam"]
+    x = ds[(5, 7)]["obs.wrist"]
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 16, 16)
-    assert torch.equal(x, ds[(5, 7)]["obs.image_cam"])  # same seed → same augmentation
+    assert torch.equal(x, ds[(5, 7)]["obs.wrist"])  # same seed → same augmentation
 
 
 def test_batches_are_deterministic_resumable_and_work_with_workers(toy_store):
@@ -114,3 +114,43 @@ def test_store_weights_fix_each_stores_share_of_every_batch():
 def test_bad_store_weights_are_named(weights, match):
     with pytest.raises(ValueError, match=match):
         ResumableBatchSampler(200, 8, groups=np.repeat([0, 1, 2], [150, 40, 10]), group_weights=weights)
+
+
+def test_validation_windows_are_fixed_pass_after_pass(tmp_path):
+    """Validation reads plain indices (no sampler seed): its goal frames must not change between passes or
+    between dataset instances (they were drawn from an unseeded RNG), while training keeps fresh draws."""
+    path = make_toy_store(tmp_path / "goal.zarr", episodes=3, length=(40, 60), image_size=8)
+    cfg = WindowConfig(obs_horizon=1, action_horizon=4, goal_offsets=(1, 30), image_shift=2)
+    val, again = WindowDataset(path, cfg, train=False), WindowDataset(path, cfg, train=False)
+    idx = range(0, len(val), 3)
+    first = [val[i]["goal.wrist"] for i in idx]
+    assert all(torch.equal(a, val[i]["goal.wrist"]) for a, i in zip(first, idx))
+    assert all(torch.equal(a, again[i]["goal.wrist"]) for a, i in zip(first, idx))
+    train = WindowDataset(path, cfg, train=True)
+    assert len({train[0]["goal.wrist"].numpy().tobytes() for _ in range(12)}) > 1
+
+
+def test_validation_loss_is_the_same_on_every_pass(tmp_path):
+    """Trainer.validate promises a fixed subset: two passes over an MDT (goal-image) store, same weights, same
+    loss to the bit."""
+    from omegaconf import OmegaConf
+
+    from robodit.training.trainer import Trainer
+    from test_policy_mdt import LANG, _mdt_store
+
+    path, _ = _mdt_store(tmp_path / "s.zarr", lang_every=2)
+    base = OmegaConf.load("configs/train.yaml")
+    policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/mdt.yaml")), size="tiny",
+                      action_horizon=4, n_action_steps=2, lang_dim=LANG, goal_offsets=[1, 30], mgf_patch=4,
+                      mgf_width=32, mgf_depth=1, num_inference_steps=3)
+    cfg = OmegaConf.create({
+        "out_dir": str(tmp_path / "run"), "policy": policy_cfg, "logger": {"kind": "none"},
+        "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(path),
+                        val_fraction=0.5),
+        "train": dict(OmegaConf.to_container(base.train), batch_size=8, device="cpu")})
+    trainer = Trainer(cfg)
+    trainer._build_data()
+    torch.manual_seed(0)
+    policy = trainer._build_policy()
+    passes = [trainer.validate(policy, max_batches=2) for _ in range(3)]
+    assert passes[0] == passes[1] == passes[2]

@@ -346,3 +346,42 @@ def test_overwrite_open_or_create_set_attr(tmp_path):
         DemoStore.create(tmp_path / "other", KEYS, fps=5, robot="r", overwrite=True)
     assert (tmp_path / "other" / "precious.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "s.zarr"]  # no temp dirs left
+
+
+def _legacy(path, seeds_used):
+    """A store as written before `meta/episode_seed`: seeds only in the env attr, outside the commit."""
+    import shutil
+
+    with make(path, 3, lo=2, hi=5) as w:
+        w.set_attr("env", {"simulator": "test", "seeds_used": seeds_used})
+    shutil.rmtree(path / "meta" / "episode_seed")
+    return path
+
+
+def test_episode_seed_is_committed_with_the_episode(tmp_path):
+    with make(tmp_path / "s.zarr") as w:
+        arrays, kw = gen(0, lo=2, hi=5)
+        w.append_episode(arrays, **kw, seed=11)
+        w.append_episode(arrays, **kw)  # converted data: no seed
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            w.append_episode(arrays, **kw, seed=-3)
+    with DemoStore.open(tmp_path / "s.zarr") as r:
+        assert r.episode_seed.tolist() == [11, -1] and r.seeds_used == [11]
+        assert r.episode_info(0)["seed"] == 11 and r.episode_info(1)["seed"] is None
+
+
+@pytest.mark.parametrize("seeds_used, backfilled", [([4, 5, 6], [4, 5, 6]), ([4, 9, 5, 6], [-1, -1, -1])])
+def test_old_stores_keep_their_seed_record(tmp_path, seeds_used, backfilled):
+    """Read-only: no seeds per episode, the old list still counts as used. A writer adds the array, filled from
+    the list only when it names one seed per episode (a killed collection left an extra, unplaceable seed)."""
+    path = _legacy(tmp_path / "old.zarr", seeds_used)
+    with DemoStore.open(path) as r:
+        assert r.episode_seed.tolist() == [-1, -1, -1] and r.seeds_used == seeds_used
+    with DemoStore.open(path, "a") as w:
+        assert w.episode_seed.tolist() == backfilled
+        arrays, kw = gen(3, lo=2, hi=5)
+        w.append_episode(arrays, **kw, seed=7)
+    with DemoStore.open(path) as r:
+        assert r.episode_seed.tolist() == [*backfilled, 7] and set(r.seeds_used) == {*seeds_used, 7}
+        for i in range(3):
+            assert_episode(r, i, lo=2, hi=5)

@@ -75,3 +75,73 @@ def test_init_from_shape_mismatch_is_clear(toy_store, tmp_path):
 def test_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         robodit.load_policy(tmp_path)
+
+
+def _lrs(run):
+    import json
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/lr"] for r in rows if "train/lr" in r]
+
+
+def test_a_time_budget_anneals_the_schedule_and_info_says_so(toy_store, tmp_path):
+    """max_minutes with the default 10,000 steps: the decay follows the budget, so the run ends near the floor
+    (it stopped at ~peak lr, a few hundred steps into a 10,000-step cosine); a resume continues from there."""
+    from robodit.training.info import format_checkpoint, summarize_checkpoint
+
+    run = tmp_path / "run"
+    cfg = _cfg(toy_store, run, 10000, max_minutes=0.05)
+    cfg.train.checkpoint_every = 10**6
+    last = train(cfg)
+    lrs, peak = _lrs(run), cfg.train.lr
+    assert 3 < len(lrs) < 10000
+    assert lrs[:2] == pytest.approx([peak / 2, peak])  # warm-up stays in steps
+    assert all(b <= a for a, b in zip(lrs[1:], lrs[2:]))  # never back up
+    assert 0 < lrs[-1] <= 0.15 * peak  # the last step ran close to the floor (min_lr_ratio 0), not at a dead 0
+    s = summarize_checkpoint(last)["schedule"]
+    assert s["driven_by"] == "max_minutes" and s["lr"] == lrs[-1] and s["progress"] > 0.7
+    text = format_checkpoint(summarize_checkpoint(last))
+    assert "schedule:" in text and "0.05-minute budget (train.max_minutes)" in text
+
+    more = _cfg(toy_store, run, 10000, max_minutes=0.02, resume=True)  # its own budget, from where it was
+    more.train.checkpoint_every = 10**6
+    train(more)
+    resumed = _lrs(run)[len(lrs):]
+    assert resumed and max(resumed) <= lrs[-1] + 1e-12
+
+
+def test_without_a_budget_the_schedule_is_the_closed_form_over_steps(toy_store, tmp_path):
+    import math
+
+    from robodit.training.info import summarize_checkpoint
+
+    last = train(_cfg(toy_store, tmp_path / "run", 8, min_lr_ratio=0.1))
+    peak, w, n = 1.0, 2, 8
+    want = [(k + 1) / w if k < w else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - w) / (n - w))) for k in range(n)]
+    peak = _cfg(toy_store, tmp_path, 8).train.lr
+    assert _lrs(tmp_path / "run") == [peak * f for f in want]
+    s = summarize_checkpoint(last)["schedule"]
+    assert s["driven_by"] == "steps" and s["max_minutes"] is None and s["lr"] == peak * want[-1]
+
+
+def test_schedule_resumes_from_the_progress_it_reached():
+    """A budget-paced checkpoint resumed without a budget decays on from its progress over the remaining steps
+    (not back up to the step fraction's 1%); a steps-paced one replays the closed form."""
+    from robodit.training.schedule import LRSchedule
+
+    paced = LRSchedule(10, 10_000, budget_s=60.0)
+    paced.start(0.0)
+    paced.factor(100)
+    paced.observe(paced.time_fraction(0.0, 100))  # warm-up over: the budget's decay starts here
+    paced.observe(paced.time_fraction(54.0, 101))  # 90% of the budget gone
+    before = paced.factor(101)
+    assert paced.driven_by == "max_minutes" and paced.progress == pytest.approx(0.9, abs=0.01)
+    resumed = LRSchedule(10, 10_000)
+    resumed.load_state_dict(paced.state_dict(), step=101)
+    assert resumed.factor(101) == pytest.approx(before) and resumed.factor(102) <= before
+    assert resumed.factor(10_000) == 0.0
+    plain = LRSchedule(10, 10_000)
+    plain.factor(500)
+    again = LRSchedule(10, 10_000)
+    again.load_state_dict(plain.state_dict(), step=500)
+    assert [again.factor(k) for k in (501, 7000)] == [LRSchedule(10, 10_000).factor(k) for k in (501, 7000)]

@@ -124,14 +124,14 @@ def test_stats_cover_every_frame(tmp_path):
 def test_float_images_are_refused_not_guessed(tmp_path):
     import robodit
 
-    path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16)
+    path = make_toy_store(tmp_path / "img.zarr", episodes=2, image_size=16, cameras=("wrist",))
     cfg = _cfg(path, tmp_path / "run", 1)
     train(cfg)
     policy = robodit.load_policy(list_checkpoints(tmp_path / "run")[-1])
-    obs = {"state": np.zeros((2, 5), np.float32), "image_cam": np.zeros((2, 16, 16, 3), np.uint8)}
+    obs = {"state": np.zeros((2, 5), np.float32), "wrist": np.zeros((2, 16, 16, 3), np.uint8)}
     assert policy.predict_action(obs).shape == (1, 8, 3)
-    with pytest.raises(ValueError, match="'image_cam' is float32; images go in as uint8"):
-        policy.predict_action({**obs, "image_cam": obs["image_cam"].astype(np.float32) / 255})
+    with pytest.raises(ValueError, match="'wrist' is float32; images go in as uint8"):
+        policy.predict_action({**obs, "wrist": obs["wrist"].astype(np.float32) / 255})
 
 
 def test_a_fresh_run_into_a_used_out_dir_is_refused(toy_store, tmp_path):
@@ -181,3 +181,34 @@ def test_validation_spans_the_split_and_scores_the_ema_weights(toy_store, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/loss" in r]
     assert [r["step"] for r in val] == [2, 4] and all(r["val/loss"] != r["val/loss_raw"] for r in val)
+
+
+def test_a_checkpoint_from_before_the_cross_attention_gate(toy_store, tmp_path, monkeypatch):
+    """AdaLNZeroBlock gained a zero-initialised `cross_gate` (a fresh block is the identity). A checkpoint saved
+    before it still loads and acts as it was trained (gate = 1, its ungated cross-attention) and fine-tunes with
+    init_from; resuming its optimizer state, which has one tensor fewer per block, is a clear error."""
+    import robodit
+    from robodit.nn.attention import AdaLNZeroBlock
+
+    build = AdaLNZeroBlock.__init__
+
+    def before_the_gate(self, *args, **kwargs):  # the block as older versions built it
+        build(self, *args, **kwargs)
+        if self.cross is not None:
+            del self._parameters["cross_gate"]
+            self.cross_gate = 1.0
+
+    with monkeypatch.context() as m:
+        m.setattr(AdaLNZeroBlock, "__init__", before_the_gate)
+        old = train(_cfg(toy_store, tmp_path / "old", 2))
+        old_policy = robodit.load_policy(old)
+    assert "blocks.0.cross_gate" not in load_file(str(old / "model.safetensors"))
+    policy = robodit.load_policy(old)
+    assert torch.equal(policy.blocks[0].cross_gate, torch.ones_like(policy.blocks[0].cross_gate))
+    obs = {"state": np.random.default_rng(0).normal(size=(1, 2, 5)).astype(np.float32)}
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(policy.predict_action(obs, generator=gen()),
+                               old_policy.predict_action(obs, generator=gen()))
+    train(_cfg(toy_store, tmp_path / "tuned", 1, init_from=str(old)))
+    with pytest.raises(ValueError, match=r"train.resume=true: .*older robodit.*train.init_from"):
+        train(_cfg(toy_store, tmp_path / "old", 4, resume=True))

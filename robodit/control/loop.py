@@ -263,12 +263,14 @@ def _drive(args, cfg: dict, policy, hz: float) -> LoopResult:
 
 def run_goal(args, policy) -> dict | None:
     """The goal every inference of a run gets: `--instruction TEXT` (language-conditioned policies) and/or
-    `--goal-task NAME` (multi-task ones), which defaults to the simulator's `--task` when the policy knows it."""
+    `--goal-task NAME` (multi-task ones), which defaults to the simulator's `--task` when the policy reads task ids
+    and knows that one."""
     goal = {}
     if getattr(args, "instruction", None):
         goal["instruction"] = args.instruction
     names = list(getattr(policy, "task_names", None) or [])
-    task = getattr(args, "goal_task", None) or (args.task if len(names) > 1 and args.task in names else None)
+    reads_task = getattr(policy, "takes_task", False)  # a multi-task family with task ids (not MDT's goal token)
+    task = getattr(args, "goal_task", None) or (args.task if reads_task and args.task in names else None)
     if task:
         goal["task"] = task
     return goal or None

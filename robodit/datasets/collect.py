@@ -1,9 +1,12 @@
 """`robodit collect SIM/TASK`: roll out a simulator's scripted expert and keep the successful episodes.
 
 Each attempt k uses episode seed `seed + k` (one seed = one task layout), skipping seeds the store has already
-used, so re-running on the same store appends new layouts instead of duplicating old ones. The seeds are kept
-in the store's `env` attr (`seeds_used` for kept episodes, `seeds_failed` for failed attempts), which also
-holds everything needed to rebuild the env for evaluation (and to pick evaluation seeds it has not seen).
+used, so re-running on the same store appends new layouts instead of duplicating old ones. A kept episode's
+seed is committed with the episode (`meta/episode_seed`; `DemoStore.seeds_used` derives the used seeds from
+the committed episodes), so a collection killed at any instant and run again yields the same episodes, seed
+for seed, as one that was never interrupted. Failed attempts go to the `env` attr's `seeds_failed` (a kill
+before that write only means the seed is tried again, and fails again); the attr also holds everything needed
+to rebuild the env for evaluation (and to pick evaluation seeds it has not seen).
 """
 
 from __future__ import annotations
@@ -50,14 +53,13 @@ def _labelled_episodes(episodes: int, fraction: float, seed: int) -> np.ndarray:
 
 def _merge_env_attr(existing: dict | None, new: dict, task: str, path: str) -> dict:
     if not existing:
-        return {**new, "seeds_used": [], "seeds_failed": []}
+        return {**new, "seeds_failed": []}
     for field in _MUST_MATCH:
         if field in existing and existing[field] != new[field]:
             raise ValueError(
                 f"{path} was collected with {field}={existing[field]!r}, not {new[field]!r}; use another --out"
             )
-    merged = dict(existing)
-    merged.setdefault("seeds_used", [])
+    merged = dict(existing)  # an older store's `seeds_used` stays as written (DemoStore.seeds_used reads it)
     merged.setdefault("seeds_failed", [])
     tasks = list(merged.get("tasks", []))
     if task not in tasks:
@@ -128,7 +130,7 @@ def collect(
         with DemoStore.open_or_create(out, keys, fps=spec.control_hz, robot=spec.robot) as store:
             env_attr = _merge_env_attr(store.env, env_cfg, task, str(out))
             store.set_attr("env", env_attr)
-            seen = set(env_attr["seeds_used"]) | set(env_attr["seeds_failed"])
+            seen = set(store.seeds_used) | set(env_attr["seeds_failed"])
             kept_seeds, failed_seeds, lengths = [], [], []
             s, attempts = int(seed), 0
             bar = tqdm(total=episodes, desc=f"collect {source}", unit="ep", disable=not progress)
@@ -140,16 +142,14 @@ def collect(
                     attempts += 1
                     arrays, success = _rollout(env, s)
                     if success:
-                        # record the seed first: a crash after this can only skip a seed, never duplicate one
-                        env_attr["seeds_used"] = [*env_attr["seeds_used"], s]
-                        store.set_attr("env", env_attr)
                         length = len(arrays["action"])
                         if not has_actions:  # video only: the store keeps zeros and has_actions=False
                             arrays.pop("action")
                         # an instruction given -> the episode is stored with has_language=True
                         k = len(kept_seeds)
                         text = texts[sum(labelled[:k]) % len(texts)] if labelled[k] else None
-                        store.append_episode(arrays, task=task, instruction=text, has_actions=has_actions)
+                        # the seed is a row of the episode's own commit: both land, or neither
+                        store.append_episode(arrays, task=task, instruction=text, has_actions=has_actions, seed=s)
                         kept_seeds.append(s)
                         lengths.append(length)
                         bar.update(1)

@@ -34,6 +34,9 @@ def summarize(store: DemoStore) -> dict:
         "episodes": len(store),
         "episodes_with_actions": int(store.episode_has_actions.sum()),
         "episodes_with_language": int(store.episode_has_language.sum()),
+        # collection seeds: one per committed episode (meta/episode_seed), and the attempts that failed
+        "seeds": {"episodes_with_seed": int((store.episode_seed >= 0).sum()), "used": len(store.seeds_used),
+                  "failed": len(store.env.get("seeds_failed") or [])},
         "frames": {"total": store.num_frames,
                    "min": int(lengths.min()) if len(lengths) else 0,
                    "mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
@@ -78,6 +81,10 @@ def format_summary(s: dict) -> str:
     for k, v in s["keys"].items():
         shape = "(" + ", ".join(map(str, v["shape"])) + ("," if len(v["shape"]) == 1 else "") + ")"
         lines.append(f"  {k:<{width}}  {v['dtype']:<8} {shape:<14} chunk {v['chunk_frames']} frames")
+    seeds = s.get("seeds") or {}
+    if seeds.get("used") or seeds.get("failed"):
+        lines.append(f"seeds:      {seeds['episodes_with_seed']} episode(s) with their collection seed; "
+                     f"{seeds['used']} seed(s) used, {seeds['failed']} failed attempt(s)")
     lines.append("tasks:" if s["tasks"] else "tasks:      (none)")
     width = max((len(t["name"]) for t in s["tasks"]), default=0)
     for t in s["tasks"]:

@@ -54,7 +54,9 @@ def store_paths(dataset_cfg) -> list[str]:
 def store_record(path: Path, store: DemoStore) -> dict[str, Any]:
     """What a checkpoint remembers of a training store (evaluation rebuilds its env from `env`)."""
     with_actions = {int(t) for t in store.episode_task[store.episode_has_actions]}
-    return {"path": str(path.resolve()), "env": store.env, "robot": store.robot, "fps": store.fps,
+    seeds = store.seeds_used  # committed with the episodes (evaluation reports which of its seeds were trained on)
+    env = {**store.env, "seeds_used": seeds} if seeds else store.env
+    return {"path": str(path.resolve()), "env": env, "robot": store.robot, "fps": store.fps,
             "tasks": store.task_names, "episodes": len(store),
             # action-free video (PAD co-training): learned to predict, never to act
             "tasks_without_actions": [n for t, n in enumerate(store.task_names) if t not in with_actions]}

@@ -58,12 +58,17 @@ class WindowConfig:
     language_encoder: str | None = None  # yield `goal.lang_emb` / `goal.has_lang` from the store's meta/lang_emb
 
 
+_VAL_SEED = 0x5EED  # with the window index, the seed of a validation window's random choices
+
+
 class WindowDataset(Dataset):
     """Map-style dataset over (episode, frame) windows of a DemoStore.
 
     Picklable for DataLoader workers: each worker re-opens the store read-only on first use.
     Indices may be plain ints or `(index, seed)` pairs (see `ResumableBatchSampler`), which makes the
-    augmentation reproducible across resumes and worker counts.
+    augmentation reproducible across resumes and worker counts. A plain index draws fresh randomness for a
+    training set, but with `train=False` its random choices (MDT's goal frame) are seeded by the index: a
+    validation loss compares checkpoints on the same windows with the same goals, pass after pass.
     """
 
     def __init__(self, path: str | Path, cfg: WindowConfig, episodes: np.ndarray | None = None,
@@ -150,7 +155,9 @@ class WindowDataset(Dataset):
         is_pad = act_frames >= end
         k, stride = self.cfg.future_frames, self.cfg.future_stride
         future_frames = np.minimum(t + stride * np.arange(1, k + 1), end - 1)
-        rng = np.random.default_rng(seed if seed is not None else None)
+        if seed is None and not self.train:  # validation: the same goal frame for a window on every pass
+            seed = [_VAL_SEED, int(index)]
+        rng = np.random.default_rng(seed)
         goal_frame = None
         if self.cfg.goal_offsets is not None:
             lo, hi = self.cfg.goal_offsets

@@ -3,6 +3,12 @@
 Layout (see DESIGN.md, "Demonstration store"): ``data/<key>`` time-major arrays chunked along time only;
 ``meta/episode_*`` per-episode arrays; the task table in the ``meta`` group's attrs.
 
+``meta/episode_seed`` is the simulator seed an episode was collected from (-1: none, e.g. converted data), a
+row of the same commit as the episode: the seeds a store has used are its committed episodes' seeds, so a
+collection killed between two writes can neither drop a layout nor misalign seeds and episodes. Stores
+written before it existed kept the seeds in ``env.seeds_used`` (outside the commit); they read as -1 and a
+writer adds the array, filled from that list when it matches the episodes one to one.
+
 Crash safety rests on two facts. (1) zarr's LocalStore writes every object (a chunk or a zarr.json) to a
 temp file and ``os.replace``s it into place, so any single object is either old or new, never torn; a chunk
 that also holds committed frames is rewritten whole, with those frames unchanged. (2) The number of committed
@@ -36,7 +42,8 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
 # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
 _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.int32),
          "episode_has_language": np.dtype(bool), "episode_has_actions": np.dtype(bool),
-         "episode_ends": np.dtype(np.int64)}
+         "episode_seed": np.dtype(np.int64), "episode_ends": np.dtype(np.int64)}
+_META_FILL = {"episode_seed": -1}  # rows with no value: -1 (no seed recorded)
 _META_CHUNK = 4096
 _CHUNK_TARGET_BYTES = 1 << 20
 _RESERVED_ATTRS = {"format", "version", "keys", "chunks_complete"}
@@ -193,7 +200,7 @@ class DemoStore:
                               dtype=dtype, fill_value=0, compressors=_compressor(dtype))
         meta = g.create_group("meta", attributes={"tasks": []})
         for name, dtype in _META.items():
-            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=0,
+            meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=_META_FILL.get(name, 0),
                               compressors=ZstdCodec(level=3),
                               attributes={"committed": 0} if name == "episode_ends" else None)
 
@@ -245,9 +252,15 @@ class DemoStore:
             # Read the commit count first: rows below it were written before it, in every array.
             ends_arr = self._group["meta/episode_ends"]
             committed = int(ends_arr.attrs["committed"])
-            self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META}
-            self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
             self._meta_group = self._group["meta"]
+            if "episode_seed" not in self._meta_group.array_keys() and self.mode == "a":
+                self._add_seed_array(committed)
+            present = set(self._meta_group.array_keys())
+            self._marr = {n: ends_arr if n == "episode_ends" else self._group[f"meta/{n}"] for n in _META
+                          if n in present}
+            self._meta = {n: _ro(a[:committed]) for n, a in self._marr.items()}
+            if "episode_seed" not in self._meta:  # a store from before per-episode seeds, read-only
+                self._meta["episode_seed"] = _ro(np.full(committed, -1, np.int64))
             tasks = [{"name": t["name"], "instructions": list(t["instructions"])}
                      for t in self._meta_group.attrs.get("tasks", [])]
             self._data = {k: self._group[f"data/{k}"].with_config({"write_empty_chunks": True}) for k in self.keys}
@@ -273,6 +286,16 @@ class DemoStore:
         if self.mode == "a":
             self._truncate()
 
+    def _add_seed_array(self, committed: int) -> None:
+        """Give a store from before `meta/episode_seed` the array (writer side). Its seeds, if any, are the old
+        `env.seeds_used` list, which a collection killed between recording a seed and committing its episode
+        left longer than the episodes: only a list of exactly one seed per episode says which is whose."""
+        arr = self._meta_group.create_array("episode_seed", shape=(committed,), chunks=(_META_CHUNK,),
+                                            dtype=np.int64, fill_value=-1, compressors=ZstdCodec(level=3))
+        legacy = (self.env.get("seeds_used") or []) if committed else []
+        if len(legacy) == committed and all(isinstance(x, int) and x >= 0 for x in legacy):
+            arr[:] = np.asarray(legacy, np.int64)
+
     def _truncate(self) -> None:
         """Writer-side recovery: drop rows past the commit point and leftover temp files of a killed write."""
         for k, a in self._data.items():
@@ -297,6 +320,15 @@ class DemoStore:
     episode_instruction = property(lambda self: self._meta["episode_instruction"])
     episode_has_language = property(lambda self: self._meta["episode_has_language"])
     episode_has_actions = property(lambda self: self._meta["episode_has_actions"])
+    episode_seed = property(lambda self: self._meta["episode_seed"], doc="collection seed per episode, -1: none")
+
+    @property
+    def seeds_used(self) -> list[int]:
+        """Seeds no new episode may be collected from: the committed episodes' seeds in episode order, then
+        any seeds a store from before `meta/episode_seed` listed in `env.seeds_used` and no episode names."""
+        own = [int(x) for x in self._meta["episode_seed"] if x >= 0]
+        mine = set(own)
+        return own + [int(x) for x in self.env.get("seeds_used") or [] if int(x) not in mine]
     tasks = property(lambda self: [dict(t, instructions=list(t["instructions"])) for t in self._tasks])
     task_names = property(lambda self: [t["name"] for t in self._tasks])
 
@@ -326,7 +358,8 @@ class DemoStore:
         return {"index": j, "start": start, "end": end, "length": end - start, "task": self._tasks[t]["name"],
                 "instruction": self._tasks[t]["instructions"][ins] if ins >= 0 else None,
                 "has_language": bool(self._meta["episode_has_language"][j]),
-                "has_actions": bool(self._meta["episode_has_actions"][j])}
+                "has_actions": bool(self._meta["episode_has_actions"][j]),
+                "seed": int(self._meta["episode_seed"][j]) if self._meta["episode_seed"][j] >= 0 else None}
 
     def read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) of one key; only committed frames may be read."""
@@ -425,11 +458,14 @@ class DemoStore:
         return out
 
     def append_episode(self, arrays: dict[str, np.ndarray], task: str, instruction: str | None = None,
-                       has_actions: bool = True) -> int:
+                       has_actions: bool = True, seed: int | None = None) -> int:
         """Append one episode and commit it; returns its index. Everything is validated before anything is
         written. Order: task table, data, meta rows, then the commit count (one atomic zarr.json write).
-        With has_actions=False "action" may be omitted (stored as zeros: action-free video)."""
+        With has_actions=False "action" may be omitted (stored as zeros: action-free video). `seed`: the
+        simulator seed the episode was collected from (`meta/episode_seed`, committed with the episode)."""
         self._writer()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         if not isinstance(task, str) or not task:
             raise ValueError(f"task must be a non-empty string, got {task!r}")
         if instruction is not None and (not isinstance(instruction, str) or not instruction):
@@ -454,7 +490,8 @@ class DemoStore:
             arr.resize((n + T, *arr.shape[1:]))
             arr[n:n + T] = a
         row = {"episode_task": t, "episode_instruction": ins, "episode_has_language": instruction is not None,
-               "episode_has_actions": bool(has_actions), "episode_ends": n + T}
+               "episode_has_actions": bool(has_actions), "episode_seed": -1 if seed is None else int(seed),
+               "episode_ends": n + T}
         for name, arr in self._marr.items():
             arr.resize((e + 1,))
             arr[e:e + 1] = np.asarray([row[name]], _META[name])

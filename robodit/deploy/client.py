@@ -62,6 +62,10 @@ class RemotePolicy:
         self.checkpoint_dir = self.url
         self.checkpoint_config = {"store": meta.get("store") or {}}
         self.num_tasks, self.task_names = int(meta.get("num_tasks", 1)), list(meta.get("task_names") or [])
+        # the goal keys the served policy reads (Policy.goal_keys); an older server's: task ids when multi-task
+        keys = meta.get("goal_keys")
+        self._goal_keys = list(keys) if keys is not None else (["task", "task_id"] if self.num_tasks > 1 else [])
+        self.takes_task = "task_id" in self._goal_keys
         self.sampler, self.num_inference_steps = meta.get("sampler"), meta.get("num_inference_steps")
         if meta.get("goal_modality") is not None:
             self.goal_modality = meta["goal_modality"]
@@ -142,6 +146,9 @@ class RemotePolicy:
                 g.set_state(torch.from_numpy(state["state"]))
         self.last_infer_ms = float(reply.get("infer_ms", float("nan")))  # server-side model time
         return torch.from_numpy(reply["action"])
+
+    def goal_keys(self) -> list[str]:
+        return list(self._goal_keys)
 
     def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
         """Evaluation's goal for `task`, computed by the served policy (e.g. its instruction embedding); {} when it

@@ -6,7 +6,8 @@ Protocol (websocket, binary msgpack frames, arrays as in robodit.deploy.wire):
   ← {"type": "action", "id", "action": float32 [B, Tp, A], "infer_ms", "generator": the states after sampling}
      or  {"type": "error", "id", "code", "error"}
   → {"type": "meta"} ← the policy's observation shapes, horizons, limits, and what evaluation needs to know of the
-     checkpoint (its training-store record, task count, sampler);  → {"type": "ping"} ← {"type": "pong"}
+     checkpoint (its training-store record, task count, the goal keys it reads, sampler);
+  → {"type": "ping"} ← {"type": "pong"}
   → {"type": "goal", "task", "instruction"} ← {"type": "goal", "goal": {key: array}}: the policy's goal_for_task
 Plain `GET /healthz` answers JSON without a token.
 
@@ -41,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from robodit.deploy.wire import (MAX_GENERATOR_STATE, MAX_TEXT, MIN_TOKEN_LEN, PROTOCOL, TOKEN_ENV, WireError,
-                                 check_generators, check_goal, check_observation, is_image, pack, unpack)
+                                 check_generators, check_goal, check_observation, pack, unpack)
 from robodit.errors import CLIError
+from robodit.keys import is_image_key
 
 log = logging.getLogger("robodit.server")
 
@@ -65,7 +67,7 @@ class PolicyServer:
         self.max_batch, self.max_clients = int(max_batch), int(max_clients)
         self.obs_shapes = {k: (tuple(s), str(d)) for k, (s, d) in policy.obs_shapes.items()}
         self.obs_horizon = int(policy.obs_horizon)
-        per_sample = sum(int(np.prod(s)) * (1 if is_image(s, d) else 8) for s, d in self.obs_shapes.values())
+        per_sample = sum(int(np.prod(s)) * (1 if is_image_key(s, d) else 8) for s, d in self.obs_shapes.values())
         self.max_request_bytes = int(max_request_bytes or self.max_batch * (self.obs_horizon * per_sample
                                                                             + MAX_GENERATOR_STATE) + 256 * 1024)
         self.meta = {"protocol": PROTOCOL, "policy": getattr(policy, "name", type(policy).__name__),
@@ -274,9 +276,11 @@ def checkpoint_meta(policy) -> dict[str, Any]:
     record (simulator, tasks, seeds used: evaluation's defaults), its task count and sampler settings."""
     cfg = getattr(policy, "checkpoint_config", None) or {}
     store = json.loads(json.dumps(cfg.get("store") or {}, default=str))  # plain types only (YAML dates, int keys)
+    goal_keys = getattr(policy, "goal_keys", None)
     meta = {"checkpoint": str(getattr(policy, "checkpoint_dir", "") or ""), "store": store,
             "num_tasks": int(getattr(policy, "num_tasks", 1)),
-            "task_names": list(getattr(policy, "task_names", None) or [])}
+            "task_names": list(getattr(policy, "task_names", None) or []),
+            "goal_keys": list(goal_keys()) if callable(goal_keys) else None}
     for key in ("sampler", "num_inference_steps", "goal_modality"):
         value = getattr(policy, key, None)
         meta[key] = value if value is None or isinstance(value, (str, int)) else str(value)

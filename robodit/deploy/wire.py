@@ -13,6 +13,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from robodit.keys import is_image_key
+
 PROTOCOL = 1  # bumped on any incompatible change of the messages below
 MIN_TOKEN_LEN = 16
 TOKEN_ENV = "ROBODIT_TOKEN"
@@ -102,10 +104,6 @@ def check_generators(gen, batch: int) -> list[dict] | dict | None:
     return gen
 
 
-def is_image(shape, dtype) -> bool:
-    return len(shape) == 3 and str(dtype) == "uint8"
-
-
 def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -> dict[str, np.ndarray]:
     """Validate a decoded observation against the policy's shapes; every problem names the key (WireError)."""
     if not isinstance(obs, dict):
@@ -119,7 +117,7 @@ def check_observation(obs, obs_shapes: dict, obs_horizon: int, max_batch: int) -
         x = obs[key]
         if not isinstance(x, np.ndarray):
             raise WireError(f"observation {key!r} must be an array, got {type(x).__name__}", "bad_request")
-        image = is_image(shape, dtype)
+        image = is_image_key(shape, dtype)
         if image and x.dtype != np.uint8:
             raise WireError(f"observation {key!r} has dtype {x.dtype}; expected uint8 (an image)", "bad_dtype")
         if not image and x.dtype.kind != "f":

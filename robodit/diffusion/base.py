@@ -153,8 +153,9 @@ class Formulation(abc.ABC):
     def _sample(self, net: NetFn, noise: torch.Tensor, sampler: str, steps: int, generator) -> torch.Tensor:
         ...
 
+    @abc.abstractmethod
     def _schedule(self, sampler: str, steps: int) -> list[float]:
-        ...
+        """The noise_cond value of each network evaluation `_sample` makes (inference caches key on it)."""
 
     # ---- training -----------------------------------------------------------------------------------
     def loss(self, denoise_fn, x0: torch.Tensor, mask: torch.Tensor | None = None, generator=None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
 from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
 from robodit.evaluation.suites import Suite, SuiteError, check_seed_blocks, load_suite, suite_from_tasks
+from robodit.keys import is_image_key
 
 EXPERT = "expert"
 log = logging.getLogger(__name__)
@@ -39,7 +40,12 @@ def env_kwargs_from_record(record: dict, policy) -> dict[str, Any]:
     """Env constructor kwargs that reproduce the observations the policy was trained on."""
     kwargs: dict[str, Any] = {}
     if policy is not None:
-        image_keys = [k for k in policy.obs_shapes if k.startswith("image_")]
+        image_keys = [k for k, (shape, dtype) in policy.obs_shapes.items() if is_image_key(shape, dtype)]
+        foreign = [k for k in image_keys if not k.startswith("image_")]
+        if foreign:  # a camera of converted real-robot data, say `wrist`: no simulator renders it
+            raise ValueError(f"the policy's cameras {foreign} are not simulator cameras (a simulator's observation "
+                             "names each camera image_<camera>, e.g. image_corner2): evaluate it on its robot "
+                             "(robodit run), or train on a store collected in the simulator")
         if image_keys:
             kwargs["image_size"] = int(policy.obs_shapes[image_keys[0]][0][0])
             kwargs["cameras"] = tuple(k[len("image_"):] for k in image_keys)
@@ -178,7 +184,7 @@ def make_goal_fn(policy, suite: Suite):
     if policy is None:
         return None
     train_tasks = list((policy.checkpoint_config.get("store") or {}).get("tasks") or [])
-    needs_id = policy.num_tasks > 1
+    needs_id = policy.takes_task  # the family reads task ids (MDT reads language or goal images instead)
     if needs_id:
         missing = [t.name for t in suite.tasks if t.name not in train_tasks]
         if missing:

@@ -82,8 +82,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class AdaLNZeroBlock(nn.Module):
     """DiT block with AdaLN-Zero noise conditioning and optional cross-attention to condition tokens.
 
-    self-attention → cross-attention → MLP, each residual branch gated by a conditioning-dependent scalar that
-    starts at zero, so a fresh network is the identity (the DiT paper's best-performing conditioning).
+    self-attention → cross-attention → MLP, each residual branch gated by a gate that starts at zero, so a fresh
+    block is the identity (the DiT paper's best-performing conditioning): the self-attention and MLP gates come
+    from the conditioning (AdaLN-Zero), the cross-attention's is a learned per-channel vector (`cross_gate`).
+    A checkpoint saved before the cross gate existed loads with the gate at one, which is how it was trained.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = True,
@@ -96,6 +98,7 @@ class AdaLNZeroBlock(nn.Module):
         if cross_attention:
             self.norm_x = make_norm(norm, dim)
             self.cross = Attention(dim, heads, kv_dim=context_dim or dim, qk_norm=qk_norm, dropout=dropout)
+            self.cross_gate = nn.Parameter(torch.zeros(dim))
         self.norm2 = make_norm(norm, dim, affine=False)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -111,8 +114,15 @@ class AdaLNZeroBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), mask=mask)
         if self.cross is not None and (context is not None or context_kv is not None):
-            x = x + self.cross(self.norm_x(x), context, mask=context_mask, kv=context_kv)
+            x = x + self.cross_gate * self.cross(self.norm_x(x), context, mask=context_mask, kv=context_kv)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Older checkpoints have no `cross_gate`: their cross-attention was ungated, i.e. a gate of one."""
+        if "cross_gate" in self._parameters and f"{prefix}cross.q.weight" in state_dict \
+                and f"{prefix}cross_gate" not in state_dict:
+            state_dict[f"{prefix}cross_gate"] = torch.ones_like(self.cross_gate)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class AdaLNFinal(nn.Module):

@@ -12,6 +12,12 @@ from torch import nn
 from robodit.keys import is_image_key
 
 
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0-255 (as stores and robots hold images) → float in [-1, 1], what every image network here takes;
+    a float input is taken as already scaled."""
+    return images.float().div(127.5).sub(1.0) if images.dtype == torch.uint8 else images.float()
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, channels // 4) or 1, channels)
 
@@ -53,11 +59,9 @@ class ResNetImageEncoder(nn.Module):
     @staticmethod
     def to_float(images: torch.Tensor) -> torch.Tensor:
         """uint8 [..., H, W, C] or [..., C, H, W] → float [..., C, H, W] in [-1, 1]."""
-        if images.dtype == torch.uint8:
-            if images.shape[-1] in (1, 3, 4) and images.shape[-3] not in (1, 3, 4):
-                images = images.movedim(-1, -3)
-            return images.float().div(127.5).sub(1.0)
-        return images
+        if images.dtype == torch.uint8 and images.shape[-1] in (1, 3, 4) and images.shape[-3] not in (1, 3, 4):
+            images = images.movedim(-1, -3)
+        return images_to_float(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.to_float(images).to(self.head.weight.dtype)

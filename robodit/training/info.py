@@ -103,6 +103,8 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
                         "action": list(m.get("action", {}).get("shape", []))} if m else {})}
                    for s, m in zip(stores, meta.get("stores") or [None] * len(stores))],
         "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed") if k in train},
+        # how the learning-rate schedule stood at this checkpoint (checkpoints from before it was recorded: None)
+        "schedule": cfg.get("schedule"),
     }
     counts = _active_parameters(cfg)
     if counts:
@@ -129,6 +131,20 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _format_schedule(c: dict) -> str:
+    """The last step's learning rate against the peak, and what set the decay's pace: the step count or the
+    wall-clock budget (train.max_minutes)."""
+    frac = c.get("lr_fraction")
+    if c.get("driven_by") == "max_minutes":
+        pace = f"decayed on the {c['max_minutes']:g}-minute budget (train.max_minutes)"
+    else:
+        pace = f"decay over train.steps {c.get('steps')}" + (
+            f" (train.max_minutes {c['max_minutes']:g} did not end it first)" if c.get("max_minutes") else "")
+    share = f" = {100 * frac:.3g}% of peak {c['peak_lr']:.3g}" if frac is not None else ""
+    return (f"last step at lr {c['lr']:.3g}{share} (floor {100 * c.get('min_lr_ratio', 0.0):.3g}%), "
+            f"decay {100 * c.get('progress', 0.0):.3g}% done; {pace}")
+
+
 def format_checkpoint(s: dict) -> str:
     p = s["policy"]
     params = s["parameters"]
@@ -151,6 +167,8 @@ def format_checkpoint(s: dict) -> str:
     t = s["training"]
     if t:
         lines.append("training:   " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    if s.get("schedule"):
+        lines.append("schedule:   " + _format_schedule(s["schedule"]))
     for st in s["stores"]:
         tasks = st["tasks"]
         shown = ", ".join(tasks[:6]) + (f", ... ({len(tasks)} tasks)" if len(tasks) > 6 else "")

@@ -1,8 +1,9 @@
 """The one training loop every policy family uses (train.py is a thin Hydra wrapper around `train`).
 
-AdamW, linear warmup + cosine decay, grad clipping, EMA (evaluation uses it), bf16 autocast on CUDA, DDP
-under torchrun, atomic checkpoints, exact resume (data order, RNG, optimizer, EMA and step all restored),
-wall-clock budget, fine-tuning from another checkpoint.
+AdamW, linear warmup + cosine decay (over train.steps, or the wall-clock budget when that ends first:
+robodit.training.schedule), grad clipping, EMA (evaluation uses it), bf16 autocast on CUDA, DDP under torchrun,
+atomic checkpoints, exact resume (data order, RNG, optimizer, EMA and step all restored), wall-clock budget,
+fine-tuning from another checkpoint.
 """
 
 from __future__ import annotations
@@ -29,16 +30,7 @@ from robodit.datasets.store import DemoStore
 from robodit.training import checkpoint as ckpt_io
 from robodit.training.distributed import DistInfo, setup_distributed
 from robodit.training.logging import RunLogger
-
-
-def _lr_lambda(warmup: int, total: int, min_ratio: float):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+from robodit.training.schedule import LRSchedule
 
 
 def _rng_state() -> dict[str, Any]:
@@ -185,13 +177,14 @@ class Trainer:
             if dist.is_main:
                 print(f"[robodit] train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: warming up over "
                       f"{warmup} steps instead", flush=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(warmup, tc.steps, tc.get("min_lr_ratio", 0.0)))
+        budget_s = None if tc.get("max_minutes") in (None, 0) else 60 * float(tc.max_minutes)
+        schedule = LRSchedule(warmup, tc.steps, tc.get("min_lr_ratio", 0.0), budget_s)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: schedule.factor(k))
         ema = EMAModel(policy.parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=tc.get("ema_power", 0.75))
         step, elapsed_before = 0, 0.0
         resume_from = self._find_resume() if tc.get("resume") else None
         if resume_from is not None:
-            step, elapsed_before = self._restore(resume_from, policy, optimizer, scheduler, ema)
+            step, elapsed_before = self._restore(resume_from, policy, optimizer, scheduler, ema, schedule)
         model = policy
         if dist.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -222,7 +215,8 @@ class Trainer:
         loader = iter(self._build_loader(step))
         t0 = time.monotonic()
         # this invocation's wall time: a resumed run gets max_minutes more (fits a cluster job's time limit)
-        deadline = None if tc.get("max_minutes") in (None, 0) else t0 + 60 * float(tc.max_minutes)
+        deadline = None if budget_s is None else t0 + budget_s
+        schedule.start(t0)
         bar = tqdm(total=tc.steps, initial=step, disable=not dist.is_main or not tc.get("progress", True),
                    dynamic_ncols=True, desc="train")
         last_saved, stop_reason = None, "steps"
@@ -239,17 +233,23 @@ class Trainer:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
             lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
+            lr_progress = schedule.progress  # and how far into the decay it was
             optimizer.step()
-            scheduler.step()
             ema.step(policy.parameters())
             policy.on_weights_changed()
             step += 1
             bar.update(1)
-            out_of_time = deadline is not None and time.monotonic() >= deadline
-            if dist.world_size > 1 and deadline is not None:  # every rank must stop at the same step
-                flag = torch.tensor(float(out_of_time), device=self.device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
+            now = time.monotonic()
+            out_of_time = deadline is not None and now >= deadline
+            if deadline is not None:  # the budget's share of the decay as the next step starts
+                budget = [float(out_of_time), schedule.time_fraction(now, step)]
+                if dist.world_size > 1:  # every rank must stop at the same step, and use the same rate
+                    both = torch.tensor(budget, device=self.device)
+                    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+                    budget = both.tolist()
+                out_of_time = bool(budget[0])
+                schedule.observe(budget[1])
+            scheduler.step()
             if step % tc.log_every == 0 or step == tc.steps or out_of_time:
                 metrics = {f"train/{k}": v for k, v in self._global_mean(out).items()}
                 now = time.monotonic()
@@ -269,15 +269,18 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.4f}", success=f"{metrics.get('eval/success_rate', 0):.2f}")
                 self.dist.barrier()
             if step % tc.checkpoint_every == 0 or step == tc.steps or out_of_time:
-                last_saved = self._save(step, policy, optimizer, scheduler, ema, config_record,
-                                        elapsed_before + time.monotonic() - t0)
+                last_saved = self._save(step, policy, optimizer, scheduler, ema,
+                                        {**config_record, "schedule": schedule.record(lr, tc.lr, lr_progress)},
+                                        elapsed_before + time.monotonic() - t0, schedule)
             if out_of_time:
                 stop_reason = "max_minutes"
                 break
         bar.close()
         if dist.is_main:
             rate = (step - start_step) / max(1e-9, time.monotonic() - t0)
-            print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; "
+            final = (f"last lr {lr:.3g} ({lr / tc.lr:.1%} of peak, decay {lr_progress:.0%} done, paced by "
+                     f"{schedule.driven_by}); " if step > start_step and tc.lr else "")
+            print(f"[robodit] stopped at step {step} ({stop_reason}); {rate:.1f} it/s; {final}"
                   f"checkpoint {last_saved}", flush=True)
         logger.close()
         return last_saved
@@ -339,7 +342,7 @@ class Trainer:
         return {"policy": self._policy_config(), "shape_meta": self.shape_meta, "store": self.store_record,
                 "train": OmegaConf.to_container(self.cfg, resolve=True)}
 
-    def _save(self, step, policy, optimizer, scheduler, ema, config, elapsed) -> Path | None:
+    def _save(self, step, policy, optimizer, scheduler, ema, config, elapsed, schedule) -> Path | None:
         rng = _rng_state()
         if self.dist.world_size > 1:  # every rank's RNG, so a resumed DDP run replays exactly
             states = [None] * self.dist.world_size
@@ -353,7 +356,7 @@ class Trainer:
         for (name, _), shadow in zip(((n, p) for n, p in policy.named_parameters()), ema.shadow_params):
             ema_state[name] = shadow
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "ema": ema.state_dict(), "rng": rng, "elapsed_s": elapsed}
+                       "lr_schedule": schedule.state_dict(), "ema": ema.state_dict(), "rng": rng, "elapsed_s": elapsed}
         path = ckpt_io.save_checkpoint(self.out_dir / "checkpoints" / f"step_{step:08d}", model_state=model_state,
                                        ema_state=ema_state, normalizer_state=policy.normalizer.state_dict_flat(),
                                        config=config, train_state=train_state)
@@ -405,15 +408,22 @@ class Trainer:
             print(f"[robodit] the training data changed since {path.name} ({', '.join(changed)}): continuing with "
                   "the checkpoint's normaliser; the data order is no longer a replay", flush=True)
 
-    def _restore(self, path: Path, policy, optimizer, scheduler, ema) -> tuple[int, float]:
+    def _restore(self, path: Path, policy, optimizer, scheduler, ema, schedule) -> tuple[int, float]:
         self._check_resume(path)
         state = load_file(str(path / "model.safetensors"))
+        missing = [k for k in ckpt_io.export_state(policy) if k not in state]
+        if missing:  # its optimizer and EMA state hold fewer tensors than this policy has: nothing to continue
+            raise ValueError(f"train.resume=true: {path} has no {missing[:3]}{' ...' if len(missing) > 3 else ''}: it "
+                             "was saved by an older robodit whose layers differ, so its optimizer state cannot "
+                             f"continue this run. Fine-tune from it instead: train.init_from={path}")
         policy.load_state_dict(state, strict=False)
         # the statistics the weights were trained under, not the store's as it is now (it may have grown)
         policy.normalizer.load_state_dict(load_file(str(path / "normalizer.safetensors")))
         ts = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
+        if "lr_schedule" in ts:  # older checkpoints: the closed-form schedule, which the fresh state computes
+            schedule.load_state_dict(ts["lr_schedule"], int(ts["step"]))
         ema.load_state_dict(ts["ema"])
         ema.to(self.device)
         per_rank = ts["rng"].get("per_rank", [ts["rng"]])
@@ -430,7 +440,10 @@ class Trainer:
         return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
 
     def _init_from(self, policy, path) -> None:
-        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's."""
+        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's.
+        The policy's run-progress counters (`run_state_keys`, e.g. PAD's step count that switches its action loss
+        on) are not weights: they stay at this run's own values, so `action_loss_start_step` counts fine-tune
+        steps."""
         src = ckpt_io.resolve_checkpoint(path)
         src_policy = ckpt_io.read_config(src).get("policy") or {}
         family = src_policy.get("_target_")
@@ -439,7 +452,8 @@ class Trainer:
                              f"{self.cfg.policy._target_.rsplit('.', 1)[-1]}: another family's weights do not "
                              "transfer (only tensor names that happen to match would load)")
         weights = src / ("ema.safetensors" if (src / "ema.safetensors").exists() else "model.safetensors")
-        state = load_file(str(weights))
+        run_state = set(policy.run_state_keys)
+        state = {k: v for k, v in load_file(str(weights)).items() if k not in run_state}
         own = ckpt_io.export_state(policy)
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and v.shape != own[k].shape]
@@ -449,7 +463,7 @@ class Trainer:
             hint = [f"policy.{k}={src_policy.get(k)}" for k in keys if src_policy.get(k) != now.get(k)]
             raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}"
                              + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else ""))
-        missing = [k for k in own if k not in state]
+        missing = [k for k in own if k not in state and k not in run_state]
         unused = [k for k in state if k not in own]
         policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         if self.dist.is_main:

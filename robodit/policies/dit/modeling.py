@@ -28,9 +28,6 @@ SIZES = {
 @register_policy("dit")
 class DiTPolicy(DiffusionPolicy):
     SIZES = SIZES  # a family built on this architecture (MDT) brings its own size table
-    # x0-prediction DDPM: on reach-v3 at 900 steps 100% vs 85% (EDM) vs 5% (epsilon); configs/policy/dit.yaml
-    default_formulation = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                           "num_train_timesteps": 100, "clip_sample": 1.0}
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
@@ -82,7 +79,7 @@ class DiTPolicy(DiffusionPolicy):
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        task = self.global_task_vector(goal, tokens.shape[0])
+        task = self.global_task_vector(goal)
         tokens = self.with_task_token(tokens, goal)
         for block in self.context_encoder:
             tokens = block(tokens)

@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from robodit.nn.attention import Attention, TransformerEncoderBlock, make_norm
+from robodit.nn.encoders import images_to_float
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -63,9 +64,7 @@ class MaskedForesight(nn.Module):
         self.norm = make_norm("layernorm", width)
         self.head = nn.Linear(width, patch_dim)
 
-    @staticmethod
-    def to_float(images: torch.Tensor) -> torch.Tensor:
-        return images.float().div(127.5).sub(1.0) if images.dtype == torch.uint8 else images.float()
+    to_float = staticmethod(images_to_float)
 
     def forward(self, context: torch.Tensor, targets: dict[str, torch.Tensor],
                 mask: torch.Tensor | None = None, generator: torch.Generator | None = None):

@@ -15,7 +15,6 @@ policy also acts sensibly with no goal. Shapes: one goal token [B, 1, D] whateve
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +22,8 @@ from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
 from robodit.keys import is_image_key
-from robodit.policies.base import register_policy
+from robodit.policies.base import keep_in_graph, register_policy
 from robodit.policies.dit.modeling import DiTPolicy
-from robodit.policies.language_goals import LanguageGoals
 from robodit.policies.mdt.foresight import ContrastiveAlignment, MaskedForesight
 
 SIZES = {
@@ -39,8 +37,9 @@ GOAL_MODALITIES = ("language", "image")
 
 
 @register_policy("mdt")
-class MDTPolicy(LanguageGoals, DiTPolicy):
+class MDTPolicy(DiTPolicy):
     SIZES = SIZES
+    task_goals, language_goals = False, True  # the goal token stands where a task id would
     default_formulation = {"name": "edm"}  # the paper's EDM (sigma_data 0.5, log-logistic training sigmas)
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
@@ -59,6 +58,7 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
         self.task_embedding = None  # goal-conditioned: the goal token stands where the task id would
         w, h = self.action_in.out_features, self.blocks[0].attn.heads
         self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
+        self.image_goals = tuple(self.image_keys)  # a goal image per camera
         if not self.image_keys:
             raise ValueError("mdt needs at least one camera (uint8 H×W×C observation): goal images and foresight "
                              f"are images; the store's observation keys are {sorted(self.obs_shapes)}")
@@ -91,9 +91,6 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
         return self.image_goal(torch.cat(feats, dim=-1))
 
     def language_goal_token(self, lang_emb: torch.Tensor) -> torch.Tensor:
-        if lang_emb.shape[-1] != self.lang_dim:
-            raise ValueError(f"goal lang_emb has {lang_emb.shape[-1]} features; this policy expects {self.lang_dim} "
-                             f"({self.language_encoder!r} embeddings)")
         return self.lang_goal(lang_emb.to(self.null_goal.dtype))
 
     def encode_tokens(self, goal_token: torch.Tensor, obs_tokens: torch.Tensor) -> torch.Tensor:
@@ -103,33 +100,21 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
             tokens = block(tokens)
         return tokens
 
+    def goal_keys(self) -> list[str]:
+        return super().goal_keys() + ["no_goal"]  # the learned null token (what goal dropout trains)
+
     def _inference_goal(self, goal: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """The goal token from a resolved goal (`resolve_goal`): language or image under `goal_modality`."""
         has_image = all(k in goal for k in self.image_keys)
         if "lang_emb" in goal and (self.goal_modality == "language" or not has_image):
-            return self.language_goal_token(goal["lang_emb"].reshape(-1, self.lang_dim)).expand(batch, -1)
+            return self.language_goal_token(goal["lang_emb"])
         if has_image:
-            return self.image_goal_token(self._goal_images(goal, batch))
+            return self.image_goal_token(goal)
         if goal.get("no_goal") is not None:
             return self.null_goal.expand(batch, -1)
         raise ValueError(f"mdt needs a goal: goal={{'instruction': str}}, {{'lang_emb': [B, {self.lang_dim}]}} or goal "
                          f"images {{{', '.join(repr(k) for k in self.image_keys)}: [B, H, W, C] uint8}}; got keys "
                          f"{sorted(goal)}")
-
-    def _goal_images(self, goal: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
-        """Goal images as the encoder takes them: one uint8 frame [H, W, C] (or [1, ...]) serves the whole batch,
-        as an instruction string does; [B, H, W, C] gives each row its own."""
-        out = {}
-        for k in self.image_keys:
-            x = torch.as_tensor(goal[k])
-            h, w, c = self.obs_shapes[k][0]
-            frame = tuple(x.shape[-3:])
-            if x.dtype != torch.uint8 or x.ndim not in (3, 4) or frame not in ((h, w, c), (c, h, w)) \
-                    or (x.ndim == 4 and x.shape[0] not in (1, batch)):
-                raise ValueError(f"goal image {k!r} is {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}; "
-                                 f"expected uint8 [{h}, {w}, {c}] or [B, {h}, {w}, {c}] with B = {batch} (or 1)")
-            x = x if x.ndim == 4 else x[None]
-            out[k] = x.expand(batch, *x.shape[1:])
-        return out
 
     def encode(self, obs, goal):
         obs_tokens = self.obs_encoder(obs)
@@ -148,12 +133,6 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
             raise ValueError(f"task {task!r} has no goal image (goal=image makes one from a held-out expert success)")
         return load_goal_image(goal_image, {k: self.obs_shapes[k][0] for k in self.image_keys})
 
-    @torch.no_grad()
-    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """goal: {"instruction": str | list[str]} (embedded here), {"lang_emb": ...} or goal images."""
-        return super().predict_action(obs, self.embed_goal_instruction(goal), generator)
-
     # -- training ---------------------------------------------------------------------------------------------
     def _dropout(self, token: torch.Tensor) -> torch.Tensor:
         if not self.training or self.goal_dropout <= 0:
@@ -163,17 +142,15 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         obs = self.normalize_obs(self.split_batch(batch, "obs"))
-        goal = self.split_batch(batch, "goal")
         obs_tokens = self.obs_encoder(obs)
         b = obs_tokens.shape[0]
+        goal = self.resolve_goal(self.goal_from_batch(batch), b)
         x0, mask = self.diffusion_target(batch)
         image_token = self.image_goal_token(goal)
         enc_image = self.encode_tokens(self._dropout(image_token), obs_tokens)
         losses = [self._diffusion(enc_image, x0, mask)]
         has_lang = goal.get("has_lang", torch.zeros(b, dtype=torch.bool, device=obs_tokens.device)).bool()
         idx = has_lang.nonzero().flatten()
-        # unused branches still join the graph (× 0), so DDP sees a gradient for every parameter every step
-        zero = sum(p.sum() for p in self.lang_goal.parameters()) * 0.0
         out: dict[str, torch.Tensor] = {}
         enc_lang = None
         if len(idx):
@@ -181,7 +158,7 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
             losses.append(self._diffusion(enc_lang, x0[idx], mask[idx]))
         per_sample = torch.cat(losses)
         diffusion = per_sample.mean()
-        loss = diffusion + zero
+        loss = keep_in_graph(diffusion, self.lang_goal.parameters())  # batches without language too (DDP)
         out["diffusion_loss"] = diffusion.detach()
         out["language_fraction"] = has_lang.float().mean().detach()
         if self.foresight is not None:
@@ -192,8 +169,8 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
         if self.alignment is not None:
             if len(idx) >= 2:
                 cla = self.alignment(self.encode_tokens(image_token[idx], obs_tokens[idx]), enc_lang)
-            else:  # a contrast needs two samples; keep the graph whole (DDP) at zero cost
-                cla = sum(p.sum() for p in self.alignment.parameters()) * 0.0
+            else:  # a contrast needs two samples
+                cla = keep_in_graph(diffusion.new_zeros(()), self.alignment.parameters())
             loss = loss + self.cla_weight * cla
             out["cla_loss"] = cla.detach()
             out["cla_temperature"] = self.alignment.logit_scale.detach().neg().exp()
@@ -212,7 +189,7 @@ class MDTPolicy(LanguageGoals, DiTPolicy):
             raise ValueError("this MDT was trained without MGF (mgf_weight=0): nothing to reconstruct")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         obs = self.normalize_obs(self.split_batch(batch, "obs"))
-        goal = self.split_batch(batch, "goal")
+        goal = self.resolve_goal(self.goal_from_batch(batch), batch["action"].shape[0])
         enc = self.encode_tokens(self.image_goal_token(goal), self.obs_encoder(obs))
         targets = {k: batch[f"future.{k}"][:, 0] for k in self.image_keys}
         gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -23,14 +23,11 @@ from robodit.nn.moe import (ChosenExperts, FusedSwiGLU, NoiseRoutedMoE, Route, c
 from robodit.policies.base import register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
 
-# Default diffusion process: the DiT baseline's x0-prediction DDPM (100 training levels, squaredcos, x0 clipped to
-# the normalised action range), sampled with DDIM-5. The paper's EDM (`{"name": "edm"}`) is one override away, but
-# on Meta-World reach-v3 (2500 steps, 50 held-out episodes) it reached 56% against 98% with this process: EDM's
-# 5-step sampler visits sigma 80 and 4.8 first, and the log-logistic training law (loc log 0.5, scale 0.5) puts
-# 0.004% of its mass above 80 and 1.1% above 4.8, so the first steps - and their noise routes - run at levels the
-# network has hardly seen.
-DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                       "num_train_timesteps": 100, "clip_sample": 1.0}
+# Diffusion process: the families' x0-prediction DDPM (DiffusionPolicy.default_formulation), sampled with DDIM-5.
+# The paper's EDM (`{"name": "edm"}`) is one override away, but on Meta-World reach-v3 (2500 steps, 50 held-out
+# episodes) it reached 56% against 98% with this process: EDM's 5-step sampler visits sigma 80 and 4.8 first, and
+# the log-logistic training law (loc log 0.5, scale 0.5) puts 0.004% of its mass above 80 and 1.1% above 4.8, so
+# the first steps - and their noise routes - run at levels the network has hardly seen.
 
 SIZES = {
     # name: (width, depth, heads, image channels)
@@ -77,10 +74,9 @@ class CachedStep(NamedTuple):
 
 @register_policy("mode")
 class MoDEPolicy(DiffusionPolicy):
-    default_formulation = DEFAULT_FORMULATION
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
-                 obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
+                 obs_horizon: int = 1, action_horizon: int = 10, n_action_steps: int = 10,
                  formulation: dict | str | None = None, sampler: str = "ddim", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
@@ -193,7 +189,7 @@ class MoDEPolicy(DiffusionPolicy):
     # -- the network --------------------------------------------------------------------------------------------
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
-        task = self.global_task_vector(goal, tokens.shape[0])
+        task = self.global_task_vector(goal)
         tokens = self.with_task_token(tokens, goal)
         return {"tokens": tokens, "task": task}
 

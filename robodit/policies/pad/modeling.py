@@ -26,18 +26,14 @@ from robodit.diffusion.base import masked_mean, randn
 from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.keys import is_image_key
-from robodit.policies.base import register_policy
+from robodit.nn.encoders import images_to_float
+from robodit.policies.base import keep_in_graph, register_policy
 from robodit.policies.diffusion_policy import DiffusionPolicy
-from robodit.policies.language_goals import LanguageGoals
 
 SIZES = {"tiny": (64, 2, 2), "base": (256, 6, 4), "large": (512, 12, 8)}  # width, depth, heads
 
-# the paper's process: DDPM epsilon, linear betas, 1000 training steps (sampled with 50 DDIM steps); 40% on
-# reach-v3 from 64 px at an 8-min CPU budget against 100% for the x0 default (configs/policy/pad.yaml)
-PAPER_FORMULATION = {"name": "ddpm", "prediction": "epsilon", "beta_schedule": "linear",
-                     "num_train_timesteps": 1000, "clip_sample": 1.0}
-DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                       "num_train_timesteps": 100, "clip_sample": 1.0}
+# The families' x0 default; the paper's process (DDPM epsilon, linear betas, 1000 training levels, DDIM-50) gave 40%
+# on reach-v3 from 64 px at an 8-min CPU budget against 100% (configs/policy/pad.yaml says how to set it).
 
 
 def image_attention_mask(num_image: int, num_action: int, device=None) -> torch.Tensor:
@@ -48,12 +44,12 @@ def image_attention_mask(num_image: int, num_action: int, device=None) -> torch.
 
 
 @register_policy("pad")
-class PADPolicy(LanguageGoals, DiffusionPolicy):
-    default_formulation = DEFAULT_FORMULATION
+class PADPolicy(DiffusionPolicy):
+    run_state_keys = ("train_steps",)
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  obs_horizon: int = 1, action_horizon: int = 16, n_action_steps: int = 8,
-                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 50,
+                 formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
                  future_frames: int = 2, future_stride: int = 8, image_size: int = 64, patch_size: int = 8,
                  image_loss_weight: float = 1.0, action_loss_weight: float = 1.0, action_loss_start_step: int = 0,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
@@ -62,6 +58,7 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
                          formulation, sampler, num_inference_steps)
         self.language_encoder, self.lang_dim = language_encoder, int(lang_dim)
+        self.language_goals = bool(language_encoder)  # instructions replace the task id where given
         if size not in SIZES:
             raise ValueError(f"unknown pad size {size!r}; choose one of {sorted(SIZES)}")
         if future_frames < 1 or future_stride < 1:
@@ -108,7 +105,8 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         self.action_head = AdaLNFinal(w, self.action_dim)
         self.register_buffer("attn_mask", image_attention_mask(self.num_image_tokens, action_horizon),
                              persistent=False)
-        # optimizer steps seen by compute_loss: decides when the action loss switches on; saved, so resume agrees
+        # optimizer steps seen by compute_loss: decides when the action loss switches on; saved, so resume agrees;
+        # a run-progress counter (run_state_keys), so a fine-tune counts its own steps from 0
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         self.inference_cache = bool(inference_cache)  # off: every step recomputes its modulations (benchmarks)
         self._mod_cache: dict = {}
@@ -141,7 +139,7 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
     # -- pixels <-> tokens --------------------------------------------------------------------------------------
     def to_model_frames(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [..., C, H, W] → float [-1, 1] at image_size (area resize when the store's size differs)."""
-        x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
+        x = images_to_float(x)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             lead = x.shape[:-3]
             x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=(self.image_size, self.image_size), mode="area")
@@ -178,29 +176,20 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         state = None
         if self.state_in is not None:
             state = self.state_in(torch.cat([obs[k].flatten(1) for k in self.state_keys], -1))[:, None]
-        goal = goal or {}
-        lang = goal.get("lang_emb") if self.lang_proj is not None else None
-        has_lang = None
-        if lang is not None:
-            has_lang = torch.as_tensor(goal.get("has_lang", True), device=device).bool().reshape(-1).expand(batch)
+        goal = goal or {}  # resolved (`resolve_goal`): task_id [B] unless every row has an instruction
         task = goal.get("task_id")
-        if task is None:
-            if self.num_tasks > 1 and (has_lang is None or not bool(has_lang.all())):
-                raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task_id': ...}}"
-                                 + (" or an instruction" if self.lang_proj is not None else ""))
-            task = torch.zeros(batch, dtype=torch.long, device=device)
-        task = torch.as_tensor(task, device=device).long().reshape(-1).expand(batch)
+        task = torch.zeros(batch, dtype=torch.long, device=device) if task is None else task.expand(batch)
         action = self.action_pos if state is None else self.action_pos + state  # the action tokens' clean part
         goal_vec = self.task_embedding(task)
-        if has_lang is not None:
-            if lang.shape[-1] != self.lang_dim:
-                raise ValueError(f"goal lang_emb has {lang.shape[-1]} features; this policy expects {self.lang_dim}")
-            lang_vec = self.lang_proj(torch.as_tensor(lang, device=device).float().reshape(-1, self.lang_dim))
-            goal_vec = torch.where(has_lang[:, None], lang_vec.expand(batch, -1), goal_vec)
-        elif self.lang_proj is not None and self.training:  # keep lang_proj in the graph (DDP) at zero cost
-            goal_vec = goal_vec + 0.0 * sum(p.sum() for p in self.lang_proj.parameters())
+        lang = goal.get("lang_emb")
+        if lang is not None:
+            has_lang = goal.get("has_lang", torch.ones(batch, dtype=torch.bool, device=device))
+            lang_vec = self.lang_proj(lang.reshape(-1, self.lang_dim).to(goal_vec.dtype))
+            goal_vec = torch.where(has_lang.reshape(-1, 1), lang_vec.expand(batch, -1), goal_vec)
+        elif self.lang_proj is not None and self.training:
+            goal_vec = keep_in_graph(goal_vec, self.lang_proj.parameters())
         out = {"image": image, "action": action, "task": goal_vec}
-        if self.inference_cache and not self.training and has_lang is None:  # cache rows: the chunk's tasks
+        if self.inference_cache and not self.training and lang is None:  # cache rows: the chunk's tasks
             rows, index = torch.unique(task, return_inverse=True)
             out.update(task_rows=tuple(rows.tolist()), task_index=index)
         return out
@@ -230,7 +219,7 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
             raise KeyError(f"batch lacks {missing}: build the WindowDataset with future_frames="
                            f"{self.future_frames}, future_stride={self.future_stride} (the trainer does for pad)")
         obs = self.normalize_obs(self.split_batch(batch, "obs"))
-        cond = self.encode(obs, self.goal_from_batch(batch))
+        cond = self.encode(obs, self.resolve_goal(self.goal_from_batch(batch), batch["action"].shape[0]))
         future = torch.cat([self.patchify(self.to_model_frames(batch[f"future.{k}"])) for k in self.image_keys], 1)
         actions = self.normalizer.normalize("action", batch["action"].float())
         valid = ~batch["action_is_pad"]  # all False for action-free episodes
@@ -260,9 +249,7 @@ class PADPolicy(LanguageGoals, DiffusionPolicy):
         """One joint denoising run: (actions [B, Tp, A] in robot units, {image key: frames [B, k, C, S, S] in [0, 1]})."""
         obs_t = self.normalize_obs(self.prepare_obs(obs))
         batch = next(iter(obs_t.values())).shape[0]
-        goal = self.embed_goal_instruction(goal)  # goal={"instruction": ...} → lang_emb
-        goal_t = {k: torch.as_tensor(v, device=self.device) for k, v in goal.items()}
-        cond = self.encode(obs_t, goal_t)
+        cond = self.encode(obs_t, self.resolve_goal(goal, batch))
         x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), (batch, self.flat_dim),
                                     sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
                                     device=self.device)

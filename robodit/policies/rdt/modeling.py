@@ -37,9 +37,8 @@ from robodit.nn.attention import MLP, Attention, RMSNorm
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.keys import is_image_key
 from robodit.nn.encoders import ObservationEncoder
-from robodit.policies.base import register_policy
-from robodit.policies.diffusion_policy import DiffusionPolicy
-from robodit.policies.language_goals import LanguageGoals
+from robodit.policies.base import keep_in_graph, register_policy
+from robodit.policies.diffusion_policy import X0_DDPM, DiffusionPolicy
 
 SIZES = {
     # name: (width, depth, heads, image channels)
@@ -47,9 +46,6 @@ SIZES = {
     "base": (256, 8, 4, (32, 64, 128, 256)),
     "1b": (2048, 28, 32, (64, 128, 256, 512)),  # RDT-1B
 }
-
-DEFAULT_FORMULATION = {"name": "ddpm", "prediction": "sample", "beta_schedule": "squaredcos_cap_v2",
-                       "num_train_timesteps": 1000, "clip_sample": 1.0}
 
 
 class _ScalarEmbedding(SinusoidalEmbedding):
@@ -83,10 +79,11 @@ def _stores(shape_meta: dict) -> list[dict]:
 
 
 @register_policy("rdt")
-class RDTPolicy(LanguageGoals, DiffusionPolicy):
-    default_formulation = DEFAULT_FORMULATION
+class RDTPolicy(DiffusionPolicy):
+    default_formulation = {**X0_DDPM, "num_train_timesteps": 1000}  # RDT's 1000 levels
 
     supports_multi_store = True  # trains on robodit.datasets.multi batches (dataset.paths=[...])
+    language_goals = language_tokens = True  # language tokens are cross-attention keys: any number per row
 
     def __init__(self, shape_meta: dict, normalizer: Normalizer | None = None, size: str = "base",
                  robot: str | None = None, control_hz: float | None = None, state_key: str = "state",
@@ -256,7 +253,7 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
     def _normalized(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw unified batch → normalised model inputs, each sample with its own store's statistics."""
         sid = batch["store_id"].long()
-        out = {key[4:]: batch[key] for key in batch if key.startswith("obs.image")}
+        out = {key: batch[f"obs.{key}"] for key in self.image_shapes}  # cameras by dtype/shape, never by name
         out["state"] = (batch["obs.state"] - self.u_state_offset[sid, None]) / self.u_state_scale[sid, None]
         out["state"] = out["state"] * batch["state_mask"][:, None]
         out["context"] = (batch["obs.context"] - self.u_context_offset[sid, None]) / self.u_context_scale[sid, None]
@@ -284,29 +281,22 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
             return None
         return (torch.rand(batch, device=device) < self.cond_dropout)[:, None, None]
 
-    def _language(self, goal: dict[str, torch.Tensor] | None, batch: int, device) -> torch.Tensor:
+    def _language(self, goal: dict[str, torch.Tensor] | None, batch: int) -> torch.Tensor:
+        """Language tokens [B, L, W] from the resolved goal (`resolve_goal`); rows without an instruction take the
+        task embedding (multi-task store) or the learned null token."""
         goal = goal or {}
         if self.task_embedding is not None and "task_id" in goal:
-            task = torch.as_tensor(goal["task_id"], device=device).long().reshape(-1).expand(batch)
-            fallback = self.task_embedding(task)[:, None]
-        elif self.task_embedding is not None and "lang_emb" not in goal:
-            raise ValueError(f"this policy was trained on {self.num_tasks} tasks: pass goal={{'task': NAME}}, "
-                             f"{{'task_id': ...}} or {{'lang_emb': ...}}{self.task_table()}")
+            fallback = self.task_embedding(goal["task_id"].expand(batch))[:, None]
         else:
             fallback = self.null_lang.expand(batch, 1, -1)
         lang = goal.get("lang_emb")
         if lang is None:
             return fallback
-        lang = torch.as_tensor(lang, device=device).float()
         lang = lang[:, None] if lang.dim() == 2 else lang  # [B, D] → one token
-        if lang.shape[-1] != self.lang_dim:
-            raise ValueError(f"goal lang_emb has {lang.shape[-1]} features; the policy was built with "
-                             f"lang_dim={self.lang_dim}")
         tokens = self.lang_adaptor(lang.to(self.null_lang.dtype)).expand(batch, -1, -1)
         has = goal.get("has_lang")
         if has is not None:  # samples without language keep the task / null token
-            has = torch.as_tensor(has, device=device).bool().reshape(-1, 1, 1)
-            tokens = torch.where(has, tokens, fallback.expand_as(tokens))
+            tokens = torch.where(has.reshape(-1, 1, 1), tokens, fallback.expand_as(tokens))
         return tokens
 
     def _optional_parameters(self):
@@ -320,7 +310,7 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
         store_id, action_mask."""
         obs_tokens = self.obs_encoder({k: obs[k] for k in ("context", *self.image_shapes)})
         batch, device = obs_tokens.shape[0], obs_tokens.device
-        lang = self._language(goal, batch, device)
+        lang = self._language(goal, batch)
         value = obs["state"].to(obs_tokens.dtype)
         state = torch.cat([value, obs["state_mask"][:, None].to(value).expand_as(value)], dim=-1)
         freq = self.freq_embedding(self.store_hz[obs["store_id"]].to(device))[:, None]
@@ -336,8 +326,8 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
                 obs_tokens = torch.where(drop, null.expand_as(obs_tokens), obs_tokens)
             else:
                 freq = torch.where(drop, null.expand_as(freq), freq)
-        if self.training:  # DDP needs every parameter in the graph, whichever conditions this batch carried
-            freq = freq + 0.0 * sum(p.sum() for p in self._optional_parameters())
+        if self.training:  # whichever conditions this batch carried
+            freq = keep_in_graph(freq, self._optional_parameters())
         lang, obs_tokens = self.cond_norm(lang), self.cond_norm(obs_tokens)
         contexts = [lang if i % 2 == 0 else obs_tokens for i in range(len(self.blocks))]
         kv = ([None] * len(self.blocks) if self.training else
@@ -368,7 +358,8 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = self.unified_batch(batch)
-        cond = self.encode(self._normalized(batch), self.goal_from_batch(batch))
+        cond = self.encode(self._normalized(batch), self.resolve_goal(self.goal_from_batch(batch),
+                                                                       batch["action"].shape[0]))
         x0, mask = self.diffusion_target(batch)
         loss = self.formulation.loss(lambda x, c: self.denoise(x, c, cond), x0, mask=mask).mean()
         return {"loss": loss, "diffusion_loss": loss.detach()}
@@ -377,7 +368,7 @@ class RDTPolicy(LanguageGoals, DiffusionPolicy):
     def predict_unified(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised unified chunk [B, Tp, 128] (zero in the robot's unused slots)."""
-        return self.sample_chunk(obs, self.embed_goal_instruction(goal), generator, dim=UNIFIED_DIM)
+        return self.sample_chunk(obs, goal, generator, dim=UNIFIED_DIM)
 
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
