@@ -12,7 +12,7 @@ What each servo models (addresses from the STS3215 control table, little-endian 
 - a shaft angle `actual` in encoder ticks: Present_Position = actual - Homing_Offset (mod 4096), as the servo
   reports it; a Goal_Position write while torque is on clamps the goal to the position limits, and the shaft
   moves there at `speed` ticks/s (at once by default); with torque off goals are ignored, as a limp servo's are.
-- `muted`: the servos stop answering, as when a cable is pulled.
+- `muted` (or `mute_after` goal writes): the servos stop answering, as when a cable is pulled.
 - packets with a bad checksum get no answer; every instruction is recorded in `log` for the tests.
 """
 
@@ -118,11 +118,13 @@ class FakeServo:
 class FakeArm:
     """Six STS3215 servos with ids 1-6 on one bus (an SO-100/101 arm's wiring), answering Feetech packets."""
 
-    def __init__(self, positions: dict[str, int] | None = None, speed: float | None = None):
+    def __init__(self, positions: dict[str, int] | None = None, speed: float | None = None,
+                 mute_after: int | None = None):
         self.servos = {i + 1: FakeServo(i + 1, speed=speed) for i in range(len(MOTORS))}
         for name, ticks in (positions or {}).items():
             self.servo(name).actual = self.servo(name).target = ticks
         self.muted = threading.Event()  # set: the servos stop answering (a cable pulled, power lost)
+        self.mute_after = mute_after  # ... from this many Goal_Position writes on
         self.log: list[tuple[str, int, int, bytes]] = []  # (instruction, id, address, data)
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -192,6 +194,8 @@ class FakeArm:
             for k in range(2, len(p), n + 1):
                 if p[k] in self.servos:
                     self.servos[p[k]].write(addr, p[k + 1:k + 1 + n])
+            if self.mute_after is not None and len(self.goal_writes()) >= self.mute_after:
+                self.muted.set()
             return b""
         self.log.append((f"unsupported 0x{inst:02x}", sid, p[0] if p else 0, p))
         return b""

@@ -127,7 +127,8 @@ class LeRobotRobot(ControlInterface):
                            "and LeRobot asks what to do on stdin, which is closed: run once from a terminal "
                            "(ENTER writes the file to the motors), or calibrate with lerobot-calibrate") from None
         except (ConnectionError, OSError, RuntimeError) as exc:  # wrong port, unplugged, a motor missing
-            raise CLIError(f"{self.spec.robot} did not connect: {' '.join(str(exc).split())}") from exc
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # e.g. [Errno 13] Permission denied: not in dialout
+            raise CLIError(f"{self.spec.robot} did not connect: {' '.join(str(exc).split())}{cause}") from exc
         if not getattr(self.robot, "is_calibrated", True):  # `calibrate: false` skipped LeRobot's check
             raise CLIError(f"{self.spec.robot}: the motors' calibration differs from LeRobot's calibration file "
                            "(robot.calibrate is false, so nothing was written): its joint readings and the servos' "
