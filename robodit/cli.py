@@ -1,4 +1,4 @@
-"""`robodit collect | embed | info | convert | compare | serve | export | run` — everything but training and evaluating.
+"""`robodit collect | embed | info | convert | compare | serve | export | run`: all but training and evaluating.
 
 Each sub-command lives in the module that owns its job; this file only parses arguments and dispatches,
 so `robodit --help` stays fast (no torch / simulator import until a command runs).
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="run a simulator's scripted expert and store successful demos")
-    p.add_argument("source", help="SIMULATOR/TASK, e.g. metaworld/reach-v3, or a benchmark: metaworld/MT10")
+    p.add_argument("source", help="SIMULATOR/TASK, e.g. metaworld/reach-v3, or a benchmark: metaworld/MT10, "
+                   "libero/libero_object")
     p.add_argument("--episodes", type=int, default=None, help="successful episodes to keep")
     p.add_argument("--episodes-per-task", type=int, default=None, help="for a benchmark: episodes per task")
     p.add_argument("--language-fraction", type=float, default=None,
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed the instructions into meta/lang_emb with this encoder ('' to skip)")
     p.add_argument("--out", required=True, help="path of the Zarr store (created, or appended to)")
     p.add_argument("--image-size", type=int, default=0, help="render cameras at this size (0: no images)")
-    p.add_argument("--cameras", default="corner2", help="comma-separated camera names (with --image-size)")
+    p.add_argument("--cameras", default=None, help="comma-separated camera names (with --image-size; default: "
+                   "the simulator's: corner2 in Meta-World, image,image2 (agent view, wrist) in LIBERO)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="episode step limit (simulator default)")
     p.add_argument("--max-attempts", type=int, default=None, help="give up after this many rollouts")

@@ -41,7 +41,7 @@ def test_shipped_suites_load():
     ({"episode": 3}, r"s\.yaml: unknown key\(s\) \['episode'\]"),
     ({"tasks": []}, r"tasks: must be a non-empty list"),
     ({"seeds": [0, 5]}, r"seeds: blocks 0 and 5 overlap"),
-    ({"simulator": "libero"}, r"simulator: must be one of"),
+    ({"simulator": "gazebo"}, r"simulator: must be one of"),
     ({"tasks": [{"name": "reach-v3", "goal_image": "nope.png"}]}, r"tasks\[0\]\.goal_image: .*nope.png does not exist"),
 ])
 def test_bad_task_suites_are_clear_errors(tmp_path, patch, match):

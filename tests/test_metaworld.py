@@ -143,3 +143,18 @@ def test_instructions():
     assert task_instruction("reach-v3") == "reach the goal"
     assert task_instruction("drawer-open-v3") == "open the drawer"
     assert task_instruction("cabinet-open-v3") == "open the cabinet"  # fallback template
+
+
+def test_culling_geoms_outside_the_view_changes_no_pixel(env):
+    """The fast renderer drops geoms outside a camera's frustum before drawing: the frames must not change."""
+    from robodit.envs.rendering import FastRenderer
+
+    env.reset(seed=3)
+    m, d = env.unwrapped.model, env.unwrapped.data
+    culled, full = FastRenderer(m, d, cull=True), FastRenderer(m, d, cull=False)
+    try:
+        for cam in ("corner2", "topview", "gripperPOV", "behindGripper"):
+            assert np.array_equal(culled.render(cam, 64), full.render(cam, 64)), cam
+    finally:
+        culled.close()
+        full.close()

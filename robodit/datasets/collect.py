@@ -73,7 +73,7 @@ def collect(
     episodes: int,
     out: str | Path,
     image_size: int = 0,
-    cameras: tuple[str, ...] | list[str] | str = ("corner2",),
+    cameras: tuple[str, ...] | list[str] | str | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     max_attempts: int | None = None,
@@ -107,15 +107,20 @@ def collect(
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if isinstance(cameras, str):
         cameras = [c.strip() for c in cameras.split(",") if c.strip()]
-    if image_size > 0 and not cameras:
+    if image_size > 0 and cameras is not None and not cameras:
         raise ValueError("--image-size needs at least one camera")
-    _, task = parse_env_name(source)
+    sim, task = parse_env_name(source)
     if not 0.0 <= language_fraction <= 1.0:
         raise ValueError(f"--language-fraction must be in [0, 1], got {language_fraction}")
     labelled = _labelled_episodes(episodes, language_fraction, seed if language_seed is None else language_seed)
     max_attempts = 3 * episodes + 10 if max_attempts is None else int(max_attempts)
 
-    env = make_env(source, image_size=image_size, cameras=tuple(cameras), seed=seed, max_episode_steps=max_steps)
+    env_kwargs = dict(image_size=image_size, seed=seed, max_episode_steps=max_steps)
+    if cameras is not None:  # else the simulator's default cameras (Meta-World corner2, LIBERO image + image2)
+        env_kwargs["cameras"] = tuple(cameras)
+    if sim == "libero":  # layouts from the placement sampler: a demo never starts from an evaluation state
+        env_kwargs["init_states"] = False
+    env = make_env(source, **env_kwargs)
     try:
         if not hasattr(env, "expert_action"):
             raise ValueError(f"{source} has no scripted expert to collect demos with")
@@ -191,13 +196,18 @@ def collect(
 
 
 def benchmark_tasks(source: str) -> list[str] | None:
-    """The tasks of a multi-task source such as "metaworld/MT10", or None for a single task."""
+    """The tasks of a multi-task source such as "metaworld/MT10" or "libero/libero_object", or None for a
+    single task."""
     sim, _, name = source.partition("/")
     if sim == "metaworld":
         from robodit.envs.metaworld import BENCHMARKS
 
         if name in BENCHMARKS:
             return list(BENCHMARKS[name])
+    if sim == "libero" and "/" not in name:
+        from robodit.envs.libero_tasks import suite_tasks
+
+        return suite_tasks(name)  # an unknown suite: ValueError naming close matches
     return None
 
 

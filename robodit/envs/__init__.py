@@ -16,7 +16,11 @@ from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
 SIMULATORS: dict[str, tuple[str, str]] = {
     "metaworld": ("robodit.envs.metaworld:MetaWorldEnv", "robodit.envs.metaworld:check_task"),
     "robosuite": ("robodit.envs.robosuite:RobosuiteEnv", "robodit.envs.robosuite:check_task"),
+    "libero": ("robodit.envs.libero:LiberoEnv", "robodit.envs.libero_tasks:check_task"),
 }
+# prefix -> module:function returning None when this interpreter can build the simulator's envs, else the
+# Python that can (raising, with what to do, when there is none): LIBERO needs robosuite 1.4.
+INTERPRETERS: dict[str, str] = {"libero": "robodit.envs.libero_tasks:foreign_python"}
 
 
 def register_simulator(prefix: str, env_class: str, check_task: str) -> None:
@@ -66,10 +70,23 @@ def check_env_kwargs(simulator: str, kwargs: dict) -> None:
         raise ValueError(f"{simulator} envs take no {', '.join(unknown)}; their options: {', '.join(allowed)}")
 
 
+def foreign_python(simulator: str) -> str | None:
+    """The interpreter `simulator`'s envs must run in, or None for this one."""
+    path = INTERPRETERS.get(simulator)
+    return _load(path)() if path else None
+
+
 def make_env(name: str, **kwargs) -> ControlInterface:
-    """Build the env "SIM/TASK", e.g. `make_env("metaworld/reach-v3", image_size=84)`."""
+    """Build the env "SIM/TASK", e.g. `make_env("metaworld/reach-v3", image_size=84)`. A simulator that needs
+    another interpreter (LIBERO) is built there and driven through a `ForeignEnv` proxy."""
     sim, task = parse_env_name(name)
+    python = foreign_python(sim)
+    if python is not None:
+        from robodit.envs.interpreter import ForeignEnv
+
+        return ForeignEnv(python, name, **kwargs)
     return _load(SIMULATORS[sim][0])(task, **kwargs)
 
 
-__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "SIMULATORS", "check_env_kwargs", "make_env", "parse_env_name", "register_simulator"]
+__all__ = ["ArraySpec", "ControlInterface", "EnvSpec", "INTERPRETERS", "SIMULATORS", "check_env_kwargs",
+           "foreign_python", "make_env", "parse_env_name", "register_simulator"]

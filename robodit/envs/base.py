@@ -6,6 +6,7 @@ The Runner (evaluation, deployment) drives any `ControlInterface`; policies neve
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,18 @@ class EnvSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def global_seed(seed: int):
+    """Seed NumPy's global generator for the block, then restore it: robosuite's placement samplers (1.4 and
+    1.5) draw from it, so seeding it around a reset makes one seed one layout."""
+    saved = np.random.get_state()
+    np.random.seed(int(seed) % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
 class ControlInterface(abc.ABC):
     """`reset -> obs`, `step(action) -> (obs, success, done, info)`, `close()`; obs is a dict of numpy arrays."""
 
@@ -52,6 +65,11 @@ class ControlInterface(abc.ABC):
     def render(self) -> np.ndarray | None:
         """An upright RGB frame for videos (None when the interface has no camera)."""
         return None
+
+    def set_render(self, on: bool) -> None:  # noqa: B027 - optional hook
+        """Whether the next steps' observations need their camera images. An env whose cameras cost more than
+        its physics (LIBERO) skips them while off and returns observations without image keys; the evaluation
+        workers switch it on for the steps a policy will look at. Envs that do not care ignore it."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release simulator / hardware resources."""

@@ -15,7 +15,6 @@ reproducible across processes).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import os
@@ -26,7 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 
 from robodit.action_space import ROBOSUITE_ARM_STATE, adapter_for
-from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, global_seed
 from robodit.envs.rendering import FastRenderer
 
 # task -> (number of Panda arms, robot name for the unified space, short instruction)
@@ -56,17 +55,6 @@ _TURN = 4  # the handover phase that carries and turns the hammer
 _TURN_RATE = 0.5  # of full OSC rotation speed: a faster turn swings the hammer about the fingers
 _AIM = 0.5  # rad: the free end may point this far from +y (arm 1 grasps it where it is); less turning
 _WRIST_MARGIN = 0.3  # rad a planned wrist turn keeps from the joint's limits
-
-
-@contextlib.contextmanager
-def _global_seed(seed: int):
-    """Seed NumPy's global generator for the block, then restore it (robosuite draws from it)."""
-    saved = np.random.get_state()
-    np.random.seed(int(seed) % 2**32)
-    try:
-        yield
-    finally:
-        np.random.set_state(saved)
 
 
 def _wrist_margin(sim, robot, turn: float) -> float:
@@ -110,7 +98,7 @@ class RobosuiteEnv(ControlInterface):
         logging.getLogger("robosuite").setLevel(logging.ERROR)  # it warns about every absent body part
         controller = load_composite_controller_config(controller="BASIC", robot="Panda")
         kwargs = {"env_configuration": env_configuration} if arms == 2 else {}
-        with _global_seed(seed):  # model building draws from it too (TwoArmHandover's hammer size)
+        with global_seed(seed):  # model building draws from it too (TwoArmHandover's hammer size)
             self._env = suite.make(self.task, robots=["Panda"] * arms if arms > 1 else "Panda",
                                    controller_configs=controller, has_renderer=False, has_offscreen_renderer=False,
                                    use_camera_obs=False, horizon=self.max_episode_steps + 1, ignore_done=True,
@@ -123,7 +111,7 @@ class RobosuiteEnv(ControlInterface):
         self.action_dim = 7 * arms
         low, high = (np.asarray(b, np.float32) for b in self._env.action_spec)
         self._low, self._high = low, high
-        with _global_seed(seed):
+        with global_seed(seed):
             object_dim = len(self._env.reset()["object-state"])
         self._new_renderer()
         obs_spec = {"state": ArraySpec((arms * ROBOSUITE_ARM_STATE + object_dim,), "float32")}
@@ -159,7 +147,7 @@ class RobosuiteEnv(ControlInterface):
         if seed is None:
             seed = int(self._seed_rng.integers(2**31 - 1))
         self.episode_seed = int(seed)
-        with _global_seed(self.episode_seed):  # robosuite's placement samplers and init noise use the global RNG
+        with global_seed(self.episode_seed):  # robosuite's placement samplers and init noise use the global RNG
             self._raw = self._env.reset()
         if self._env.sim.model._model is not self._model:  # robosuite rebuilt the model: renderer must follow
             self._new_renderer()

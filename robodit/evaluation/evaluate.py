@@ -29,7 +29,8 @@ from robodit.evaluation.engine import JobResult, RolloutEngine
 from robodit.evaluation.frames import suite_frame_grid, supports_frame_grid
 from robodit.evaluation.report import write_outputs
 from robodit.evaluation.stats import chain_metrics, mean_rate, rate_summary
-from robodit.evaluation.suites import Suite, SuiteError, check_seed_blocks, load_suite, suite_from_tasks
+from robodit.evaluation.suites import (Suite, SuiteError, check_libero_states, check_seed_blocks, load_suite,
+                                      suite_from_tasks)
 from robodit.keys import is_image_key
 
 EXPERT = "expert"
@@ -118,6 +119,7 @@ def restrict_suite(s: Suite, tasks: list[str] | None = None, episodes: int | Non
             t.max_steps = None
     if s.kind == "tasks":
         check_seed_blocks(s)  # at the episode counts that will run
+        check_libero_states(s)
     return s
 
 
@@ -154,11 +156,14 @@ def training_overlap(suite: Suite, record: dict, policy) -> dict[str, Any]:
     if policy is None:
         return {}
     used = set(int(x) for x in record.get("seeds_used") or [])
+    if record.get("init_states") is False:  # LIBERO demos from sampled layouts, never a fixed initial state
+        used = set()
     seeds = sorted({j.seed for j in suite.jobs(0)} & used)
     store = policy.checkpoint_config.get("store") or {}
     trained = list(store.get("tasks") or record.get("tasks") or [])
     video_only = set(store.get("tasks_without_actions") or ())
-    unseen = [t.name for t in suite.tasks if (trained and t.name not in trained) or t.name in video_only]
+    unseen = [t.name for t in suite.tasks
+              if (trained and t.name not in trained and t.instruction not in trained) or t.name in video_only]
     return {"training_seeds": seeds, "untrained_tasks": unseen}
 
 
@@ -185,19 +190,27 @@ def make_goal_fn(policy, suite: Suite):
         return None
     train_tasks = list((policy.checkpoint_config.get("store") or {}).get("tasks") or [])
     needs_id = policy.takes_task  # the family reads task ids (MDT reads language or goal images instead)
+    specs = {t.name: t for t in suite.tasks}
+
+    def trained_as(task: str) -> str:
+        """The training store's name for `task`: its own, else its instruction (a converted LeRobot dataset
+        names each task by its instruction, e.g. LIBERO's "pick up the alphabet soup and place it in the basket")."""
+        if task in train_tasks or task not in specs:
+            return task
+        return specs[task].instruction if specs[task].instruction in train_tasks else task
+
     if needs_id:
-        missing = [t.name for t in suite.tasks if t.name not in train_tasks]
+        missing = [t.name for t in suite.tasks if trained_as(t.name) not in train_tasks]
         if missing:
             shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
             raise ValueError(f"tasks {shown} are not in the training store's tasks {train_tasks}: a multi-task "
                              "policy has no task id for them (restrict with tasks=[...])")
     custom = getattr(policy, "goal_for_task", None)  # language / goal-image policies may define it
-    specs = {t.name: t for t in suite.tasks}
     cache: dict[str, dict | None] = {}
 
     def goal(task: str) -> dict | None:
         if task not in cache:
-            g = {"task_id": np.int64(train_tasks.index(task))} if needs_id else {}
+            g = {"task_id": np.int64(train_tasks.index(trained_as(task)))} if needs_id else {}
             if custom is not None:
                 g.update(custom(task, instruction=specs[task].instruction, goal_image=specs[task].goal_image) or {})
             cache[task] = g or None

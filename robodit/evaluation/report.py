@@ -219,7 +219,8 @@ def write_outputs(out: Path, summary: dict[str, Any], results: list, wandb_proje
     for r in results:
         if r.frames:
             i = seen[r.job.key] = seen.get(r.job.key, -1) + 1
-            name = f"{r.job.key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{r.job.key}_{i:03d}.mp4"
+            key = r.job.key.replace("/", "-")  # LIBERO tasks are "<suite>/<task>"
+            name = f"{key}_ep{i:03d}.mp4" if summary["kind"] == "tasks" else f"chain_{key}_{i:03d}.mp4"
             write_video(out / name, r.frames, fps=max(1, round(summary["run"].get("video_fps", 20))))
             videos.append(str(out / name))
     summary["videos"] = videos
@@ -258,6 +259,13 @@ def console_summary(summary: dict[str, Any], out_dir) -> str:
                      f"[{summary['suite']['name']}]")
         for task, r in summary["tasks"].items():
             lines.append(f"  {task}: {_pct(r['success_rate'])} {_ci(r['ci95'])}  ({_num(r['ms_per_chunk'])} ms per chunk)")
+        suite = summary["suite"]
+        if suite.get("simulator") == "libero":  # a LIBERO run's numbers only compare at the initial states that ran
+            seeds = sorted({x for r in summary["tasks"].values() for x in r.get("seeds") or []})
+            if seeds:
+                lines.append(f"LIBERO protocol: fixed initial states {seeds[0]}..{seeds[-1]} of each task "
+                             f"({len(seeds)} per task; the published numbers use all 50), 10 no-op settle steps, "
+                             f"at most {suite.get('max_steps')} steps")
     run = summary["run"]
     if summary.get("training_seeds"):
         lines.append(f"warning: {len(summary['training_seeds'])} evaluation seed(s) are seeds the training demos "

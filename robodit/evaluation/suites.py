@@ -15,6 +15,11 @@ Task suite (`kind: tasks`)::
     tasks:
       - {name: reach-v3, instruction: "reach the goal", goal_image: null, episodes: null, max_steps: null}
 
+LIBERO suites (configs/suite/libero_*.yaml, LIBERO-PRO's variants under configs/suite/libero_pro/) are
+generated from LIBERO's benchmark table by `python -m robodit.evaluation.suites --write-libero`: every task of
+the suite, seeds [0] (episode i starts from the task's fixed initial state i), 50 episodes, the suite's step
+limit; `episodes=10` runs initial states 0-9.
+
 Chain suite (`kind: chains`): `chains`, `chain_length`, `seed`, `max_steps` (per subtask), `expert_baseline`,
 `scenes: {scene: [task, ...]}` (a cycle walked from a seeded start), `instructions: {task: text}`.
 """
@@ -166,7 +171,66 @@ def _default_instruction(simulator: str, task: str) -> str:
         from robodit.envs.metaworld import task_instruction
 
         return task_instruction(task)
+    if simulator == "libero":
+        from robodit.envs.libero_tasks import instruction
+
+        return instruction(task)
     return task
+
+
+def libero_suite(suite: str) -> dict[str, Any]:
+    """The suite definition of LIBERO suite `suite` (the published protocol: fixed initial states, its step
+    limit, LIBERO's own instructions)."""
+    from robodit.envs import libero_tasks
+
+    tasks = []
+    for t in libero_tasks.suite_tasks(suite):
+        n = libero_tasks.init_state_count(t)
+        if n:  # a task the package ships no initial states for cannot be evaluated by the protocol
+            fewer = {"episodes": n} if n < 50 else {}  # some LIBERO-PRO variants ship 10
+            tasks.append({"name": t, "instruction": libero_tasks.instruction(t), **fewer})
+    return {"name": suite, "kind": "tasks", "simulator": "libero", "episodes": 50, "seeds": [0],
+            "max_steps": libero_tasks.max_steps(suite), "env": {}, "tasks": tasks}
+
+
+def check_libero_states(suite: Suite) -> None:
+    """Every LIBERO episode needs a fixed initial state: seed + episodes may not run past the task's count."""
+    if suite.simulator != "libero" or suite.kind != "tasks":
+        return
+    from robodit.envs.libero_tasks import init_state_count
+
+    for t in suite.tasks:
+        n, last = init_state_count(t.name), max(suite.seeds) + t.episodes
+        if last > n:
+            raise SuiteError(f"{suite.source}: {t.name} has {n} fixed initial states; seeds {suite.seeds} with "
+                             f"{t.episodes} episodes would need state {last - 1} (episode i uses state seed + i)")
+
+
+def libero_suite_path(suite: str) -> Path:
+    from robodit.envs.libero_tasks import STANDARD_SUITES
+
+    return SUITE_DIR / (f"{suite}.yaml" if suite in STANDARD_SUITES else f"libero_pro/{suite}.yaml")
+
+
+def write_libero_suites() -> list[Path]:
+    """(Re)write configs/suite/libero_*.yaml and configs/suite/libero_pro/*.yaml from the task table."""
+    from robodit.envs.libero_tasks import STANDARD_SUITES, suites
+
+    paths = []
+    for suite in suites():
+        definition = libero_suite(suite)
+        if not definition["tasks"]:
+            continue
+        path = libero_suite_path(suite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kind = "LIBERO" if suite in STANDARD_SUITES else "LIBERO-PRO"
+        header = (f"# {kind} suite {suite} (generated: python -m robodit.evaluation.suites --write-libero).\n"
+                  f"# Run: python eval.py checkpoint=<ckpt> suite={path.relative_to(SUITE_DIR).with_suffix('')} "
+                  f"[episodes=10: initial states 0-9 only]\n# Episode i starts from the task's fixed initial state i (seeds: [0]); "
+                  f"10 no-op settle steps first.\n")
+        path.write_text(header + yaml.safe_dump(definition, sort_keys=False, width=200))
+        paths.append(path)
+    return paths
 
 
 @functools.cache
@@ -248,6 +312,7 @@ def _validate(d: dict, src: str, check_blocks: bool = True) -> Suite:
                                         goal_image, ep, ms))
         if check_blocks:
             check_seed_blocks(suite)
+            check_libero_states(suite)
         return suite
     suite.chains = _int(d.get("chains", 100), f"{src}: chains", 1)
     suite.chain_length = _int(d.get("chain_length", 5), f"{src}: chain_length", 1)
@@ -274,3 +339,11 @@ def _validate(d: dict, src: str, check_blocks: bool = True) -> Suite:
     if unknown:
         raise SuiteError(f"{src}: instructions: tasks {unknown} are in no scene")
     return suite
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-libero"]:
+        raise SystemExit("usage: python -m robodit.evaluation.suites --write-libero")
+    print(f"wrote {len(write_libero_suites())} LIBERO suites under {SUITE_DIR}")

@@ -13,7 +13,12 @@ Protocol (each request gets exactly one reply, in order):
 Replies are ("ok", payload) or ("error", lane, traceback text) for exceptions raised by the env code.
 `fault` (tests only, None otherwise) makes the worker fail once the episode reaches a step, while replaying or
 running: an int step or ("die", step) exits like a segfaulting simulator, ("hang", step) stops answering.
-Workers never import torch.
+Workers never import torch. A simulator that needs another interpreter (LIBERO, `robodit.envs.INTERPRETERS`)
+gets workers started in that interpreter (`python -m robodit.evaluation.workers FD`), with the same protocol.
+
+Observations a policy never reads are not rendered: within a chunk of n actions only the last `obs_tail`
+steps' observations travel back, so the env's cameras are switched off (`set_render`) for the others. For
+LIBERO, whose frames cost 3-4 physics steps each, that is most of an evaluation's time.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from robodit.envs import foreign_python
 from robodit.evaluation.chains import ChainEpisode, Job
 
 
@@ -82,9 +88,11 @@ class WorkerState:
         ep = ChainEpisode(job.tasks, job.seed, job.max_steps, self._maker(lane, job), record=False)
         self.faults[lane] = _parse_fault(fault)
         obs = ep.start()
-        for action in replay:  # crash recovery: the same actions give the same states (MuJoCo is deterministic)
+        for i, action in enumerate(replay):  # crash recovery: the same actions give the same states (MuJoCo is
+            ep.env.set_render(i >= len(replay) - self.obs_tail)  # deterministic; rendering changes no state)
             obs, _ = ep.apply(action)
             self._maybe_fail(lane, ep)
+        ep.env.set_render(True)
         ep.record = job.record
         if job.record and not replay:
             ep.frames.append(ep.env.render())
@@ -101,12 +109,14 @@ class WorkerState:
         tail, executed, event = [], [], None
         for i in range(n):
             action = ep.expert_action() if expert else actions[i]
+            ep.env.set_render(i >= n - self.obs_tail)
             obs, event = ep.apply(action)
             executed.append(np.asarray(action, np.float32))
             tail.append(obs)
             self._maybe_fail(lane, ep)
             if event is not None:
                 break
+        ep.env.set_render(True)  # a subtask switch's fresh env and the next start render as usual
         if event == "done":
             self.episodes.pop(lane)
         return {"obs": tail[-self.obs_tail:], "sub": ep.sub, "event": event, "executed": np.stack(executed),
@@ -201,16 +211,23 @@ def _context():
 
 
 class ProcessWorker:
-    """One spawned subprocess; requests are pipelined, replies matched to tokens in send order."""
+    """One subprocess (a forkserver child, or `python`'s when given); requests are pipelined, replies matched to
+    tokens in send order."""
 
-    def __init__(self, wid: int, env_prefix: str, env_kwargs: dict, obs_tail: int):
+    def __init__(self, wid: int, env_prefix: str, env_kwargs: dict, obs_tail: int, python: str | None = None):
         self.wid = wid
-        ctx = _context()
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, env_prefix, dict(env_kwargs), obs_tail),
-                                daemon=True, name=f"robodit-env-{wid}")
-        self.proc.start()
-        child.close()
+        if python is None:
+            ctx = _context()
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_worker_main, args=(child, env_prefix, dict(env_kwargs), obs_tail),
+                                    daemon=True, name=f"robodit-env-{wid}")
+            self.proc.start()
+            child.close()
+        else:
+            from robodit.envs.interpreter import spawn
+
+            self.proc, self.conn = spawn(python, "robodit.evaluation.workers")
+            self.conn.send((env_prefix, dict(env_kwargs), obs_tail))
         self.pid = self.proc.pid
         self.pending: OrderedDict[int, tuple] = OrderedDict()  # token -> request, oldest first
         self.replies: dict[int, tuple] = {}
@@ -259,5 +276,13 @@ class ProcessWorker:
 
 
 def make_worker(wid: int, subprocess: bool, env_prefix: str, env_kwargs: dict, obs_tail: int) -> Any:
-    cls = ProcessWorker if subprocess else LocalWorker
-    return cls(wid, env_prefix, env_kwargs, obs_tail)
+    if not subprocess:  # in this process; a simulator of another interpreter is reached through ForeignEnv
+        return LocalWorker(wid, env_prefix, env_kwargs, obs_tail)
+    return ProcessWorker(wid, env_prefix, env_kwargs, obs_tail, python=foreign_python(env_prefix))
+
+
+if __name__ == "__main__":  # a worker in another interpreter (ProcessWorker with python=...)
+    from robodit.envs.interpreter import child_connection
+
+    _conn = child_connection()
+    _worker_main(_conn, *_conn.recv())

@@ -1,0 +1,151 @@
+"""LIBERO on this machine: env speed with both cameras, the scripted expert's success per task, a policy's table.
+
+    python benchmarks/libero.py [--suite libero_object] [--episodes 10] [--speed-steps 120]
+        [--checkpoint runs/x --policy-episodes 10] [--out benchmarks/results/libero]
+
+1. Speed (in .venv-libero, one LIBERO-Object env, 2 cameras at image_size 128, rendered at 256): steps per
+   second for physics alone, both cameras every step (what `collect` pays), and both cameras on 2 of every 8
+   steps (what an evaluation pays: the workers render only the last obs_horizon=2 steps of an 8-action
+   chunk), each with the default MuJoCo quality and with ours (no shadows, MSAA, reflections). Wall time on a
+   shared machine depends on its load, so CPU seconds of the process (all its threads, Mesa's included) are
+   reported too: `cpu_steps_per_s` is what one free core would do.
+2. Expert: `eval.py checkpoint=expert suite=<suite> episodes=N` (fixed initial states 0..N-1, the suite's step
+   limit), success per task with Wilson intervals.
+3. Policy (with --checkpoint): the same suite and episodes.
+Prints markdown tables and writes --json (benchmarks/results/libero.json); reports and videos go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("WANDB_MODE", "disabled")
+# run as a script, this file's folder leads sys.path, and this file would shadow the `libero` package
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+SPEED_TASK = "libero_object/pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+
+
+def measure_speed(steps: int, image_size: int = 128) -> list[dict]:
+    """Run inside .venv-libero: steps/s of one env under each rendering regime (expert actions, init state 0)."""
+    from robodit.envs.libero import LiberoEnv
+
+    rows = []
+    for fast in (False, True):
+        env = LiberoEnv(SPEED_TASK, image_size=image_size, fast_render=fast)
+        for name, every in (("physics only", 0), ("2 cameras every step", 1), ("2 cameras, 2 of 8 steps", 4)):
+            env.reset(seed=0)
+            env.render_seconds = env.physics_seconds = 0.0
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(steps):
+                env.set_render(every == 1 or (every == 4 and i % 8 >= 6))
+                _, success, done, _ = env.step(env.expert_action())
+                if done:
+                    env.reset(seed=0)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rows.append({"quality": "ours (fast)" if fast else "MuJoCo default", "regime": name, "steps": steps,
+                         "steps_per_s": round(steps / wall, 2), "cpu_steps_per_s": round(steps / cpu, 2),
+                         "render_ms_per_step": round(1000 * env.render_seconds / steps, 1),
+                         "physics_ms_per_step": round(1000 * env.physics_seconds / steps, 1)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        env.close()
+    return rows
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _per_task(summary: dict) -> list[dict]:
+    rows = []
+    for task, r in summary["tasks"].items():
+        lo, hi = r.get("ci95", [None, None])
+        rows.append({"task": task.split("/")[-1], "success": f"{r['successes']}/{r['episodes']}",
+                     "rate": round(r["success_rate"], 3),
+                     "wilson95": f"[{lo:.2f}, {hi:.2f}]" if lo is not None else "",
+                     "mean_steps": round(r["mean_steps"] or 0, 1)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="libero_object")
+    p.add_argument("--episodes", type=int, default=10, help="expert episodes per task (initial states 0..N-1)")
+    p.add_argument("--speed-steps", type=int, default=120)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--policy-episodes", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,expert")
+    p.add_argument("--out", default="benchmarks/results/libero", help="evaluation outputs (reports, videos)")
+    p.add_argument("--json", default="benchmarks/results/libero.json")
+    p.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)  # the .venv-libero half
+    args = p.parse_args()
+    if args.speed_only:
+        print(json.dumps(measure_speed(args.speed_steps)))
+        return
+
+    from robodit.envs.libero_tasks import python
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict = {"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(),
+                    "load_at_start": os.getloadavg(), "suite": args.suite}
+    if "speed" not in skip:
+        r = subprocess.run([python(), __file__, "--speed-only", "--speed-steps", str(args.speed_steps)],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        result["speed"] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"\n## Env speed ({SPEED_TASK}, image_size 128 rendered at 256; {result['cpu']}, load "
+              f"{result['load_at_start'][0]:.1f} on {result['cores']} cores)\n")
+        print(_table(result["speed"], ["quality", "regime", "steps_per_s", "cpu_steps_per_s", "render_ms_per_step",
+                                       "physics_ms_per_step"]))
+    from robodit.evaluation.evaluate import evaluate
+
+    if "expert" not in skip:
+        t0 = time.time()
+        s = evaluate("expert", suite=args.suite, episodes=args.episodes, out_dir=out / "expert", videos=1,
+                     workers=args.workers, num_envs=2 * max(1, args.workers), progress=True)
+        result["expert"] = {"episodes_per_task": args.episodes, "initial_states": f"0..{args.episodes - 1}",
+                            "success_rate": s["success_rate"], "pooled": s["pooled"], "tasks": _per_task(s),
+                            "wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
+        print(f"\n## Scripted expert on {args.suite} ({args.episodes} initial states per task, "
+              f"{s['suite']['max_steps']} steps max): mean {s['success_rate']:.3f}\n")
+        print(_table(result["expert"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
+    if args.checkpoint:
+        t0 = time.time()
+        s = evaluate(args.checkpoint, suite=args.suite, episodes=args.policy_episodes, out_dir=out / "policy",
+                     workers=args.workers, progress=True)
+        result["policy"] = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
+                            "success_rate": s["success_rate"], "tasks": _per_task(s),
+                            "wall_s": round(time.time() - t0, 1)}
+        print(f"\n## Policy {args.checkpoint} on {args.suite}: mean {s['success_rate']:.3f}\n")
+        print(_table(result["policy"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+if __name__ == "__main__":
+    main()
