@@ -19,12 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel this machine ships: an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
-	# tests/test_convert_lerobot.py checks our reader on datasets LeRobot itself writes. lerobot cannot be a
+	$(PY) -m pip install -q -e ".[test,export]"  # export: robodit export / ONNX Runtime, tested in tests/test_export.py
+	# tests/test_convert_lerobot.py checks our reader on datasets LeRobot itself writes, and
+	# tests/test_lerobot_so101.py drives LeRobot's own SO-101 follower over a fake serial port. lerobot cannot be a
 	# dependency (0.4.4 pins torch<2.11; 0.5 needs Python 3.12): install it without its deps, plus what its
-	# dataset writer imports. Those tests skip, saying so, where this line was not run.
+	# dataset writer imports and what its robot/motor classes import (draccus, deepdiff, pyserial, and
+	# feetech-servo-sdk, which is lerobot[feetech]). Those tests skip, saying so, where this line was not run.
 	$(PY) -m pip install -q --no-deps "lerobot==0.4.4" "accelerate>=1.10,<2"
 	$(PY) -m pip install -q "datasets>=4,<5" "jsonlines>=4"
+	$(PY) -m pip install -q "draccus==0.10.0" "deepdiff==8.6.2" "pyserial==3.5" "feetech-servo-sdk==1.0.0"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,13 +10,17 @@
 #   2. tests/test_cuda.py (bf16 autocast training, torch.compile'd training step, GPU inference) and the MoDE tests
 #   3. MoDE's cached path compiled with CUDA graphs, and under bf16 autocast
 #   4. train.py under torchrun on the GPU (one rank: NCCL between ranks needs a second GPU) to a checkpoint
-# About 5 minutes on an H200 once the machine is up (compilation included).
+#   5. the whole chunk compiled (torch.compile of the traced chunk, robodit.deploy.export.trace) on the GPU next to
+#      eager; then, on the machine's CPU, eager vs the ONNX Runtime and AOTInductor (compiled C++) artifacts of
+#      `robodit export`, and tests/test_export.py (exported == eager within 1e-4)
+# About 8 minutes on an H200 once the machine is up (compilation included).
 set -u
 cd "$(dirname "$0")/.."
 
 # What `python3 -m pip list` on the GPU image lacks of what the checks import (robodit itself runs from the tree).
 WHEELS="hydra-core==1.3.2 omegaconf==2.3.0 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
-diffusers==0.39.0 importlib-metadata==8.7.0"
+diffusers==0.39.0 importlib-metadata==8.7.0 onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0
+ml-dtypes==0.7.0 flatbuffers==25.12.19"
 
 case "${1:-}" in
 fetch)
@@ -67,6 +71,14 @@ make_toy_store('/tmp/toy.zarr')" || echo "STEP 4 FAILED (store)"
         policy.size=tiny dataset.path=/tmp/toy.zarr train.steps=20 train.device=cuda train.checkpoint_every=10 \
         train.progress=false logger=none out_dir=/tmp/ddp_nccl && ls /tmp/ddp_nccl/checkpoints \
         || echo "STEP 4 FAILED"
+    echo "== 5. compiled whole chunk on the GPU; compiled and exported chunks on this machine's CPU"
+    timeout 200 python3 benchmarks/latency.py --device cuda --repeats 50 --paths eager,compile \
+        --only "dit/base ddim-10,mode/base ddim-5 To1 c10 cached" --out "$OUT/latency_cuda_compiled.json" \
+        || echo "STEP 5 (GPU compiled) FAILED"
+    timeout 360 python3 benchmarks/latency.py --device cpu --threads 2 --repeats 20 --paths eager,onnx,aoti \
+        --only "dit/tiny ddim-10,dit/base ddim-10" --out "$OUT/latency_cpu_exported.json" \
+        || echo "STEP 5 (CPU exported) FAILED"
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_export.py || echo "STEP 5 (export tests) FAILED"
     echo "== done"
     ;;
 *)

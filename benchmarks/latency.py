@@ -1,13 +1,18 @@
 """Milliseconds per action chunk on this machine: each policy / size / sampler, CPU, fixed thread count.
 
-    python benchmarks/latency.py [--threads 2] [--repeats 30] [--only SUBSTRING[,SUBSTRING...]] [--images] [--merge]
-        [--device cuda] [--bf16] [--compile default|reduce-overhead]
+    python benchmarks/latency.py [--threads 2[,1]] [--repeats 30] [--only SUBSTRING[,SUBSTRING...]] [--images]
+        [--merge] [--device cuda] [--bf16] [--compile default|reduce-overhead] [--vs-lerobot]
 
 Prints a table and writes benchmarks/results/latency_<device>.json (--merge: replace only the rows measured).
 Median of `repeats` timed calls after warm-up, the rows timed round-robin (one call of each per round) so that
 load changes hit all rows alike; batch 1, as at control time. FLOPs per chunk are counted once per
-row with torch.utils.flop_counter (matmuls and attention; elementwise ops are not counted), and the host-device
-synchronisations per chunk (each one stalls a GPU's launch queue; they cost little on a CPU).
+row with torch.utils.flop_counter (matmuls, convolutions and attention; elementwise ops are not counted), and the
+host-device synchronisations per chunk (each one stalls a GPU's launch queue; they cost little on a CPU).
+
+The FLOP floor of a row is its FLOPs divided by the matmul rate measured in the same run (a square fp32 matmul
+timed round-robin with the rows, so it sees the same load): how fast the chunk could run if every FLOP ran at
+the speed of one large GEMM. `--vs-lerobot` adds lerobot's DiffusionPolicy (state-only, DDIM-10, its default
+U-Net) to the round-robin and prints `ratio <row> vs lerobot: <N>x` for every row.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,6 +88,13 @@ CONFIGS = [
 NEEDS_IMAGES = (PADPolicy,)  # these rows always get a 64 px camera (their model resolution), --images or not
 
 
+def selected(label: str, only: str) -> bool:
+    """--only: a part equal to a row's label picks that row alone ('dit/base ddim-10', not '... ddim-100');
+    any other part picks every label containing it."""
+    labels = {name for name, _, _ in CONFIGS}
+    return any(part == label or (part not in labels and part in label) for part in only.split(","))
+
+
 def shape_meta(images: bool, state_dim: int = 39, action_dim: int = 4, image_size: int = 84) -> dict:
     obs = {"state": {"shape": [state_dim], "dtype": "float32"}}
     if images:
@@ -106,40 +119,106 @@ def random_obs(policy, device) -> dict:
     return obs
 
 
-def time_interleaved(entries: list[tuple], repeats: int, warmup: int = 5, bf16: bool = False) -> list[dict]:
-    """ms per predict_action call for each (policy, obs), timed round-robin: one call of each row per round, so
-    a change in the machine's load hits every row alike and ratios between rows hold on a noisy machine."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    gens = [torch.Generator(device=policy.device).manual_seed(0) for policy, _ in entries]
-
-    def call(i: int) -> None:
-        policy, obs = entries[i]
-        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
-            policy.predict_action(obs, generator=gens[i])
-
-    for i in range(len(entries)):
+def time_interleaved(calls: list, repeats: int, warmup: int = 5, sync=lambda: None) -> list[dict]:
+    """ms per call of each zero-argument function, timed round-robin: one call of each row per round, so a change
+    in the machine's load hits every row alike and ratios between rows hold on a noisy machine."""
+    for call in calls:
         for _ in range(warmup):
-            call(i)
-    times: list[list[float]] = [[] for _ in entries]
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        for i in range(len(entries)):
+        for i, call in enumerate(calls):
             sync()
             t0 = time.perf_counter()
-            call(i)
+            call()
             sync()
             times[i].append(1000 * (time.perf_counter() - t0))
     return [{"median_ms": statistics.median(t), "p90_ms": float(np.percentile(t, 90)), "min_ms": min(t)}
             for t in times]
 
 
-def count_flops(policy, obs) -> int:
-    """FLOPs of one predict_action call (after warm-up, so inference caches are already built)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def policy_call(policy, obs, threads: int, bf16: bool = False):
+    """One predict_action per call, the noise seeded once per row (every row draws the same sequence)."""
+    gen = torch.Generator(device=policy.device).manual_seed(0)
+
+    def call():
+        torch.set_num_threads(threads)
+        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+            policy.predict_action(obs, generator=gen)
+    return call
+
+
+PATHS = ("eager", "onnx", "compile", "aoti")
+
+
+def fast_path_call(policy, obs, path: str, threads: int, workdir: Path):
+    """The same chunk through `path` (robodit.deploy.export traces DiffusionPolicy.chunk_from_noise once):
+    onnx / aoti load the exported directory behind predict_action; compile runs torch.compile (inductor, weights
+    frozen into the graph) on the traced program. Returns (call, its actions for seed 0)."""
+    from robodit.deploy.export import export_policy, trace
+    from robodit.deploy.exported import ExportedPolicy
 
     gen = torch.Generator(device=policy.device).manual_seed(0)
+    if path in ("onnx", "aoti"):
+        if policy.device.type != "cpu":
+            raise ValueError(f"the {path} artifact runs on the CPU")
+        out = export_policy(policy, workdir / path, path)
+        exported = ExportedPolicy(out, threads=threads)
+
+        def call():
+            torch.set_num_threads(threads)
+            return exported.predict_action(obs, generator=gen)
+    elif path == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights become constants: inductor prepacks them for its GEMMs
+        _, _, program = trace(policy, policy.device)
+        compiled = torch.compile(program.module())
+
+        def call():
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                obs_t, goal_t = policy.inference_inputs(obs)
+                return compiled(*obs_t.values(), *goal_t.values(), policy.chunk_noise(1, gen))
+    else:
+        raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
+    first = call()
+    gen.manual_seed(0)
+    return call, first
+
+
+def matmul_call(n: int, threads: int, device):
+    """A square fp32 matmul: its rate is the FLOP floor's yardstick (what one large GEMM reaches on these cores)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def call():
+        torch.set_num_threads(threads)
+        torch.mm(a, b)
+    return call
+
+
+def count_flops(policy, obs) -> int:
+    """FLOPs of one predict_action call (after warm-up, so inference caches are already built)."""
+    return count_call_flops(lambda: policy.predict_action(obs, generator=torch.Generator(device=policy.device)))
+
+
+def count_call_flops(call) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
-        policy.predict_action(obs, generator=gen)
+        call()
     return counter.get_total_flops()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo; platform.processor() says only 'x86_64' on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def merge_rows(old: dict, rows: list[dict]) -> dict:
@@ -148,30 +227,61 @@ def merge_rows(old: dict, rows: list[dict]) -> dict:
     by_label = {r["policy"]: {"threads": old.get("machine", {}).get("threads"), **r} for r in old.get("rows", [])}
     by_label.update({r["policy"]: r for r in rows})
     order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
-    merged = sorted(by_label.values(), key=lambda r: order.get(r["policy"], len(order)))
+    merged = sorted(by_label.values(), key=lambda r: order.get(r["policy"].split(" @")[0].split(" +")[0], len(order)))
     return {**old, "rows": merged}
+
+
+def lerobot_row(args, threads: int, device) -> tuple[dict, object | None]:
+    """lerobot's DiffusionPolicy, state-only DDIM-10, as a row; when it cannot be built the row says why."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lerobot_baseline import build_lerobot_dp
+
+    label = "lerobot DiffusionPolicy state ddim-10" + (f" @{threads}t" if len(args.thread_counts) > 1 else "")
+    if device.type != "cpu":
+        return {"policy": label, "missing": "--vs-lerobot runs on the CPU only"}, None
+    try:
+        torch.manual_seed(0)
+        call, info = build_lerobot_dp(state_dim=39, action_dim=4, steps=10)
+    except Exception as exc:  # not installed, or a version whose API moved: the row says so, the run goes on
+        return {"policy": label, "missing": f"{type(exc).__name__}: {exc}"}, None
+    gflops = count_call_flops(call) / 1e9
+
+    def timed():
+        torch.set_num_threads(threads)
+        call()
+    return {"policy": label, "threads": threads, "params_M": info["params_M"], "active_params_M": info["params_M"],
+            "gflops": round(gflops, 3), "lerobot": info["lerobot"], "config": info["config"]}, timed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="torch threads; a comma-separated list times every row at each")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--images", action="store_true", help="add one 84 px camera to the observation")
     ap.add_argument("--only", default="", help="rows whose label contains one of these comma-separated substrings")
     ap.add_argument("--bf16", action="store_true", help="time under bf16 autocast (rows are labelled '+bf16')")
     ap.add_argument("--compile", default=None, metavar="MODE", choices=["default", "reduce-overhead", "max-autotune"],
-                    help="torch.compile each policy's denoiser (reduce-overhead: CUDA graphs); rows labelled '+compile'")
+                    help="torch.compile each policy's denoiser (reduce-overhead: CUDA graphs); rows labelled "
+                         "'+compile'")
+    ap.add_argument("--vs-lerobot", action="store_true",
+                    help="time lerobot's DiffusionPolicy (state-only, DDIM-10) in the same round-robin")
+    ap.add_argument("--paths", default="eager",
+                    help=f"comma-separated, from {PATHS}: the exported / compiled chunk next to eager (CPU)")
+    ap.add_argument("--matmul-size", type=int, default=512, help="side of the square matmul that sets the FLOP floor")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/latency_<device>.json")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the measured rows in an existing --out (each row records its thread count)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args.thread_counts = [int(t) for t in str(args.threads).split(",")]
     device = torch.device(args.device)
     args.out = args.out or f"benchmarks/results/latency_{device.type}.json"
-    rows, entries = [], []
+    suffix = (lambda t: f" @{t}t") if len(args.thread_counts) > 1 else (lambda t: "")
+    rows, calls, missing = [], [], []
     for label, cls, kw in CONFIGS:
-        if args.only and not any(part in label for part in args.only.split(",")):
+        if args.only and not selected(label, args.only):
             continue
         torch.manual_seed(0)
         meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
@@ -185,40 +295,107 @@ def main() -> None:
         policy.predict_action(obs, generator=torch.Generator(device=device))  # builds inference caches
         if args.images and not issubclass(cls, NEEDS_IMAGES):  # another observation: another row, not a replacement
             label = f"{label} +84px camera"
-        row = {"policy": f"{label} +bf16" if args.bf16 else label, "threads": args.threads,
-               "params_M": round(params / 1e6, 2), "active_params_M": round(active / 1e6, 2),
-               "gflops": round(count_flops(policy, obs) / 1e9, 3),
-               # each stalls a GPU's launch queue: the MoE dispatch's `nonzero` per expert, layer and step
-               "host_syncs": count_host_syncs(policy.predict_action, obs, generator=torch.Generator(device=device))}
+        base = {"params_M": round(params / 1e6, 2), "active_params_M": round(active / 1e6, 2),
+                "gflops": round(count_flops(policy, obs) / 1e9, 3),
+                # each stalls a GPU's launch queue: the MoE dispatch's `nonzero` per expert, layer and step
+                "host_syncs": count_host_syncs(policy.predict_action, obs, generator=torch.Generator(device=device))}
         if hasattr(policy, "expert_cache_bytes"):  # what the inference cache holds beyond the weights
-            row["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
+            base["cache_MiB"] = round(policy.expert_cache_bytes() / 2**20, 1)
         # A chunk of 16 of which 8 run is not a chunk of 10 that all run: compare cost per executed action too.
-        row["actions_per_chunk"] = policy.n_action_steps
-        row["gflops_per_action"] = round(row["gflops"] / policy.n_action_steps, 4)
-        rows.append(row)
-        entries.append((policy, obs))
-    load = round(os.getloadavg()[0], 2)  # 1-min load average before timing: > cores means shared CPU
-    print(f"timing {len(entries)} rows round-robin, {args.repeats} rounds (load average {load})", flush=True)
-    for row, timing in zip(rows, time_interleaved(entries, args.repeats, bf16=args.bf16)):
-        row.update(load_avg=load, **timing)
-        print(f"{row['policy']:40s} {row['params_M']:7.2f}M ({row['active_params_M']:.2f}M active)  "
-              f"{row['gflops']:7.3f} GFLOP ({row['gflops_per_action']:.3f}/action)  {row['host_syncs']:4d} syncs  "
-              f"median {row['median_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms", flush=True)
+        base["actions_per_chunk"] = policy.n_action_steps
+        base["gflops_per_action"] = round(base["gflops"] / policy.n_action_steps, 4)
+        for threads in args.thread_counts:
+            name = (f"{label} +bf16" if args.bf16 else label) + suffix(threads)
+            rows.append({"policy": name, "threads": threads, "path": "eager", **base})
+            calls.append(policy_call(policy, obs, threads, args.bf16))
+            eager = policy.predict_action(obs, generator=torch.Generator(device=device).manual_seed(0))
+            for path in [p for p in args.paths.split(",") if p != "eager"]:
+                row = {"policy": f"{label} [{path}]" + suffix(threads), "threads": threads, "path": path,
+                       **{k: base[k] for k in ("params_M", "active_params_M", "gflops", "actions_per_chunk")}}
+                try:
+                    t0 = time.perf_counter()
+                    call, first = fast_path_call(policy, obs, path, threads, Path(tempfile.mkdtemp()))
+                except Exception as exc:  # a family that cannot export: the row says why
+                    missing.append({**row, "missing": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                    print(f"{row['policy']}: not timed ({missing[-1]['missing']})", flush=True)
+                    continue
+                row["build_s"] = round(time.perf_counter() - t0, 1)
+                # an untrained policy's zero-initialised heads predict a constant chunk: no evidence either way
+                # (tests/test_export.py checks equality on random weights)
+                if float(eager.std()) > 0:
+                    row["max_abs_diff_vs_eager"] = float((first - eager).abs().max())
+                rows.append(row)
+                calls.append(call)
+    if args.vs_lerobot:
+        for threads in args.thread_counts:
+            row, call = lerobot_row(args, threads, device)
+            if call is None:
+                missing.append(row)
+                print(f"{row['policy']}: not timed ({row['missing']})", flush=True)
+            else:
+                rows.append(row)
+                calls.append(call)
+    n = args.matmul_size
+    yardsticks = {}
+    for threads in args.thread_counts:
+        yardsticks[threads] = len(calls)
+        rows.append({"policy": f"matmul {n}x{n}x{n} fp32" + suffix(threads), "threads": threads,
+                     "gflops": round(2 * n**3 / 1e9, 3)})
+        calls.append(matmul_call(n, threads, device))
+    loads = [os.getloadavg()[0]]  # 1-min load average: > cores means the CPU is shared
+    print(f"timing {len(calls)} rows round-robin, {args.repeats} rounds (load average {loads[0]:.2f})", flush=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timings = time_interleaved(calls, args.repeats, sync=sync)
+    loads.append(os.getloadavg()[0])
+    for row, timing in zip(rows, timings):
+        row.update(load_avg=round(max(loads), 2), **timing)
+    for threads, i in yardsticks.items():  # the matmul rate each thread count reached, under the same load
+        rate = rows[i]["gflops"] / rows[i]["median_ms"]  # GFLOP per ms
+        rows[i]["gflop_per_s"] = round(1000 * rate, 1)
+        for row in rows:
+            if row.get("threads") == threads and row is not rows[i]:
+                row["floor_ms"] = round(row["gflops"] / rate, 3)
+                row["x_floor"] = round(row["median_ms"] / row["floor_ms"], 2)
+    for row in rows:
+        print(f"{row['policy']:44s} {row['gflops']:7.3f} GFLOP  {row.get('host_syncs', ''):>4} syncs  "
+              f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f} ms"
+              + (f"  |diff| {row['max_abs_diff_vs_eager']:.1e}" if "max_abs_diff_vs_eager" in row else "")
+              + (f"  {row['x_floor']:6.1f}x its FLOP floor" if "x_floor" in row else
+                 f"  {row.get('gflop_per_s', 0):.1f} GFLOP/s"), flush=True)
+    if args.vs_lerobot:
+        print()
+        for threads in args.thread_counts:
+            ref = [r for r in rows if r["policy"].startswith("lerobot") and r["threads"] == threads]
+            for row in rows:
+                if row.get("threads") != threads or row["policy"].startswith(("lerobot", "matmul")):
+                    continue
+                if ref:
+                    row["x_faster_than_lerobot"] = round(ref[0]["median_ms"] / row["median_ms"], 1)
+                    print(f"ratio {row['policy']} vs lerobot: {row['x_faster_than_lerobot']}x")
+                else:
+                    why = [m["missing"] for m in missing if m["policy"].startswith("lerobot")]
+                    print(f"ratio {row['policy']} vs lerobot: lerobot missing ({why[0] if why else 'not timed'})")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "gpu": gpu,
-                          "torch": torch.__version__}, "images": args.images, "rows": rows}
+    result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.thread_counts, "gpu": gpu,
+                          "torch": torch.__version__, "load_avg": [round(x, 2) for x in loads]},
+              "date": time.strftime("%Y-%m-%d"), "images": args.images, "rows": rows + missing}
     if args.merge and Path(args.out).exists():
-        result = merge_rows(json.loads(Path(args.out).read_text()), rows)
-        rows = result["rows"]
+        result = {**merge_rows(json.loads(Path(args.out).read_text()), rows + missing),
+                  "machine": result["machine"], "date": result["date"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| policy | params | active | GFLOP/chunk | GFLOP/action | host syncs | threads | median ms/chunk | p90 |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        per_action = r.get("gflops_per_action")
-        print(f"| {r['policy']} | {r['params_M']}M | {r['active_params_M']}M | {r['gflops']:.3f} | "
-              f"{'' if per_action is None else f'{per_action:.3f}'} | {r.get('host_syncs', '')} | {r['threads']} | "
-              f"{r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+    print(f"\n{result['machine']['cpu']}, torch {torch.__version__}, load average {loads[0]:.2f} -> {loads[1]:.2f}\n"
+          "| policy | params | active | GFLOP/chunk | host syncs | threads | median ms/chunk | p90 | x FLOP floor "
+          "| x faster than lerobot |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        if "missing" in r:
+            print(f"| {r['policy']} | not timed: {r['missing']} |")
+            continue
+        params = (f"{r['params_M']}M | {r['active_params_M']}M" if "params_M" in r
+                  else f"{r.get('gflop_per_s')} GFLOP/s |")
+        print(f"| {r['policy']} | {params} | {r['gflops']:.3f} | "
+              f"{r.get('host_syncs', '')} | {r['threads']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+              f"{r.get('x_floor', '')} | {r.get('x_faster_than_lerobot', '')} |")
     print(f"\nwrote {args.out}")
 
 

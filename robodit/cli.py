@@ -1,4 +1,4 @@
-"""`robodit collect | embed | info | convert | compare | serve | run` — everything but training and evaluating.
+"""`robodit collect | embed | info | convert | compare | serve | export | run`: all but training and evaluating.
 
 Each sub-command lives in the module that owns its job; this file only parses arguments and dispatches,
 so `robodit --help` stays fast (no torch / simulator import until a command runs).
@@ -66,6 +66,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from robodit.deploy.server import serve_command
 
     serve_command(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from robodit.deploy.export import export_command
+
+    export_command(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -148,7 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clients", type=int, default=8)
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the sampler's step count")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "aoti"],
+                   help="torch: a checkpoint; onnx / aoti: a directory written by `robodit export`")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint's whole chunk computation as one ONNX / AOTInductor file")
+    p.add_argument("checkpoint", help="checkpoint directory or training out_dir")
+    p.add_argument("--out", required=True, help="directory to write (policy.onnx or policy.pt2, export.json)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"])
+    p.add_argument("--sampler", default=None, help="override the sampler (a deterministic one: the noise is an input)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="override the (fixed) step count")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("run", help="drive a robot (or --dry-run a simulated one) with a policy in real time")
     p.add_argument("--policy", required=True, help="checkpoint directory, or ws://HOST:PORT of `robodit serve`")

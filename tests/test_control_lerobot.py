@@ -164,3 +164,60 @@ def test_so101_config_keeps_torque_on_after_an_estop():
 
     cfg = load_robot_config(Path(__file__).resolve().parents[1] / "configs/robot/so101_lerobot.yaml")
     assert cfg["robot"]["torque_off_after_estop"] is False
+
+
+def test_an_uncalibrated_arm_is_refused_before_it_moves():
+    """`calibrate: false` skips LeRobot's calibration check; motors whose calibration differs from the file would
+    then be driven with wrong joint readings and position limits: refused at connect, nothing sent."""
+    from robodit.errors import CLIError
+
+    class Uncalibrated(FakeSO100):
+        is_calibrated = False
+
+    fake = Uncalibrated(camera=False)
+    robot = LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4, calibrate=False)
+    with pytest.raises(CLIError, match="calibrat"):
+        robot.reset()
+    assert fake.connect_calls == [False] and not fake.sent
+    robot.close()
+    assert not fake.connected
+
+
+def test_lerobot_config_without_a_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="robot.lerobot needs type"):
+        LeRobotRobot.from_config({"lerobot": {"port": "/dev/ttyACM0"}})
+
+
+def test_estop_after_a_transaction_cut_short_still_holds():
+    """Ctrl-C or SIGTERM raised while LeRobot waits for the servos' reply leaves the SDK's port marked busy
+    (scservo_sdk's `port_handler.is_using`): every later read failed with "Port is in use!", so the e-stop never
+    held the arm. The stand-in models LeRobot's bus attributes (tests/test_lerobot_so101.py does it for real)."""
+
+    class Serial:
+        is_open, flushed = True, 0
+
+        def reset_input_buffer(self):
+            self.flushed += 1
+
+    class Port:
+        is_open, is_using, ser = True, False, Serial()
+
+    class WithBus(FakeSO100):
+        def __init__(self):
+            super().__init__(camera=False)
+            self.bus = type("Bus", (), {"port_handler": Port(), "port": "/dev/ttyACM0"})()
+
+        def get_observation(self):
+            if self.bus.port_handler.is_using:
+                raise ConnectionError("Failed to sync read 'Present_Position' [TxRxResult] Port is in use!")
+            return super().get_observation()
+
+    fake = WithBus()
+    robot = SafeRobot(LeRobotRobot(fake, action_low=[-1] * 4, action_high=[1] * 4), {}, watchdog_thread=False)
+    robot.reset()
+    robot.step(np.full(4, 0.3))
+    fake.bus.port_handler.is_using = True  # the interrupted read's state
+    robot.estop("SIGTERM received")
+    assert len(fake.sent) == 2 and fake.sent[-1] == {f"{m}.pos": pytest.approx(0.3) for m in MOTORS}
+    assert fake.bus.port_handler.ser.flushed >= 1  # the unread reply is dropped, not taken for the next one
+    robot.close()

@@ -101,6 +101,11 @@ def test_inference_cache_matches_uncached_and_follows_weight_changes():
     other = DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8, num_inference_steps=4)
     policy.load_state_dict(other.state_dict())
     assert torch.allclose(policy.predict_action(obs, generator=torch.Generator().manual_seed(3)), uncached(), atol=1e-6)
+    # so does a move to another dtype or device: `.to(cuda)` left the modulations on the CPU
+    policy.to(torch.float64)
+    assert not policy._noise_cache
+    policy.to(torch.float32)
+    assert torch.allclose(policy.predict_action(obs, generator=torch.Generator().manual_seed(3)), uncached(), atol=1e-6)
 
 
 @pytest.mark.parametrize("formulation, scale", [({"name": "karras"}, 250.0), ("edm", 250.0), ({"name": "ddpm"}, 1.0)])

@@ -54,7 +54,7 @@ def test_all_language_batch_computes_cla_with_gradient():
     out = policy.compute_loss(_batch(b=6, has_lang=range(6)))
     assert out["cla_loss"] > 0 and out["language_fraction"] == 1.0
     out["loss"].backward()
-    assert policy.alignment.pool.query.grad.abs().sum() > 0
+    assert policy.alignment.proj.weight.grad.abs().sum() > 0
     assert policy.alignment.logit_scale.grad is not None
     assert policy.lang_goal[0].weight.grad.abs().sum() > 0
 
@@ -65,6 +65,186 @@ def test_aux_losses_switch_off():
     assert policy.foresight is None and policy.alignment is None
     assert "mgf_loss" not in out and "cla_loss" not in out and torch.isfinite(out["loss"])
 
+
+
+# -- Contrastive Latent Alignment (issue 18: the pooled version collapsed on the observation) -----------------------
+def _toy_batch(b, step, informative=False):
+    """Every element has its own random observation, so the observation alone identifies it. Uninformative: the
+    language and image goals are drawn independently (nothing to align). Informative: both name one of b tasks
+    (a fixed embedding and a fixed random goal image per task)."""
+    batch = _batch(b=b, has_lang=range(b), seed=1000 + step)
+    batch["task_id"] = torch.randperm(b, generator=torch.Generator().manual_seed(step))
+    if informative:
+        g = torch.Generator().manual_seed(12345)
+        lang, images = torch.randn(b, LANG, generator=g), torch.randint(0, 256, (b, 3, 16, 16), generator=g)
+        batch["goal.lang_emb"] = lang[batch["task_id"]]
+        batch["goal.agentview_image"] = images[batch["task_id"]].to(torch.uint8)
+    return batch
+
+
+class _PooledCLA(torch.nn.Module):
+    """The first CLA, kept here as the reference of the bug: attention-pool each whole encoder output (goal token +
+    the same observation tokens), InfoNCE across the batch."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+
+    def forward(self, policy, batch):
+        obs = policy.obs_encoder(policy.normalize_obs(policy.split_batch(batch, "obs")))
+        goal = policy.split_batch(batch, "goal")
+        pool = lambda t: torch.nn.functional.normalize(self.attn(self.query.expand(len(t), -1, -1), t, t)[0][:, 0], dim=-1)
+        za = pool(policy.encode_tokens(policy.image_goal_token(goal), obs))
+        zb = pool(policy.encode_tokens(policy.language_goal_token(goal["lang_emb"]), obs))
+        logits = self.logit_scale.exp() * za @ zb.T
+        labels = torch.arange(len(za))
+        return 0.5 * (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels))
+
+
+def _train_cla(policy, cla_fn, steps, b=8, informative=False):
+    params = list(policy.parameters()) + (list(cla_fn.parameters()) if isinstance(cla_fn, torch.nn.Module) else [])
+    opt = torch.optim.Adam(params, lr=1e-3)
+    curve = []
+    for step in range(steps):
+        loss = cla_fn(policy, _toy_batch(b, step, informative))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(float(loss.detach()))
+    return curve
+
+
+def _cla_term(policy, batch):
+    """The CLA term of compute_loss for an all-labelled batch, with its graph."""
+    obs = policy.obs_encoder(policy.normalize_obs(policy.split_batch(batch, "obs")))
+    goal = policy.split_batch(batch, "goal")
+    return policy.alignment_loss(obs, policy.image_goal_token(goal), policy.language_goal_token(goal["lang_emb"]),
+                                 goal["lang_emb"], batch["task_id"])
+
+
+def test_cla_does_not_collapse_when_the_observation_identifies_the_sample():
+    """Random goals, one random observation per element: nothing links a language goal to its image goal, so an
+    honest contrast stays at chance (log 8 = 2.08). The pooled version fell to ~0 on the observation alone."""
+    b, steps = 8, 40
+    torch.manual_seed(0)
+    old = _train_cla(_policy(mgf_weight=0.0, future_frames=0, cla_weight=0.0).train(), _PooledCLA(64), steps, b)
+    torch.manual_seed(0)
+    new = _train_cla(_policy(mgf_weight=0.0, future_frames=0, goal_dropout=0.0).train(), _cla_term, steps, b)
+    chance = float(np.log(b))
+    assert np.mean(old[-10:]) < 0.1 * chance  # the bug, reproduced: collapsed without aligning anything
+    assert np.mean(new[-10:]) > 0.8 * chance  # no shortcut left: stays at chance
+
+
+def test_cla_learns_when_language_and_image_goals_agree():
+    """The same toy with goals that agree (task embedding <-> task goal image): the loss falls well below chance, so
+    the contrast stays informative and is not just stuck."""
+    b = 8
+    torch.manual_seed(0)
+    curve = _train_cla(_policy(mgf_weight=0.0, future_frames=0, goal_dropout=0.0).train(), _cla_term, 25, b,
+                       informative=True)
+    assert curve[0] > 0.8 * np.log(b) and np.mean(curve[-5:]) < 0.25 * np.log(b)
+
+
+def test_cla_candidates_share_the_anchor_observation():
+    """The goal grid: row i is observation i under every goal j; its diagonal is each sample with its own goal."""
+    torch.manual_seed(0)
+    policy = _policy().eval()
+    obs = torch.randn(3, 1 + 1, 64)  # [K, N, D] observation tokens
+    goals = torch.randn(3, 64)
+    grid = policy._goal_grid(goals, obs)
+    assert grid.shape == (3, 3, 64)
+    for i in range(3):
+        for j in range(3):
+            torch.testing.assert_close(grid[i, j], policy.encode_tokens(goals[j:j + 1], obs[i:i + 1])[0, 0])
+    with pytest.raises(ValueError, match=r"\[K, K, D\]"):
+        policy.alignment(grid[:2], grid, torch.eye(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("labelled, tasks", [((), None), ((2,), None), ((0, 1, 2), [1, 1, 1])])
+def test_cla_without_a_negative_is_an_exact_zero_with_every_gradient(labelled, tasks):
+    """Few labelled episodes: no pair, a single labelled sample, or labelled samples that all name one task (a
+    paraphrase is no negative) give cla 0 — not NaN — and keep every parameter in the graph (DDP)."""
+    torch.manual_seed(0)
+    policy = _policy().train()
+    batch = _batch(b=6, has_lang=labelled)
+    if tasks:
+        batch["task_id"][list(labelled)] = torch.tensor(tasks)
+    out = policy.compute_loss(batch)
+    assert out["cla_loss"] == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
+
+
+def test_same_task_pairs_leave_the_softmax():
+    """Two labelled samples of one task are not each other's negatives: with three tasks among four samples the
+    loss equals the loss over the remaining candidates only."""
+    torch.manual_seed(0)
+    policy = _policy()
+    k, d = 4, 64
+    lang, image = torch.randn(k, k, d), torch.randn(k, k, d)
+    task = torch.tensor([0, 0, 1, 2])
+    same = policy._same_goal(torch.randn(k, LANG), task)
+    assert same.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    loss = policy.alignment(lang, image, same)
+    zl = torch.nn.functional.normalize(policy.alignment.proj(lang), dim=-1)
+    zi = torch.nn.functional.normalize(policy.alignment.proj(image), dim=-1)
+    scale = policy.alignment.logit_scale.exp()
+    want = []
+    for i in range(k):
+        keep = [j for j in range(k) if j == i or not same[i, j]]
+        for a, c in ((zl, zi), (zi, zl)):
+            logits = scale * (c[i, keep] @ a[i, i])
+            want.append(-torch.log_softmax(logits, 0)[keep.index(i)])
+    torch.testing.assert_close(loss, torch.stack(want).mean())
+
+
+def test_cla_weight_zero_leaves_training_identical():
+    """cla_weight=0 builds no CLA, and its training step is the CLA-on step minus the CLA term: same other losses,
+    same randomness consumed, same gradients."""
+    batch = _batch(b=6, has_lang=(0, 1, 2, 3))
+    runs = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        policy = _policy(cla_weight=weight).train()
+        torch.manual_seed(1)
+        out = policy.compute_loss(batch)
+        after = torch.rand(4)  # the RNG stream after one training loss
+        loss = out["loss"]
+        if weight:
+            labelled = {k: v[:4] for k, v in batch.items()}
+            cla = _cla_term(policy, labelled)
+            torch.testing.assert_close(cla, out["cla_loss"])
+            loss = loss - cla
+        policy.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if not n.startswith("alignment.")}
+        runs.append((out, after, grads, policy))
+    (off, rng_off, g_off, p_off), (on, rng_on, g_on, _) = runs
+    assert p_off.alignment is None and "cla_loss" not in off and on["cla_loss"] > 0
+    assert not any(n.startswith("alignment.") for n in p_off.state_dict())
+    assert torch.equal(rng_off, rng_on)
+    for key in ("diffusion_loss", "mgf_loss"):
+        assert torch.equal(off[key], on[key])
+    torch.testing.assert_close(off["loss"], on["loss"] - on["cla_loss"])
+    assert g_off.keys() == g_on.keys()
+    for n in g_off:
+        torch.testing.assert_close(g_off[n], g_on[n], msg=n)
+
+
+def test_checkpoints_of_the_pooled_cla_still_load():
+    """A checkpoint trained before the fix carries alignment.pool.*: it loads strictly (the pool's projection
+    becomes CLA's), so old MDT checkpoints still evaluate."""
+    policy = _policy()
+    state = {k: v for k, v in policy.state_dict().items() if not k.startswith("alignment.proj.")}
+    w, b = torch.randn(64, 64), torch.randn(64)
+    state.update({"alignment.pool.query": torch.zeros(1, 1, 64), "alignment.pool.attn.q.weight": torch.zeros(64, 64),
+                  "alignment.pool.attn.kv.weight": torch.zeros(128, 64), "alignment.pool.proj.weight": w,
+                  "alignment.pool.proj.bias": b})
+    fresh = _policy()
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.alignment.proj.weight, w) and torch.equal(fresh.alignment.proj.bias, b)
 
 @pytest.mark.parametrize("num_patches", [16, 49, 64, 196])
 def test_masks_cover_75_percent_within_one_patch(num_patches):

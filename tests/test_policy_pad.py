@@ -277,6 +277,11 @@ def test_inference_cache_matches_uncached_and_is_dropped_when_weights_change():
     run()
     policy.load_state_dict(_policy(num_inference_steps=4).state_dict())  # and a reload
     assert not policy._mod_cache and torch.allclose(run()[0], run(cached=False)[0], atol=1e-5)
+    run()
+    policy.to(torch.float64)  # and a move to another dtype or device (the cache held the old one's tensors)
+    assert not policy._mod_cache
+    policy.to(torch.float32)
+    assert torch.allclose(run()[0], run(cached=False)[0], atol=1e-5)
 
 
 def test_instruction_conditioning_replaces_the_task_id_where_present():

@@ -37,6 +37,7 @@ import os
 import threading
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -271,6 +272,23 @@ class PolicyServer:
         self.stop()
 
 
+def check_backend(path, backend: str) -> None:
+    """--backend onnx / aoti serve a directory written by `robodit export` in that format; torch a checkpoint."""
+    from robodit.deploy.exported import MANIFEST, is_exported
+
+    if backend == "torch":
+        if is_exported(path):
+            raise ValueError(f"{path} is an exported policy: serve it with --backend "
+                             f"{json.loads((Path(path) / MANIFEST).read_text())['format']}")
+        return
+    if not is_exported(path):
+        raise ValueError(f"--backend {backend} serves a directory written by `robodit export --format {backend}`; "
+                         f"{path} has no {MANIFEST} (export the checkpoint first)")
+    fmt = json.loads((Path(path) / MANIFEST).read_text())["format"]
+    if fmt != backend:
+        raise ValueError(f"{path} holds a {fmt} export; serve it with --backend {fmt}")
+
+
 def checkpoint_meta(policy) -> dict[str, Any]:
     """What a client evaluating the served policy needs of its checkpoint: where it came from, its training-store
     record (simulator, tasks, seeds used: evaluation's defaults), its task count and sampler settings."""
@@ -306,7 +324,11 @@ def serve_command(args) -> None:
         log.warning("binding %s: traffic is unencrypted ws://; prefer 127.0.0.1 behind an SSH tunnel", args.host)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_backend(args.checkpoint, getattr(args, "backend", "torch"))
     policy = ckpt_io.load_policy(args.checkpoint, device=args.device)
+    if args.num_inference_steps and getattr(args, "backend", "torch") != "torch":
+        raise ValueError(f"--num-inference-steps: an exported policy's step count is fixed at export "
+                         f"({policy.num_inference_steps}); export again with --num-inference-steps")
     if args.num_inference_steps:
         policy.num_inference_steps = int(args.num_inference_steps)
     server = PolicyServer(policy, token, host=args.host, port=args.port, max_batch=args.max_batch,

@@ -54,8 +54,10 @@ class DDPMFormulation(Formulation):
         self.betas = train.betas.clone()
         ab = train.alphas_cumprod.double()
         self._coef_cpu = (ab.sqrt().float(), (1 - ab).sqrt().float())
+        self._coef_float: tuple[list[float], list[float]] | None = None  # Python floats, filled on first use
         self._coef_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._templates: dict[str, object] = {}
+        self._prepared: dict[tuple[str, int], object] = {}
         self._timesteps: dict[tuple[str, int], tuple[int, ...]] = {}
         super().__init__(
             prediction=prediction, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
@@ -103,7 +105,9 @@ class DDPMFormulation(Formulation):
 
     def _raw_from_x0(self, x_t, x0, t: int):
         """The raw output (of our prediction type) that implies x0 at timestep t."""
-        a, s = float(self._coef_cpu[0][t]), float(self._coef_cpu[1][t])
+        if self._coef_float is None:  # read once (a traced graph cannot read tensor data; eager runs first)
+            self._coef_float = tuple(c.tolist() for c in self._coef_cpu)
+        a, s = self._coef_float[0][t], self._coef_float[1][t]
         if self.prediction == "epsilon":
             return (x_t - a * x0) / s
         if self.prediction == "sample":
@@ -127,13 +131,22 @@ class DDPMFormulation(Formulation):
         return self._templates[sampler]
 
     def _fresh(self, sampler: str, steps: int):
-        """A scheduler with fresh per-call state (shallow copy: config and beta tables are shared, read-only)."""
-        sch = copy.copy(self._template(sampler))
-        with warnings.catch_warnings():  # diffusers calls np.array(tensor) here; numpy 2 warns about it each call
-            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-            sch.set_timesteps(steps)
-        if hasattr(sch, "set_begin_index"):
-            sch.set_begin_index(0)
+        """A scheduler with fresh per-call state: a shallow copy of one prepared by set_timesteps (its documented
+        reset; done once per (sampler, steps), so neither a chunk nor a traced graph pays its numpy work). The
+        copy shares read-only tables; DPM-Solver's multistep memory, the one list `step` updates in place, is
+        replaced, and the step counters are plain attributes `step` rebinds on the copy."""
+        prepared = self._prepared.get((sampler, steps))
+        if prepared is None:
+            prepared = copy.copy(self._template(sampler))
+            with warnings.catch_warnings():  # diffusers calls np.array(tensor) here; numpy 2 warns about it
+                warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+                prepared.set_timesteps(steps)
+            if hasattr(prepared, "set_begin_index"):
+                prepared.set_begin_index(0)
+            self._prepared[(sampler, steps)] = prepared
+        sch = copy.copy(prepared)
+        if hasattr(sch, "model_outputs"):
+            sch.model_outputs = [None] * len(prepared.model_outputs)
         return sch
 
     def timesteps(self, sampler: str, steps: int) -> tuple[int, ...]:

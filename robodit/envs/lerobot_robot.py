@@ -13,10 +13,17 @@ infinite bounds. `stop()` (what an e-stop calls) commands the present measured p
 arm stays where it is instead of finishing its last target. LeRobot robots turn torque off when they disconnect
 (`disable_torque_on_disconnect`, default true), which would drop an arm the e-stop just held in place; so after
 an e-stop `close()` keeps torque on unless the config sets `torque_off_after_estop: true`.
+
+Connecting runs LeRobot's own `connect()`: its motor handshake, and its calibration check, which asks on stdin
+whether to write the calibration file to motors that differ. A wrong port, a missing motor, no terminal for that
+question, or motors left uncalibrated (`calibrate: false`) are one-line errors before the arm moves
+(tests/test_lerobot_so101.py drives LeRobot's SO-101 class over a fake serial port).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import inspect
 import logging
@@ -25,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from robodit.keys import safe_key
 from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec
+from robodit.errors import CLIError
+from robodit.keys import safe_key
 
 log = logging.getLogger("robodit.lerobot")
 
@@ -76,7 +84,11 @@ class LeRobotRobot(ControlInterface):
             module, _, attr = str(cfg["factory"]).partition(":")
             robot = getattr(importlib.import_module(module), attr)(**(cfg.get("kwargs") or {}))
         elif "lerobot" in cfg:
-            robot = make_lerobot_robot(**cfg["lerobot"])
+            lr = dict(cfg["lerobot"] or {})
+            if "type" not in lr:
+                raise ValueError("robot.lerobot needs type: LeRobot's robot type, e.g. so101_follower")
+            robot = make_lerobot_robot(**lr)
+            cfg.setdefault("name", lr["type"])  # the name LeRobot's registry (and robodit's action space) use
         else:
             raise ValueError("robot.type lerobot needs robot.factory ('module:callable') or robot.lerobot "
                              "({type: so101_follower, port: ..., ...})")
@@ -108,7 +120,20 @@ class LeRobotRobot(ControlInterface):
         if getattr(self.robot, "is_connected", False):
             return
         params = inspect.signature(self.robot.connect).parameters
-        self.robot.connect(calibrate=self.calibrate) if "calibrate" in params else self.robot.connect()
+        try:
+            self.robot.connect(calibrate=self.calibrate) if "calibrate" in params else self.robot.connect()
+        except EOFError:  # LeRobot's calibrate() asks on stdin, and there is none (a service, a pipe)
+            raise CLIError(f"{self.spec.robot}: the motors' calibration differs from LeRobot's calibration file "
+                           "and LeRobot asks what to do on stdin, which is closed: run once from a terminal "
+                           "(ENTER writes the file to the motors), or calibrate with lerobot-calibrate") from None
+        except (ConnectionError, OSError, RuntimeError) as exc:  # wrong port, unplugged, a motor missing
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""  # e.g. [Errno 13] Permission denied: not in dialout
+            raise CLIError(f"{self.spec.robot} did not connect: {' '.join(str(exc).split())}{cause}") from exc
+        if not getattr(self.robot, "is_calibrated", True):  # `calibrate: false` skipped LeRobot's check
+            raise CLIError(f"{self.spec.robot}: the motors' calibration differs from LeRobot's calibration file "
+                           "(robot.calibrate is false, so nothing was written): its joint readings and the servos' "
+                           "position limits would not be the ones the policy and safety bounds assume. Set "
+                           "robot.calibrate: true (LeRobot asks whether to write the file), or run lerobot-calibrate")
 
     def reset(self, task: str | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
         """Connect if needed and read the present observation (a person resets a real scene)."""
@@ -135,6 +160,7 @@ class LeRobotRobot(ControlInterface):
     def stop(self) -> None:
         """Command the measured positions of every actuator whose action name is also an observation."""
         self.estopped = True
+        _release_buses(self.robot)
         raw = self.robot.get_observation()
         hold = {k: float(raw[k]) for k in self.action_names if k in raw}
         if len(hold) == len(self.action_names):
@@ -148,6 +174,24 @@ class LeRobotRobot(ControlInterface):
             _keep_torque_on(self.robot)
         if getattr(self.robot, "is_connected", True):
             self.robot.disconnect()
+
+
+def _release_buses(robot) -> None:
+    """Free the robot's motor buses for the e-stop's hold. A signal (Ctrl-C, SIGTERM) raised inside a bus
+    transaction leaves the Feetech/Dynamixel SDK's port marked busy (`is_using`), so every later read fails with
+    "Port is in use!" and the hold never reaches the arm; its unread reply may still sit in the input buffer.
+    Mark each port free and drop that input, as LeRobot's own `disconnect()` frees the port before torque-off."""
+    parts = [robot, *getattr(robot, "__dict__", {}).values()]  # a bimanual robot holds one robot per arm
+    for part in parts:
+        for bus in (part, getattr(part, "bus", None)):
+            port = getattr(bus, "port_handler", None)
+            if port is None or not getattr(port, "is_open", False):
+                continue
+            port.is_using = False
+            try:
+                port.ser.reset_input_buffer()
+            except Exception as exc:  # noqa: BLE001 - the hold is still tried
+                log.debug("stop: could not clear %s's input: %s", getattr(bus, "port", "the bus"), exc)
 
 
 def _keep_torque_on(robot) -> None:
@@ -166,29 +210,67 @@ def _keep_torque_on(robot) -> None:
 
 
 def make_lerobot_robot(type: str, **kwargs):  # noqa: A002 - LeRobot's own key name
-    """Build a LeRobot robot from its registered config type (needs lerobot and its hardware extras)."""
+    """Build a LeRobot robot from its registered config type (needs lerobot and its robot dependencies).
+
+    A missing module is an ImportError naming the pip package to install; an unknown type or config key is a
+    ValueError naming what LeRobot accepts (draccus's own errors name neither the file nor the fix)."""
     try:
         import draccus
         import lerobot.robots as robots
         from lerobot.robots import RobotConfig, make_robot_from_config
     except ImportError as exc:
         raise _missing(exc) from None
+    failed: dict[str, Exception] = {}
     for mod in pkgutil.iter_modules(robots.__path__):  # config classes register themselves on import
+        if type in RobotConfig.get_known_choices():
+            break
         try:
             importlib.import_module(f"{robots.__name__}.{mod.name}")
-        except ImportError as exc:
+        except Exception as exc:  # noqa: BLE001 - another robot's missing SDK must not stop this one
+            failed[mod.name] = exc
             log.debug("lerobot robot module %s unavailable: %s", mod.name, exc)
-    config = draccus.decode(RobotConfig, {"type": type, **kwargs})
+    known = sorted(RobotConfig.get_known_choices())
+    if type not in known:
+        close = difflib.get_close_matches(type, known, n=1)
+        broken = "; ".join(f"{name}: {_missing_text(e) if isinstance(e, ImportError) else e}"
+                           for name, e in failed.items())
+        raise ValueError(f"robot.lerobot.type {type!r} is not a LeRobot robot type"
+                         + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known: {known}"
+                         + (f"; robot modules that did not import: {broken}" if broken else ""))
+    config_cls = RobotConfig.get_choice_class(type)
+    fields = sorted(f.name for f in dataclasses.fields(config_cls))
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, fields, n=1))
+                             else "") for k in unknown]
+        raise ValueError(f"robot.lerobot: {', '.join(hints)} not a setting of LeRobot's {type}; it takes {fields}")
+    try:
+        config = draccus.decode(RobotConfig, {"type": type, **kwargs})
+    except draccus.utils.DecodingError as exc:  # a value of the wrong type, a missing required field
+        raise ValueError(f"robot.lerobot ({type}): {exc}") from None
     try:
         return make_robot_from_config(config)
     except ImportError as exc:  # the robot's hardware SDK (e.g. scservo_sdk for Feetech motors)
         raise _missing(exc, type) from None
 
 
+# import name -> what pip installs it: LeRobot 0.4.4's SO-100/101 stack (`lerobot[feetech]` less its torch pin)
+PIP_NAMES = {"lerobot": "--no-deps lerobot==0.4.4 (its own deps pin torch<2.11) and draccus==0.10.0 deepdiff "
+                        "pyserial feetech-servo-sdk",
+             "draccus": "draccus==0.10.0", "deepdiff": "deepdiff", "serial": "pyserial",
+             "scservo_sdk": "feetech-servo-sdk", "dynamixel_sdk": "dynamixel-sdk",
+             "torchvision": "torchvision (the build matching your torch)"}
+
+
+def _missing_text(exc: ImportError) -> str:
+    module = (exc.name or "").split(".")[0]
+    if not (isinstance(exc, ModuleNotFoundError) and module):  # e.g. "cannot import name ...": a version skew
+        return str(exc)
+    return f"needs the Python module {module!r}, which is not installed: pip install {PIP_NAMES.get(module, module)}"
+
+
 def _missing(exc: ImportError, robot_type: str | None = None) -> ImportError:
-    """An ImportError naming the missing module and what to install."""
+    """An ImportError naming the missing module and the pip package that provides it."""
     what = f"robot type {robot_type!r}" if robot_type else "robot.lerobot"
-    module = exc.name or str(exc)
-    return ImportError(f"{what} needs the Python module {module!r} ({exc}); install "
-                       "lerobot with its robot extras, e.g. pip install 'lerobot[feetech]' for SO-100/101 arms, "
-                       "or use robot.factory")
+    return ImportError(f"{what} {_missing_text(exc)} (the whole stack: the Makefile's lerobot lines, as "
+                       "`make install` runs them); or drive the arm through robot.factory")

@@ -14,6 +14,7 @@ import torch
 
 from robodit.datasets.normalizer import Normalizer
 from robodit.diffusion import make_formulation
+from robodit.diffusion.base import randn
 from robodit.policies.base import Policy
 
 TASK_CONDITIONING = ("token", "token+global")
@@ -41,6 +42,12 @@ class DiffusionPolicy(Policy):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.sampler, self.num_inference_steps = sampler, num_inference_steps
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)`, `.half()`, `.cuda()`: the inference caches hold tensors derived from the weights on the
+        old device / dtype, so they go too (they rebuild on the next chunk)."""
+        self.on_weights_changed()
+        return super()._apply(fn, recurse)
 
     @classmethod
     def formulation_config(cls, formulation: dict | str | None) -> dict | str:
@@ -110,13 +117,41 @@ class DiffusionPolicy(Policy):
         loss = per_sample.mean()
         return {"loss": loss, "diffusion_loss": loss.detach()}
 
+    # -- inference: checked inputs → one pure-tensor chunk computation -----------------------------------------
+    noise_dim: int | None = None  # the denoised space's width when it is not the action's (RDT: 128)
+
+    def inference_inputs(self, obs: dict[str, Any], goal: dict[str, Any] | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Checked observation tensors [B, To, ...] and the resolved goal (`resolve_goal`) on the policy's device."""
+        obs_t = self.prepare_obs(obs)
+        return obs_t, self.resolve_goal(goal, next(iter(obs_t.values())).shape[0])
+
+    def chunk_from_noise(self, obs_t: dict[str, torch.Tensor], goal_t: dict[str, torch.Tensor],
+                         noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The whole chunk after input checking: normalise, encode once, denoise `noise` (unit Gaussian
+        [B, Tp, D]) along the fixed schedule, un-normalise. Tensor code with no host sync and no randomness of its
+        own (only a stochastic sampler draws, from `generator`), so it traces into one graph: what `robodit export`
+        and compiled inference capture, and what `predict_action` runs."""
+        cond = self.encode(self.normalize_obs(obs_t), goal_t)
+        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), sampler=self.sampler,
+                                    steps=self.num_inference_steps, generator=generator, init_noise=noise)
+        return self.chunk_to_actions(x.float())
+
+    def chunk_to_actions(self, x: torch.Tensor) -> torch.Tensor:
+        """Denoised normalised chunk → actions in the robot's units."""
+        return self.normalizer.unnormalize("action", x)
+
+    def chunk_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The unit Gaussian a chunk starts from, drawn as `formulation.sample` would draw it."""
+        return randn((batch, self.action_horizon, self.noise_dim or self.action_dim), generator, self.device)
+
     @torch.no_grad()
     def sample_chunk(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                      generator: torch.Generator | None = None, dim: int | None = None) -> torch.Tensor:
         """Sample the normalised chunk [B, Tp, dim] (dim: the action dim unless a family denoises another space)."""
-        obs_t = self.normalize_obs(self.prepare_obs(obs))
+        obs_t, goal_t = self.inference_inputs(obs, goal)
+        cond = self.encode(self.normalize_obs(obs_t), goal_t)
         batch_size = next(iter(obs_t.values())).shape[0]
-        cond = self.encode(obs_t, self.resolve_goal(goal, batch_size))
         return self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i),
                                        (batch_size, self.action_horizon, dim or self.action_dim),
                                        sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
@@ -125,4 +160,6 @@ class DiffusionPolicy(Policy):
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.normalizer.unnormalize("action", self.sample_chunk(obs, goal, generator).float())
+        obs_t, goal_t = self.inference_inputs(obs, goal)
+        noise = self.chunk_noise(next(iter(obs_t.values())).shape[0], generator)
+        return self.chunk_from_noise(obs_t, goal_t, noise, generator)

@@ -125,9 +125,17 @@ def build_policy(policy_cfg: dict, shape_meta: dict, normalizer) -> torch.nn.Mod
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> torch.nn.Module:
-    """Rebuild the policy of a checkpoint in eval mode; EMA weights when present (what evaluation should use)."""
+    """Rebuild the policy of a checkpoint in eval mode; EMA weights when present (what evaluation should use).
+    A directory written by `robodit export` loads as an ExportedPolicy (ONNX Runtime / AOTInductor, CPU) behind
+    the same predict_action."""
     from robodit.datasets.normalizer import Normalizer
+    from robodit.deploy.exported import ExportedPolicy, is_exported
 
+    if is_exported(path):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{path} is an exported policy, which runs on the CPU; load the checkpoint it was "
+                             f"exported from for device={device!r}")
+        return ExportedPolicy(path)
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     normalizer = Normalizer.from_flat(load_file(str(ckpt / "normalizer.safetensors")))

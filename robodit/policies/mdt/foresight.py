@@ -2,8 +2,9 @@
 
 MGF makes the goal-conditioned encoder's tokens carry what the scene will look like a few steps ahead: a small
 transformer sees those tokens plus the 25% visible patches of the future frame and must paint the other 75%.
-CLA pulls the encoder's pooled output under a language goal towards its output under the image goal of the same
-sample, so the few language-labelled episodes anchor language in the space the many image-goal episodes train.
+CLA pulls the goal token's encoding under a language goal towards its encoding under the image goal of the same
+sample, against other goals placed in the same observation, so the few language-labelled episodes anchor language
+in the space the many image-goal episodes train.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from robodit.nn.attention import Attention, TransformerEncoderBlock, make_norm
+from robodit.nn.attention import TransformerEncoderBlock, make_norm
 from robodit.nn.encoders import images_to_float
+from robodit.policies.base import keep_in_graph
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -97,32 +99,64 @@ class MaskedForesight(nn.Module):
         return out
 
 
-class AttentionPool(nn.Module):
-    """One learned query attends over the tokens: a pooled summary that can weigh the goal token as it likes."""
-
-    def __init__(self, dim: int, heads: int, out_dim: int | None = None):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.attn = Attention(dim, heads)
-        self.proj = nn.Linear(dim, out_dim or dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attn(self.query.expand(tokens.shape[0], -1, -1), context=tokens)[:, 0])
-
-
 class ContrastiveAlignment(nn.Module):
-    """Symmetric InfoNCE between two views of the same samples with a learned temperature (CLIP-style)."""
+    """Symmetric InfoNCE between a sample's goal token under its language goal and under its image goal, where
+    every candidate shares the anchor's observation (CLIP-style, learned temperature).
 
-    def __init__(self, dim: int, heads: int, temperature: float = 0.07):
+    Why not pool the whole encoder output (the first version): both views of a sample carry the same observation
+    tokens and different samples carry different ones, so the observation alone tells the positive from the
+    negatives and the loss fell to ~1e-5 in a few hundred steps without aligning any goal. Here the encoder is run
+    on every (observation i, goal j) pair of the labelled samples, and anchor i's candidates are the goals j
+    *in observation i*: the only thing that differs between them is the goal, so the loss can fall only as far as
+    the language and image goals agree.
+
+    Inputs are the encoder's goal-token outputs on that grid, row = observation, column = goal:
+    lang [K, K, D] under language goals, image [K, K, D] under image goals; `same_goal` [K, K] bool marks pairs
+    that name the same goal (same task or instruction): such a j ≠ i is not a negative and leaves the softmax.
+    Rows without any negative contribute nothing; with none at all the loss is an exact 0 that still reaches
+    every parameter (DDP needs a gradient for each)."""
+
+    def __init__(self, dim: int, temperature: float = 0.07):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"CLA temperature must be > 0, got {temperature}")
-        self.pool = AttentionPool(dim, heads)
+        self.proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
-    def forward(self, tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:
-        za = F.normalize(self.pool(tokens_a).float(), dim=-1)
-        zb = F.normalize(self.pool(tokens_b).float(), dim=-1)
-        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * za @ zb.T
-        labels = torch.arange(len(za), device=za.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints of the pooled CLA (`pool.query`, `pool.attn.*`, `pool.proj.*`) still load: the pool only
+        served training, so its projection becomes this one and the rest is dropped."""
+        for key in [k for k in state_dict if k.startswith(prefix + "pool.")]:
+            value = state_dict.pop(key)
+            if key.startswith(prefix + "pool.proj."):
+                state_dict.setdefault(prefix + key[len(prefix + "pool."):], value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, lang: torch.Tensor, image: torch.Tensor, same_goal: torch.Tensor) -> torch.Tensor:
+        l2i, i2l = self.directional_losses(lang, image, same_goal)
+        return 0.5 * (l2i + i2l)
+
+    def directional_losses(self, lang: torch.Tensor, image: torch.Tensor,
+                           same_goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(language anchor vs image goals, image anchor vs language goals), each a mean cross-entropy over the
+        anchors that have a negative; both exact zeros in the graph when none has."""
+        k = lang.shape[0]
+        if lang.shape[:2] != (k, k) or image.shape != lang.shape or same_goal.shape != (k, k):
+            raise ValueError(f"CLA expects lang and image goal tokens [K, K, D] and same_goal [K, K]; got "
+                             f"{tuple(lang.shape)}, {tuple(image.shape)}, {tuple(same_goal.shape)}")
+        zl = F.normalize(self.proj(lang).float(), dim=-1)
+        zi = F.normalize(self.proj(image).float(), dim=-1)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        eye = torch.eye(k, dtype=torch.bool, device=lang.device)
+        excluded = same_goal.to(lang.device).bool() & ~eye
+        rows = (~excluded & ~eye).any(dim=1)  # anchors with at least one negative
+        if not rows.any():
+            zero = keep_in_graph((zl.sum() + zi.sum()) * 0.0, self.parameters())
+            return zero, zero
+        diag = lambda z: z.diagonal(dim1=0, dim2=1).T  # z[i, i]: sample i under its own goal, [K, D]
+        # language anchor i against image goals j, all in observation i; and image anchor against language goals
+        l2i = scale * torch.einsum("id,ijd->ij", diag(zl), zi)
+        i2l = scale * torch.einsum("id,ijd->ij", diag(zi), zl)
+        labels = torch.arange(k, device=lang.device)[rows]
+        ce = lambda logits: F.cross_entropy(logits.masked_fill(excluded, float("-inf"))[rows], labels)
+        return ce(l2i), ce(i2l)

@@ -6,7 +6,9 @@ front of the observation tokens instead of a task id. Language goals are frozen 
 (`goal.lang_emb`, cached in the store); image goals are a frame 20–50 steps ahead in the same episode, encoded
 by the observation encoder's own camera networks. Every sample trains with its image goal; the few samples with
 an instruction train with their language goal too, and two auxiliary losses shape the encoder: Masked
-Generative Foresight and Contrastive Latent Alignment (robodit/policies/mdt/foresight.py).
+Generative Foresight and Contrastive Latent Alignment (robodit/policies/mdt/foresight.py). CLA contrasts the goal
+token's encoding under the language vs the image goal of one sample, against the other labelled samples' goals
+placed in the same observation, so the observation cannot give the answer away.
 
 Goal dropout replaces the image-goal token by a learned null token with probability `goal_dropout`, so the
 policy also acts sensibly with no goal. Shapes: one goal token [B, 1, D] whatever the modality.
@@ -56,7 +58,7 @@ class MDTPolicy(DiTPolicy):
                          formulation, sampler, num_inference_steps, width, depth, heads,
                          dropout, noise_cond_scale)
         self.task_embedding = None  # goal-conditioned: the goal token stands where the task id would
-        w, h = self.action_in.out_features, self.blocks[0].attn.heads
+        w = self.action_in.out_features
         self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
         self.image_goals = tuple(self.image_keys)  # a goal image per camera
         if not self.image_keys:
@@ -80,7 +82,7 @@ class MDTPolicy(DiTPolicy):
         self.foresight = (MaskedForesight(self.image_keys, size_px, channels, w, patch=mgf_patch, width=mgf_width,
                                           depth=mgf_depth, heads=max(1, mgf_width // 32), mask_ratio=mgf_mask_ratio)
                           if mgf_weight > 0 else None)
-        self.alignment = ContrastiveAlignment(w, h, cla_temperature) if cla_weight > 0 else None
+        self.alignment = ContrastiveAlignment(w, cla_temperature) if cla_weight > 0 else None
 
     # -- goals ------------------------------------------------------------------------------------------------
     def image_goal_token(self, goal: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,9 +154,10 @@ class MDTPolicy(DiTPolicy):
         has_lang = goal.get("has_lang", torch.zeros(b, dtype=torch.bool, device=obs_tokens.device)).bool()
         idx = has_lang.nonzero().flatten()
         out: dict[str, torch.Tensor] = {}
-        enc_lang = None
+        lang_token = None
         if len(idx):
-            enc_lang = self.encode_tokens(self.language_goal_token(goal["lang_emb"][idx]), obs_tokens[idx])
+            lang_token = self.language_goal_token(goal["lang_emb"][idx])
+            enc_lang = self.encode_tokens(lang_token, obs_tokens[idx])
             losses.append(self._diffusion(enc_lang, x0[idx], mask[idx]))
         per_sample = torch.cat(losses)
         diffusion = per_sample.mean()
@@ -168,7 +171,8 @@ class MDTPolicy(DiTPolicy):
             out["mgf_loss"] = mgf.detach()
         if self.alignment is not None:
             if len(idx) >= 2:
-                cla = self.alignment(self.encode_tokens(image_token[idx], obs_tokens[idx]), enc_lang)
+                cla = self.alignment_loss(obs_tokens[idx], image_token[idx], lang_token, goal["lang_emb"][idx],
+                                          batch["task_id"][idx] if "task_id" in batch else None)
             else:  # a contrast needs two samples
                 cla = keep_in_graph(diffusion.new_zeros(()), self.alignment.parameters())
             loss = loss + self.cla_weight * cla
@@ -176,6 +180,31 @@ class MDTPolicy(DiTPolicy):
             out["cla_temperature"] = self.alignment.logit_scale.detach().neg().exp()
         out["loss"] = loss
         return out
+
+    def alignment_loss(self, obs_tokens: torch.Tensor, image_goals: torch.Tensor, lang_goals: torch.Tensor,
+                       lang_emb: torch.Tensor, task_id: torch.Tensor | None = None) -> torch.Tensor:
+        """CLA over K labelled samples: observation tokens [K, N, D], their image- and language-goal tokens [K, D],
+        the instruction embeddings [K, lang_dim] and task ids [K] (which pairs name the same goal). Draws no
+        randomness, so switching it off changes nothing else in training."""
+        same = self._same_goal(lang_emb, task_id)
+        return self.alignment(self._goal_grid(lang_goals, obs_tokens), self._goal_grid(image_goals, obs_tokens), same)
+
+    def _goal_grid(self, goal_tokens: torch.Tensor, obs_tokens: torch.Tensor) -> torch.Tensor:
+        """The encoder's goal-token output for every (observation i, goal j) pair: [K, K, D] from goal tokens
+        [K, D] and observation tokens [K, N, D]. CLA's candidates for anchor i are row i: one observation, K goals."""
+        k, n, d = obs_tokens.shape
+        goals = goal_tokens[None].expand(k, k, d).reshape(k * k, d)
+        obs = obs_tokens[:, None].expand(k, k, n, d).reshape(k * k, n, d)
+        return self.encode_tokens(goals, obs)[:, 0].reshape(k, k, d)
+
+    @staticmethod
+    def _same_goal(lang_emb: torch.Tensor, task_id: torch.Tensor | None) -> torch.Tensor:
+        """[K, K] bool: samples i and j name the same goal (the same instruction, or the same task: a paraphrase
+        of one task's instruction is no negative for it)."""
+        same = (lang_emb[:, None] == lang_emb[None]).all(-1)
+        if task_id is not None:
+            same = same | (task_id[:, None] == task_id[None])
+        return same
 
     def _diffusion(self, encoded: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cond = {"tokens": encoded, "kv": [None] * len(self.blocks)}

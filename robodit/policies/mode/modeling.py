@@ -175,7 +175,9 @@ class MoDEPolicy(DiffusionPolicy):
     def cached_step(self, step_index: int) -> CachedStep:
         """The fused step for the current (sampler, steps), built on first use and after any weight change."""
         key = self.formulation.schedule_key(self.sampler, self.num_inference_steps)
-        if self._cache_fingerprint != self._fingerprint() or (key, 0) not in self._expert_cache:
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # a traced graph folds the
+        # cache in as constants (built before the trace); fake tensors have no storage to fingerprint
+        if (key, 0) not in self._expert_cache or not tracing and self._cache_fingerprint != self._fingerprint():
             self._build_cache(key)
         entry = self._expert_cache.get((key, step_index))
         if entry is None:

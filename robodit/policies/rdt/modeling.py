@@ -370,10 +370,9 @@ class RDTPolicy(DiffusionPolicy):
         """Normalised unified chunk [B, Tp, 128] (zero in the robot's unused slots)."""
         return self.sample_chunk(obs, goal, generator, dim=UNIFIED_DIM)
 
-    @torch.no_grad()
-    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        unified = self.predict_unified(obs, goal, generator).float()  # selects the store that fits `obs`
+    noise_dim = UNIFIED_DIM  # the chunk is denoised in the unified 128-d space
+
+    def chunk_to_actions(self, unified: torch.Tensor) -> torch.Tensor:
+        """Normalised unified chunk → the active store's robot's native actions."""
         i = self.store_index
-        unified = unified * self.u_action_scale[i] + self.u_action_offset[i]
-        return self.layouts[i].native_action(unified)
+        return self.layouts[i].native_action(unified * self.u_action_scale[i] + self.u_action_offset[i])

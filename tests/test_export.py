@@ -1,0 +1,113 @@
+"""`robodit export`: the whole chunk as one ONNX graph gives the eager actions for the same noise (dit, mode with its
+expert cache, rdt), loads behind `robodit.load_policy`, serves with `robodit serve --backend onnx`, and refuses what
+it cannot hold by name. Policies are tiny with 2 denoising steps: the trace, not the model, costs the time."""
+
+import numpy as np
+import pytest
+import torch
+from _control_fakes import tiny_dit
+
+import robodit
+from robodit.cli import main
+from robodit.deploy.client import RemotePolicy
+from robodit.deploy.export import ExportError, check_exportable, export_policy
+from robodit.deploy.exported import ExportedPolicy
+from robodit.deploy.server import PolicyServer, check_backend
+from robodit.training.checkpoint import export_state, save_checkpoint
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+TOKEN = "export-test-token-0123456789"
+
+
+def _trained_looking(policy):
+    """Random weights everywhere: the zero-initialised heads of a fresh policy would predict zeros."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    policy.on_weights_changed()
+    return policy.eval()
+
+
+def _agree(policy, exported, obs, goal=None):
+    for seed in (0, 1):
+        eager = policy.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
+        got = exported.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
+        assert got.shape == eager.shape and eager.abs().max() > 0.05
+        assert torch.allclose(got, eager, atol=1e-4), (got - eager).abs().max()
+
+
+@pytest.fixture(scope="module")
+def dit_export(tmp_path_factory):
+    """A tiny two-task DiT checkpoint exported through the CLI."""
+    policy = _trained_looking(tiny_dit(state_dim=6, action_dim=4, num_tasks=2))
+    cfg = {"policy": {"_target_": "robodit.policies.dit.DiTPolicy", "size": "tiny", "action_horizon": 8,
+                      "n_action_steps": 4, "num_inference_steps": 2},
+           "shape_meta": policy.shape_meta, "store": {"fps": 30.0, "tasks": ["reach", "push"]}}
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "step_1", model_state=export_state(policy),
+                           ema_state=None, normalizer_state=policy.normalizer.state_dict_flat(), config=cfg)
+    out = tmp_path_factory.mktemp("exported")
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    return ckpt, out
+
+
+def test_dit_export_matches_eager_and_loads_behind_load_policy(dit_export):
+    ckpt, out = dit_export
+    eager, exported = robodit.load_policy(ckpt), robodit.load_policy(out)
+    assert isinstance(exported, ExportedPolicy) and exported.n_action_steps == 4 and exported.task_names
+    obs = {"state": np.random.default_rng(0).normal(size=(3, 2, 6)).astype(np.float32)}
+    _agree(eager, exported, obs, {"task": ["push", "reach", "push"]})
+    _agree(eager, exported, {"obs.state": obs["state"][0]}, {"task_id": 1})  # prefixed keys, no batch dimension
+    with pytest.raises(ValueError, match="'state'.*shape"):
+        exported.predict_action({"state": np.zeros((1, 2, 5), np.float32)}, {"task_id": 0})
+    with pytest.raises(ValueError, match="task"):
+        exported.predict_action(obs)
+
+
+def test_served_with_the_onnx_backend(dit_export):
+    ckpt, out = dit_export
+    check_backend(out, "onnx")
+    with pytest.raises(ValueError, match="--backend onnx"):
+        check_backend(out, "torch")
+    with pytest.raises(ValueError, match="robodit export"):
+        check_backend(ckpt, "onnx")
+    obs = {"state": np.random.default_rng(1).normal(size=(2, 2, 6)).astype(np.float32)}
+    eager = robodit.load_policy(ckpt)
+    with PolicyServer(robodit.load_policy(out), TOKEN, host="127.0.0.1", port=0) as server:
+        with RemotePolicy(server.url, TOKEN) as remote:
+            got = remote.predict_action(obs, {"task_id": np.array([0, 1])}, generator=torch.Generator().manual_seed(5))
+    # the client sends its generator's state: the served exported chunk equals the local eager one
+    want = eager.predict_action(obs, {"task_id": np.array([0, 1])}, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_mode_with_its_expert_cache_exports(tmp_path):
+    from test_policy_mode import _policy
+
+    policy = _trained_looking(_policy(num_inference_steps=2))
+    assert policy.expert_cache
+    out = export_policy(policy, tmp_path, "onnx")
+    _agree(policy, ExportedPolicy(out), {"state": torch.randn(2, 2, 5)})
+
+
+def test_rdt_exports_with_dpm_solver(tmp_path):
+    from test_policy_rdt import _obs, _policy
+
+    policy = _trained_looking(_policy(num_inference_steps=2))
+    assert policy.sampler == "dpmsolver++"
+    out = export_policy(policy, tmp_path, "onnx")
+    _agree(policy, ExportedPolicy(out), _obs())
+
+
+def test_what_cannot_export_is_refused_by_name(tmp_path):
+    from test_policy_pad import _policy as pad_policy
+
+    with pytest.raises(ExportError, match="pad: .*video frames"):
+        check_exportable(pad_policy())
+    policy = tiny_dit()
+    policy.sampler = "ddpm"
+    with pytest.raises(ExportError, match="'ddpm' draws fresh noise"):
+        check_exportable(policy)
+    with pytest.raises(ExportError, match="--format 'tflite'"):
+        export_policy(tiny_dit(), tmp_path, "tflite")
