@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from robodit.datasets.normalizer import Normalizer
 from robodit.policies.dit import DiTPolicy
 from robodit.policies.mode import MoDEPolicy
 from robodit.policies.pad import PADPolicy
-from robodit.profiling import count_host_syncs
+from robodit.profiling import count_host_syncs, cpu_model
 
 # (label, class, kwargs) — new families add rows here.
 PAPER_HORIZONS = dict(obs_horizon=1, action_horizon=10, n_action_steps=10)
@@ -208,17 +207,6 @@ def count_call_flops(call) -> int:
     with FlopCounterMode(display=False) as counter:
         call()
     return counter.get_total_flops()
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo; platform.processor() says only 'x86_64' on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def merge_rows(old: dict, rows: list[dict]) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -96,11 +95,12 @@ def main() -> None:
         return
 
     from robodit.envs.libero_tasks import python
+    from robodit.profiling import cpu_model  # torch: only here, never in the --speed-only child
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    result: dict = {"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(),
+    result: dict = {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "load_at_start": os.getloadavg(), "suite": args.suite}
     if "speed" not in skip:
         r = subprocess.run([python(), __file__, "--speed-only", "--speed-steps", str(args.speed_steps)],
@@ -135,16 +135,6 @@ def main() -> None:
         print(_table(result["policy"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ a policy that does that per layer and step is bound by those stalls, not by its 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,3 +31,17 @@ def count_host_syncs(fn: Callable[..., Any], *args, **kwargs) -> int:
     with _SyncCounter() as counter:
         fn(*args, **kwargs)
     return counter.count
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, which benchmarks record next to every figure (/proc/cpuinfo;
+    platform.processor() says only 'x86_64' on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
