@@ -20,11 +20,9 @@ are never trusted as counts. No fsync: this survives a killed process, not a pow
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -32,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
-FORMAT = "robodit.demos"
-VERSION = 1
-LOCK_NAME = "writer.lock"
-_KEY_RE = re.compile(r"[A-Za-z0-9_]+\Z")
+from robodit.datasets.store_format import (FORMAT, LOCK_NAME, VERSION, StoreError,  # noqa: F401 - re-exported
+                                           acquire_writer_lock, chunk_frames, compressor, normalize_keys,
+                                           read_root_attrs, release_writer_lock)
+
 # name -> dtype; episode_ends goes last on purpose (its attrs are the commit point)
 _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.int32),
          "episode_has_language": np.dtype(bool), "episode_has_actions": np.dtype(bool),
@@ -47,88 +45,7 @@ _META = {"episode_task": np.dtype(np.int32), "episode_instruction": np.dtype(np.
 # rows with no value: -1 (no seed recorded; not a segment of a chain)
 _META_FILL = {"episode_seed": -1, "episode_chain": -1, "episode_chain_pos": -1}
 _META_CHUNK = 4096
-_CHUNK_TARGET_BYTES = 1 << 20
 _RESERVED_ATTRS = {"format", "version", "keys", "chunks_complete"}
-
-
-class StoreError(Exception):
-    """The store is missing, not a robodit store, corrupt, too new, or locked by another writer."""
-
-
-def chunk_frames(shape: tuple[int, ...], dtype) -> int:
-    """Frames per chunk: the largest power of two with <= 1 MiB uncompressed, clamped to 16..2048.
-
-    ~1 MiB keeps zstd efficient and the files few; not much more, because a sampler reading a 2-16 frame
-    window decompresses whole chunks (84x84x3 uint8 -> 32 frames, small float vectors -> 2048).
-    """
-    frame = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
-    n = 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_TARGET_BYTES // frame)))))
-    return int(min(2048, max(16, n)))
-
-
-def _compressor(dtype: np.dtype):
-    """zstd for all keys. 1-byte data (images): plain ZstdCodec, since a byte shuffle is a no-op there and
-    plain zstd compressed rendered frames slightly better and faster than Blosc. Wider types (float states,
-    actions): Blosc-zstd with byte shuffle, which groups the slowly-varying exponent bytes (~12% smaller)."""
-    if dtype.itemsize == 1:
-        return ZstdCodec(level=3)
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-
-
-def _norm_keys(keys: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    out = {}
-    for name, spec in keys.items():
-        if not isinstance(name, str) or not _KEY_RE.match(name):
-            raise ValueError(f"key name {name!r} must match [A-Za-z0-9_]+")
-        shape, dtype = spec
-        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
-        if any(s <= 0 for s in shape) or dtype.kind not in "biuf":
-            raise ValueError(f"key {name!r}: bad spec shape={shape} dtype={dtype} (positive dims, numeric)")
-        out[name] = (shape, dtype)
-    if "action" not in out:
-        raise ValueError(f"keys must include 'action', got {sorted(out)}")
-    return out
-
-
-def _read_root_attrs(path: Path) -> dict:
-    """Check that `path` is a robodit store of a version we can read, with a clear message if not."""
-    if not path.exists():
-        raise StoreError(f"{path}: no such store (path does not exist)")
-    meta = path / "zarr.json"
-    if not path.is_dir() or not meta.is_file():
-        raise StoreError(f"{path}: not a robodit demonstration store (no zarr.json; expected a NAME.zarr dir)")
-    try:
-        doc = json.loads(meta.read_text())
-        attrs = doc.get("attributes", {}) if doc.get("node_type") == "group" else None
-    except (ValueError, OSError, AttributeError) as exc:
-        raise StoreError(f"{path}: corrupt store metadata {meta.name}: {exc}") from None
-    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a robodit demonstration store (root attrs lack format={FORMAT!r})")
-    version = attrs.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise StoreError(f"{path}: corrupt store metadata: bad format version {version!r}")
-    if version > VERSION:
-        raise StoreError(f"{path}: store format version {version} is newer than this robodit reads "
-                         f"(<= {VERSION}); upgrade robodit")
-    return attrs
-
-
-def _lock(path: Path) -> int:
-    """Exclusive non-blocking flock: one writer; the kernel drops it if the writer dies (no stale locks)."""
-    lock_path = path / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"{path} is being written by another process (lock {lock_path} is held)") from None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _ro(a: np.ndarray) -> np.ndarray:
@@ -153,7 +70,7 @@ class DemoStore:
         """Create an empty store and return it opened for append. A new store is built in a temp dir and
         renamed into place, so a killed `create` never leaves a half-made store at `path`."""
         path = Path(path)
-        keys = _norm_keys(keys)
+        keys = normalize_keys(keys)
         fps = float(fps)
         if not (math.isfinite(fps) and fps > 0) or not isinstance(robot, str) or not robot:
             raise ValueError(f"fps must be > 0 and robot a non-empty string, got fps={fps}, robot={robot!r}")
@@ -164,12 +81,12 @@ class DemoStore:
             raise StoreError(f"{path} already exists (use overwrite=True, or open it with mode='a')"
                              if path.is_dir() else f"{path} exists and is not a directory")
         if exists and any(p.name != LOCK_NAME for p in path.iterdir()):
-            _read_root_attrs(path)  # refuse to wipe something that is not a robodit store
+            read_root_attrs(path)  # refuse to wipe something that is not a robodit store
         if not exists:
             path.parent.mkdir(parents=True, exist_ok=True)
         root = path if exists else path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
         root.mkdir(exist_ok=True)
-        fd = _lock(root)  # for a new store the fd follows the inode through the rename
+        fd = acquire_writer_lock(root)  # for a new store the fd follows the inode through the rename
         try:
             for p in root.iterdir() if exists else ():
                 if p.name != LOCK_NAME:
@@ -178,7 +95,7 @@ class DemoStore:
             if not exists:
                 os.rename(root, path)
         except BaseException as exc:
-            _unlock(fd)
+            release_writer_lock(fd)
             if not exists:
                 shutil.rmtree(root, ignore_errors=True)
                 if isinstance(exc, OSError):
@@ -199,7 +116,7 @@ class DemoStore:
         data = g.create_group("data")
         for k, (shape, dtype) in keys.items():
             data.create_array(k, shape=(0, *shape), chunks=(keys_attr[k]["chunk_frames"], *shape),
-                              dtype=dtype, fill_value=0, compressors=_compressor(dtype))
+                              dtype=dtype, fill_value=0, compressors=compressor(dtype))
         meta = g.create_group("meta", attributes={"tasks": []})
         for name, dtype in _META.items():
             meta.create_array(name, shape=(0,), chunks=(_META_CHUNK,), dtype=dtype, fill_value=_META_FILL.get(name, 0),
@@ -212,12 +129,12 @@ class DemoStore:
         if mode not in ("r", "a"):
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         path = Path(path)
-        _read_root_attrs(path)
-        fd = _lock(path) if mode == "a" else None
+        read_root_attrs(path)
+        fd = acquire_writer_lock(path) if mode == "a" else None
         try:
             return cls(path, mode, fd)
         except BaseException:
-            _unlock(fd)
+            release_writer_lock(fd)
             raise
 
     @classmethod
@@ -232,7 +149,7 @@ class DemoStore:
                 if not (path / "zarr.json").exists():
                     raise
         store = cls.open(path, "a")
-        want = _norm_keys(keys)
+        want = normalize_keys(keys)
         problems = []
         if want != store.keys:
             problems.append(f"keys {_fmt_keys(store.keys)} != requested {_fmt_keys(want)}")
@@ -597,7 +514,7 @@ class DemoStore:
     def close(self) -> None:
         """Release the writer lock (reads keep working)."""
         fd, self._lock_fd = getattr(self, "_lock_fd", None), None
-        _unlock(fd)
+        release_writer_lock(fd)
 
     def __del__(self):
         try:

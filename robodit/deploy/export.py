@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robodit.deploy.exported import MANIFEST  # the loader owns the manifest's name
+
 FORMATS = ("onnx", "aoti")
-MANIFEST = "export.json"
 ARTIFACT = {"onnx": "policy.onnx", "aoti": "policy.pt2"}
 EXPORT_VERSION = 1
 # Samplers that draw fresh noise inside the loop: the artifact's only randomness is its noise input.

@@ -2,4 +2,4 @@
 it moved below policies and datasets). Kept so `from robodit.envs.action_space import ...` still works."""
 
 from robodit.action_space import *  # noqa: F401,F403
-from robodit.action_space import UNIFIED_DIM, Adapter, UnifiedLayout, adapter_for, register_adapter, slots  # noqa: F401
+from robodit.action_space import ROBOSUITE_ARM_STATE  # noqa: F401 - not in __all__
