@@ -233,7 +233,8 @@ class LiberoEnv(ControlInterface):
     # -- scripted expert (LIBERO-Object: "pick up the X and place it in the basket") -------------------------------
     def expert_action(self, obs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """A phase machine over waypoints from the simulator's object and basket poses: above the object (fingers
-        turned to close across its narrower side), down, close, lift clear of the basket's rim, over the basket,
+        turned to close across its narrower side, shifted along its long side where the hand would hit a taller
+        neighbour), down, close, lift clear of the basket's rim, over the basket,
         down, open, back up. Each phase ends at its waypoint or on a step budget, so a stuck phase cannot stall
         the episode. Reads the simulator, so `obs` is ignored (kept for the collect API)."""
         if self._raw is None:
@@ -252,6 +253,9 @@ class LiberoEnv(ControlInterface):
         grasp_z = max(hi[2] - min(0.035, height / 2), lo[2] + 0.015)
         if st["t"] == 0:
             st["anchor"] = eef.copy()
+        if "grasp" not in st:  # where along the object's long side the fingers go (hand clear of neighbours)
+            st["grasp"] = self._grasp_offset(target_name, basket_name, lo, hi, closing)
+        center = center + st["grasp"]
         carry_z = bhi[2] + (st.get("below", height) + 0.05)
         # phase: (target, gripper, tolerance, min steps, max steps, turn the fingers)
         plan = [
@@ -280,6 +284,33 @@ class LiberoEnv(ControlInterface):
                 st["below"] = float(eef[2] - lo[2])
             st["phase"], st["t"] = phase + 1, 0
         return action
+
+    def _grasp_offset(self, target: str, basket: str, lo: np.ndarray, hi: np.ndarray,
+                      closing: np.ndarray) -> np.ndarray:
+        """Shift of the grasp point along the object's long side, so that the hand clears its neighbours.
+
+        The hand is ~21 cm long along the closing direction and ~6 cm across: over a long, low object (the cream
+        cheese: 8.1 x 4.3 x 1.8 cm, lying flat) it hits a tall neighbour (the tomato sauce, 5 cm along and 10 cm
+        across from it) before the fingers reach the box. Candidates span the long side, keeping the finger
+        pads 2 cm inside its ends; the one whose hand footprint overlaps the other objects' boxes least wins,
+        ties going to the smallest shift (so a free object is grasped at its centre, as before)."""
+        along = np.array([closing[1], -closing[0], 0.0])
+        extent = float(np.abs((hi - lo) @ along))
+        reach = max(extent / 2 - 0.02, 0.0)
+        if reach == 0.0:
+            return np.zeros(3)
+        others = [self._extent(n)[:2] for n in self._env.env.objects_dict if n not in (target, basket)]
+        center = (lo + hi) / 2
+        half = np.array([0.035, 0.105])  # the hand's footprint: across, along the closing direction
+        best = (np.inf, np.inf, 0.0)
+        for shift in np.linspace(-reach, reach, 9):
+            corners = np.array([center + shift * along + sa * half[0] * along + sc * half[1] * closing
+                                for sa in (-1, 1) for sc in (-1, 1)])
+            foot_lo, foot_hi = corners.min(axis=0)[:2], corners.max(axis=0)[:2]
+            overlap = sum(np.prod(np.clip(np.minimum(foot_hi, o_hi[:2]) - np.maximum(foot_lo, o_lo[:2]), 0, None))
+                          for o_lo, o_hi in others if o_hi[2] > hi[2])  # only neighbours taller than the object
+            best = min(best, (round(float(overlap), 6), abs(float(shift)), float(shift)), key=lambda b: b[:2])
+        return best[-1] * along
 
     def _eef_pos(self) -> np.ndarray:
         robot = self._env.robots[0]
