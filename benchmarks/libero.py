@@ -11,8 +11,10 @@
    reported too: `cpu_steps_per_s` is what one free core would do.
 2. Expert: `eval.py checkpoint=expert suite=<suite> episodes=N` (fixed initial states 0..N-1, the suite's step
    limit), success per task with Wilson intervals.
-3. Policy (with --checkpoint): the same suite and episodes.
-Prints markdown tables and writes --json (benchmarks/results/libero.json); reports and videos go to --out.
+3. Policy (with --checkpoint): the same suite and episodes, success per task, the pooled rate with its Wilson
+   interval, and the training budget the checkpoint records (steps, batch, seed, demos, wall minutes).
+Prints markdown tables and updates --json (benchmarks/results/libero.json): a part that was skipped keeps its
+previous result. Reports and videos go to --out.
 """
 
 from __future__ import annotations
@@ -77,6 +79,26 @@ def _per_task(summary: dict) -> list[dict]:
     return rows
 
 
+def training_budget(checkpoint: str) -> dict:
+    """What a checkpoint cost: steps, batch, seed, policy horizons, demos per task and wall minutes (from the
+    training run's metrics.jsonl, first to last logged step, when the checkpoint sits in its out_dir)."""
+    from robodit.training.info import summarize_checkpoint
+
+    info = summarize_checkpoint(checkpoint)
+    ckpt = Path(info["path"])
+    stores = info.get("stores") or []
+    budget = {"step": info["step"], **info.get("training", {}), "policy": info["policy"],
+              "parameters": info["parameters"]["total"], "observations": info["observations"],
+              "episodes": sum(st.get("episodes", 0) for st in stores),
+              "tasks": sum(len(st.get("tasks") or []) for st in stores)}
+    metrics = next((d / "metrics.jsonl" for d in ckpt.parents if (d / "metrics.jsonl").exists()), None)
+    if metrics is not None:
+        times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if '"time"' in line]
+        if len(times) > 1:
+            budget["logged_minutes"] = round((times[-1] - times[0]) / 60, 1)
+    return budget
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="libero_object")
@@ -85,6 +107,9 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--policy-episodes", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--videos", type=int, default=1, help="videos per task (each renders every step of an episode)")
+    p.add_argument("--expert-tasks", default="", help="comma-separated task names: re-measure only these and "
+                   "replace their rows of the expert table in --json (the mean and pooled rate are recomputed)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: speed,expert")
     p.add_argument("--out", default="benchmarks/results/libero", help="evaluation outputs (reports, videos)")
     p.add_argument("--json", default="benchmarks/results/libero.json")
@@ -100,7 +125,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    result: dict = {"cpu": cpu_model(), "cores": os.cpu_count(),
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    if previous.get("suite", args.suite) != args.suite:
+        previous = {}
+    result: dict = {**previous, "cpu": cpu_model(), "cores": os.cpu_count(),
                     "load_at_start": os.getloadavg(), "suite": args.suite}
     if "speed" not in skip:
         r = subprocess.run([python(), __file__, "--speed-only", "--speed-steps", str(args.speed_steps)],
@@ -116,22 +144,46 @@ def main() -> None:
 
     if "expert" not in skip:
         t0 = time.time()
-        s = evaluate("expert", suite=args.suite, episodes=args.episodes, out_dir=out / "expert", videos=1,
-                     workers=args.workers, num_envs=2 * max(1, args.workers), progress=True)
+        only = [f"{args.suite}/{t}" for t in filter(None, args.expert_tasks.split(","))] or None
+        s = evaluate("expert", suite=args.suite, episodes=args.episodes, out_dir=out / "expert", videos=args.videos,
+                     workers=args.workers, num_envs=2 * max(1, args.workers), progress=True, tasks=only)
         result["expert"] = {"episodes_per_task": args.episodes, "initial_states": f"0..{args.episodes - 1}",
                             "success_rate": s["success_rate"], "pooled": s["pooled"], "tasks": _per_task(s),
                             "wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
+        if only:  # the other tasks' rows stay as last measured
+            old = previous.get("expert", {})
+            if old.get("episodes_per_task") != args.episodes:
+                raise SystemExit(f"--expert-tasks: {args.json} holds no {args.episodes}-episode expert table to update")
+            new_rows = {r["task"]: r for r in result["expert"]["tasks"]}
+            rows = [dict(new_rows.get(r["task"], r)) for r in old["tasks"]]
+            k = sum(int(r["success"].split("/")[0]) for r in rows)
+            n = sum(int(r["success"].split("/")[1]) for r in rows)
+            from robodit.evaluation.stats import wilson_interval
+
+            result["expert"] = {**old, "tasks": rows, "success_rate": sum(r["rate"] for r in rows) / len(rows),
+                                "pooled": {"episodes": n, "successes": k, "success_rate": k / n,
+                                           "ci95": list(wilson_interval(k, n))},
+                                "remeasured": {t.split("/")[-1]: time.strftime("%Y-%m-%d") for t in only}}
+            s = {**s, "success_rate": result["expert"]["success_rate"]}
         print(f"\n## Scripted expert on {args.suite} ({args.episodes} initial states per task, "
               f"{s['suite']['max_steps']} steps max): mean {s['success_rate']:.3f}\n")
         print(_table(result["expert"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
     if args.checkpoint:
         t0 = time.time()
         s = evaluate(args.checkpoint, suite=args.suite, episodes=args.policy_episodes, out_dir=out / "policy",
-                     workers=args.workers, progress=True)
+                     workers=args.workers, num_envs=2 * max(1, args.workers), videos=args.videos, progress=True)
+        budget = training_budget(args.checkpoint)
         result["policy"] = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
-                            "success_rate": s["success_rate"], "tasks": _per_task(s),
-                            "wall_s": round(time.time() - t0, 1)}
-        print(f"\n## Policy {args.checkpoint} on {args.suite}: mean {s['success_rate']:.3f}\n")
+                            "initial_states": f"0..{args.policy_episodes - 1}", "success_rate": s["success_rate"],
+                            "pooled": s["pooled"], "tasks": _per_task(s), "training": budget,
+                            "eval_wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
+        lo, hi = s["pooled"]["ci95"]
+        p = budget["policy"]
+        print(f"\n## Policy {args.checkpoint} on {args.suite} ({args.policy_episodes} initial states per task): "
+              f"mean {s['success_rate']:.3f}, Wilson 95% [{lo:.2f}, {hi:.2f}]; {p['class'].rsplit('.', 1)[-1]} "
+              f"{p.get('size', '')}, {budget['episodes']} demos over {budget['tasks']} tasks, images "
+              f"{budget['observations']}, {budget['step']} steps x batch {budget.get('batch_size')}, seed "
+              f"{budget.get('seed')}, {budget.get('logged_minutes', '?')} min\n")
         print(_table(result["policy"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
