@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--policy-episodes", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--num-envs", type=int, default=None, help="parallel episodes (default 2 per worker); each "
+                   "builds one env per task (7-30 s each on a CPU)")
     p.add_argument("--videos", type=int, default=1, help="videos per task (each renders every step of an episode)")
     p.add_argument("--expert-tasks", default="", help="comma-separated task names: re-measure only these and "
                    "replace their rows of the expert table in --json (the mean and pooled rate are recomputed)")
@@ -146,7 +148,7 @@ def main() -> None:
         t0 = time.time()
         only = [f"{args.suite}/{t}" for t in filter(None, args.expert_tasks.split(","))] or None
         s = evaluate("expert", suite=args.suite, episodes=args.episodes, out_dir=out / "expert", videos=args.videos,
-                     workers=args.workers, num_envs=2 * max(1, args.workers), progress=True, tasks=only)
+                     workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers), progress=True, tasks=only)
         result["expert"] = {"episodes_per_task": args.episodes, "initial_states": f"0..{args.episodes - 1}",
                             "success_rate": s["success_rate"], "pooled": s["pooled"], "tasks": _per_task(s),
                             "wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
@@ -171,7 +173,7 @@ def main() -> None:
     if args.checkpoint:
         t0 = time.time()
         s = evaluate(args.checkpoint, suite=args.suite, episodes=args.policy_episodes, out_dir=out / "policy",
-                     workers=args.workers, num_envs=2 * max(1, args.workers), videos=args.videos, progress=True)
+                     workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers), videos=args.videos, progress=True)
         budget = training_budget(args.checkpoint)
         result["policy"] = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
                             "initial_states": f"0..{args.policy_episodes - 1}", "success_rate": s["success_rate"],
