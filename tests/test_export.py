@@ -1,5 +1,5 @@
 """`robodit export`: the whole chunk as one ONNX graph gives the eager actions for the same noise (dit, mode with its
-expert cache, rdt), loads behind `robodit.load_policy`, serves with `robodit serve --backend onnx`, and refuses what
+expert cache, rdt, pad), loads behind `robodit.load_policy`, serves with `robodit serve --backend onnx`, and refuses what
 it cannot hold by name. Policies are tiny with 2 denoising steps: the trace, not the model, costs the time."""
 
 import numpy as np
@@ -100,11 +100,27 @@ def test_rdt_exports_with_dpm_solver(tmp_path):
     _agree(policy, ExportedPolicy(out), _obs())
 
 
-def test_what_cannot_export_is_refused_by_name(tmp_path):
-    from test_policy_pad import _policy as pad_policy
+@pytest.mark.parametrize("num_tasks", [1, 2])
+def test_pad_exports_its_joint_denoising(tmp_path, num_tasks):
+    """PAD denoises the future frames with the chunk: the graph holds both streams from one flat noise input and
+    returns the actions; one task runs the fast path's constants, several take the task id as an input."""
+    from test_policy_pad import SHAPES, _batch
 
-    with pytest.raises(ExportError, match="pad: .*video frames"):
-        check_exportable(pad_policy())
+    from robodit.datasets.normalizer import Normalizer
+    from robodit.policies.pad import PADPolicy
+
+    st = lambda d: {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d)}  # noqa: E731
+    policy = _trained_looking(PADPolicy(dict(SHAPES, num_tasks=num_tasks), Normalizer({"state": st(5), "action": st(3)}),
+                                        size="tiny", action_horizon=4, n_action_steps=2, image_size=16, patch_size=4,
+                                        num_inference_steps=2))
+    batch = _batch(b=2)
+    obs = {"state": batch["obs.state"], "wrist": batch["obs.wrist"]}
+    exported = ExportedPolicy(export_policy(policy, tmp_path, "onnx"))
+    assert exported.noise_shape == (policy.flat_dim,)
+    _agree(policy, exported, obs, {"task_id": torch.tensor([0, 1])} if num_tasks > 1 else None)
+
+
+def test_what_cannot_export_is_refused_by_name(tmp_path):
     policy = tiny_dit()
     policy.sampler = "ddpm"
     with pytest.raises(ExportError, match="'ddpm' draws fresh noise"):

@@ -60,10 +60,6 @@ def check_exportable(policy) -> None:
     name = getattr(policy, "name", type(policy).__name__)
     if not isinstance(policy, DiffusionPolicy):
         raise ExportError(f"{name}: only diffusion policies export (predict_action must run chunk_from_noise)")
-    if name == "pad":
-        raise ExportError("pad: its chunk is denoised jointly with predicted video frames and conditioned on a "
-                          "language or task goal per call (predict_action does not run chunk_from_noise); export "
-                          "supports dit, mdt, mode and rdt")
     if policy.sampler in STOCHASTIC_SAMPLERS:
         raise ExportError(f"{name}: sampler {policy.sampler!r} draws fresh noise at every step; the exported chunk "
                           "takes its noise as its only input. Use a deterministic sampler (ddim, dpmsolver++, "
@@ -76,7 +72,7 @@ def check_exportable(policy) -> None:
 
 def goal_keys(policy) -> list[str]:
     """Goal inputs of the graph: the task id when the policy was trained on several tasks."""
-    return ["task_id"] if getattr(policy, "task_embedding", None) is not None else []
+    return ["task_id"] if policy.takes_task else []
 
 
 def example_inputs(policy, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
