@@ -29,6 +29,10 @@ from robodit.deploy.exported import MANIFEST  # the loader owns the manifest's n
 FORMATS = ("onnx", "aoti")
 ARTIFACT = {"onnx": "policy.onnx", "aoti": "policy.pt2"}
 EXPORT_VERSION = 1
+# ONNX opset 23 has RMSNormalization and Attention: one node each where opset 18 spells out five to eight (dit/tiny
+# DDIM-10: 1025 nodes instead of 1483), 1.17x faster in ONNX Runtime on one thread (same-run A/B); needs
+# onnxruntime >= 1.23.
+ONNX_OPSET = 23
 # Samplers that draw fresh noise inside the loop: the artifact's only randomness is its noise input.
 STOCHASTIC_SAMPLERS = ("ddpm",)
 
@@ -144,7 +148,7 @@ def _write_onnx(program, args, names: list[str], path: Path) -> None:
     except ImportError:
         raise ExportError("--format onnx needs onnxscript and onnx (pip install 'robodit[export]')") from None
     torch.onnx.export(program, args, str(path), input_names=names, output_names=["action"], dynamo=True,
-                      external_data=False, verbose=False)
+                      external_data=False, verbose=False, opset_version=ONNX_OPSET)
 
 
 def _write_aoti(program, path: Path) -> None:
