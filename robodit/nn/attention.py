@@ -75,25 +75,28 @@ class Attention(nn.Module):
     def fused_qkv(self) -> "FusedQKV":
         """This self-attention's projections stacked for `attend`: built once per inference cache."""
         norm = None
-        if isinstance(self.q_norm, RMSNorm):
-            norm = torch.stack([self.q_norm.weight, self.k_norm.weight]).reshape(2, 1, 1, 1, self.head_dim)
+        if isinstance(self.q_norm, RMSNorm):  # one row per head of Q, then of K
+            norm = torch.cat([self.q_norm.weight.expand(self.heads, -1), self.k_norm.weight.expand(self.heads, -1)])
+            norm = norm[:, None]
         return FusedQKV(torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]), norm)
 
     def attend(self, x: torch.Tensor, qkv: "FusedQKV", mask: torch.Tensor | None = None) -> torch.Tensor:
         """`forward(x, mask=mask)` (self-attention, eval) through the stacked projection `qkv`: one GEMM for Q, K
-        and V, one RMSNorm over Q and K together."""
+        and V, one RMSNorm over Q and K together; heads are slices of one [B, 3H, N, d] view (no copies, and few
+        nodes in an exported graph)."""
         b, n, _ = x.shape
-        heads = F.linear(x, qkv.weight, qkv.bias).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = heads
+        h = self.heads
+        heads = F.linear(x, qkv.weight, qkv.bias).view(b, n, 3 * h, self.head_dim).transpose(1, 2)
+        qk, v = heads[:, :2 * h], heads[:, 2 * h:]
         if qkv.norm is not None:
-            q, k = F.rms_norm(heads[:2], (self.head_dim,), None, self.q_norm.eps).mul_(qkv.norm)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps).mul_(qkv.norm)
+        y = F.scaled_dot_product_attention(qk[:, :h], qk[:, h:], v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
 class FusedQKV(NamedTuple):
     """A self-attention's q and kv projections as one (weight [3D, D], bias [3D]), and its q/k RMSNorm weights
-    stacked [2, 1, 1, 1, head_dim] (None without QK-norm)."""
+    one row per head [2H, 1, head_dim] (None without QK-norm)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
