@@ -150,7 +150,7 @@ def test_expert_cache_bytes_count_shared_first_layers_once():
     expected = 4 * (len(routing) * policy.depth * k * hidden * width  # w_out: [k * hidden, width] per step, layer
                     + len(sets) * width * 2 * k * hidden  # w_in: [width, 2 * k * hidden] per distinct set
                     + len(routing) * width  # the cached noise embedding of each step
-                    + policy.depth * (3 * width * width + 3 * width + 2 * width // policy.heads))  # stacked Q/K/V
+                    + policy.depth * (3 * width * width + 3 * width + 2 * width))  # stacked Q/K/V, QK-norm per head
     assert len(sets) < len(routing) * policy.depth  # the toy has repeated sets, so sharing is exercised
     assert policy.expert_cache_bytes() == expected
 
