@@ -4,7 +4,9 @@ The artifact computes what `predict_action` computes once the inputs are checked
 (`DiffusionPolicy.chunk_from_noise`): normalisation in, the condition encoded once, the fixed-step denoising loop
 unrolled with every step-only quantity (noise embeddings, AdaLN modulations, MoDE's fused experts, the
 cross-attention K/V) folded in as constants, un-normalisation out. The starting noise is an input, so the same
-noise gives the same actions as eager torch and a seeded caller reproduces a run.
+noise gives the same actions as eager torch and a seeded caller reproduces a run. PAD's noise is its flat joint
+state (future frames, then actions): the graph denoises both and returns the actions; a multi-task PAD holds every
+task's per-step modulations and gathers by the task-id input.
 
 Formats (both trace the same graph with torch.export):
 - onnx: ONNX Runtime runs it; the robot computer needs onnxruntime and numpy (torch only to draw seeded noise).
