@@ -80,18 +80,29 @@ class Attention(nn.Module):
             norm = norm[:, None]
         return FusedQKV(torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]), norm)
 
-    def attend(self, x: torch.Tensor, qkv: "FusedQKV", mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, qkv: "FusedQKV", mask: torch.Tensor | None = None,
+               tokens: int | None = None) -> torch.Tensor:
         """`forward(x, mask=mask)` (self-attention, eval) through the stacked projection `qkv`: one GEMM for Q, K
         and V, one RMSNorm over Q and K together; heads are slices of one [B, 3H, N, d] view (no copies, and few
-        nodes in an exported graph)."""
-        b, n, _ = x.shape
+        nodes in an exported graph). `x` is [B, N, D], or [B·N, D] with `tokens` = N (see `AdaLNZeroBlock.infer`);
+        the output has x's shape."""
+        n = x.shape[1] if tokens is None else tokens
         h = self.heads
-        heads = F.linear(x, qkv.weight, qkv.bias).view(b, n, 3 * h, self.head_dim).transpose(1, 2)
+        heads = F.linear(x, qkv.weight, qkv.bias).view(-1, n, 3 * h, self.head_dim).transpose(1, 2)
         qk, v = heads[:, :2 * h], heads[:, 2 * h:]
         if qkv.norm is not None:
             qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps).mul_(qkv.norm)
         y = F.scaled_dot_product_attention(qk[:, :h], qk[:, h:], v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+    def attend_kv(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                  tokens: int | None = None) -> torch.Tensor:
+        """`forward(x, mask=mask, kv=kv)` (eval) for `x` [B, N, D] or [B·N, D] with `tokens` = N; the output has
+        x's shape."""
+        n = x.shape[1] if tokens is None else tokens
+        q = self.q_norm(self.q(x).view(-1, n, self.heads, self.head_dim).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
 
 
 class FusedQKV(NamedTuple):
@@ -185,13 +196,15 @@ class AdaLNZeroBlock(nn.Module):
 
     def infer(self, x: torch.Tensor, mod: StepModulation, qkv: FusedQKV, mask: torch.Tensor | None = None,
               context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-              context_mask: torch.Tensor | None = None) -> torch.Tensor:
+              context_mask: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
         """`forward` (eval) for a modulation the batch shares, in fewer ops (see the module's docstring); `qkv` is
-        `self.attn.fused_qkv()`, `context_kv` the cross-attention's precomputed keys and values."""
-        x = torch.addcmul(x, mod.gate1, self.attn.attend(norm_modulate(self.norm1, x, mod.shift1, mod.scale1), qkv,
-                                                         mask))
+        `self.attn.fused_qkv()`, `context_kv` the cross-attention's precomputed keys and values. `x` may be the
+        tokens flat, [B·N, D] with `tokens` = N: every linear then exports as one Gemm (bias included) instead of
+        MatMul + Add."""
+        h = norm_modulate(self.norm1, x, mod.shift1, mod.scale1)
+        x = torch.addcmul(x, mod.gate1, self.attn.attend(h, qkv, mask, tokens))
         if self.cross is not None and context_kv is not None:
-            x = torch.addcmul(x, self.cross_gate, self.cross(self.norm_x(x), mask=context_mask, kv=context_kv))
+            x = torch.addcmul(x, self.cross_gate, self.cross.attend_kv(self.norm_x(x), context_kv, context_mask, tokens))
         return torch.addcmul(x, mod.gate2, self.mlp(norm_modulate(self.norm2, x, mod.shift2, mod.scale2)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -97,9 +97,11 @@ class DiTPolicy(DiffusionPolicy):
         x = self.action_in(x_in) + self.action_pos
         if step_index is not None and not self.training and task is None:  # the fast path (AdaLNZeroBlock.infer)
             plan = self._inference_plan()
+            b, n, w = x.shape
+            x = x.reshape(b * n, w)  # flat tokens: each linear one Gemm in an exported graph
             for block, mod, qkv, kv in zip(self.blocks, plan["steps"][step_index], plan["qkv"], cond["kv"]):
-                x = block.infer(x, mod, qkv, context_kv=kv)
-            return self.head.infer(x, *plan["head"][step_index])
+                x = block.infer(x, mod, qkv, context_kv=kv, tokens=n)
+            return self.head.infer(x, *plan["head"][step_index]).view(b, n, -1)
         # training, or per-sample tasks: depth + 1 small linears per step
         mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]), task)
         for block, mod, kv in zip(self.blocks, mods, cond["kv"]):
