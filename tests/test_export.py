@@ -127,3 +127,34 @@ def test_what_cannot_export_is_refused_by_name(tmp_path):
         check_exportable(policy)
     with pytest.raises(ExportError, match="--format 'tflite'"):
         export_policy(tiny_dit(), tmp_path, "tflite")
+
+
+def test_constant_gates_fold_into_the_gemm_before_them():
+    """`onnx_passes.fold_gates`: Gemm → Mul(constant gate) becomes one Gemm with the same output; a Gemm that
+    something else also reads keeps its Mul (folding would change that reader's input)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from robodit.deploy.onnx_passes import optimize
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("w", (4, 3)), ("b", (4,)), ("gate", (4,)), ("w2", (4, 4)), ("b2", (4,))]]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1),
+             helper.make_node("Mul", ["gate", "y"], ["gated"]),
+             helper.make_node("Gemm", ["gated", "w2", "b2"], ["z"]),
+             helper.make_node("Mul", ["z", "gate"], ["zg"]),
+             helper.make_node("Add", ["zg", "z"], ["out"])]  # z has two readers: its Mul stays
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = {"x": rng.standard_normal((5, 3)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    want = run(model)
+    folded = optimize(onnx.load_from_string(model.SerializeToString()))
+    assert [n.op_type for n in folded.graph.node] == ["Gemm", "Gemm", "Mul", "Add"]
+    np.testing.assert_allclose(run(folded), want, rtol=1e-5, atol=1e-6)

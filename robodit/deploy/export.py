@@ -149,8 +149,13 @@ def _write_onnx(program, args, names: list[str], path: Path) -> None:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; the error below says how to get it)
     except ImportError:
         raise ExportError("--format onnx needs onnxscript and onnx (pip install 'robodit[export]')") from None
+    import onnx
+
+    from robodit.deploy.onnx_passes import optimize
+
     torch.onnx.export(program, args, str(path), input_names=names, output_names=["action"], dynamo=True,
                       external_data=False, verbose=False, opset_version=ONNX_OPSET)
+    onnx.save(optimize(onnx.load(str(path))), str(path))  # fewer nodes to dispatch (see onnx_passes)
 
 
 def _write_aoti(program, path: Path) -> None:
