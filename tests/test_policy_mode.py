@@ -146,11 +146,12 @@ def test_expert_cache_bytes_count_shared_first_layers_once():
     policy = _policy(num_inference_steps=5)
     routing = policy.inference_routing()  # builds the cache
     width, hidden, k = policy.width, policy.expert_hidden, policy.top_k
+    head_dim = policy.blocks[0].attn.head_dim
     sets = {(layer, tuple(sorted(step["experts"][layer]))) for step in routing for layer in range(policy.depth)}
     expected = 4 * (len(routing) * policy.depth * k * hidden * width  # w_out: [k * hidden, width] per step, layer
                     + len(sets) * width * 2 * k * hidden  # w_in: [width, 2 * k * hidden] per distinct set
                     + len(routing) * width  # the cached noise embedding of each step
-                    + policy.depth * (3 * width * width + 3 * width + 2 * width))  # stacked Q/K/V, QK-norm per head
+                    + policy.depth * (3 * width * width + 3 * width + 2 * head_dim))  # stacked Q/K/V, Q and K norms
     assert len(sets) < len(routing) * policy.depth  # the toy has repeated sets, so sharing is exercised
     assert policy.expert_cache_bytes() == expected
 

@@ -7,8 +7,8 @@ Inference fast path. At batch 1 a small policy's chunk is a few thousand tiny op
 costs more than their arithmetic. For a sampling step whose noise conditioning the whole batch shares (what the
 families' inference caches precompute per step index), `AdaLNZeroBlock.infer` computes `forward` in fewer ops:
 norm and modulation in one `layer_norm`, each gated residual in one `addcmul`, Q/K/V in one GEMM (`FusedQKV`,
-stacked from the trained q and kv weights at inference, so checkpoints keep their layout) and one QK-norm over
-Q and K together. tests/test_nn.py holds `infer` to `forward`.
+stacked from the trained q and kv weights at inference, so checkpoints keep their layout) and Q, K, V as
+slices of one view. tests/test_nn.py holds `infer` to `forward`.
 """
 
 from __future__ import annotations
@@ -74,25 +74,23 @@ class Attention(nn.Module):
 
     def fused_qkv(self) -> "FusedQKV":
         """This self-attention's projections stacked for `attend`: built once per inference cache."""
-        norm = None
-        if isinstance(self.q_norm, RMSNorm):  # one row per head of Q, then of K
-            norm = torch.cat([self.q_norm.weight.expand(self.heads, -1), self.k_norm.weight.expand(self.heads, -1)])
-            norm = norm[:, None]
-        return FusedQKV(torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]), norm)
+        norms = (self.q_norm.weight, self.k_norm.weight) if isinstance(self.q_norm, RMSNorm) else (None, None)
+        return FusedQKV(torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]), *norms)
 
     def attend(self, x: torch.Tensor, qkv: "FusedQKV", mask: torch.Tensor | None = None,
                tokens: int | None = None) -> torch.Tensor:
         """`forward(x, mask=mask)` (self-attention, eval) through the stacked projection `qkv`: one GEMM for Q, K
-        and V, one RMSNorm over Q and K together; heads are slices of one [B, 3H, N, d] view (no copies, and few
-        nodes in an exported graph). `x` is [B, N, D], or [B·N, D] with `tokens` = N (see `AdaLNZeroBlock.infer`);
-        the output has x's shape."""
+        and V; heads are slices of one [B, 3H, N, d] view (no copies, and few nodes in an exported graph: one Split,
+        then each QK-norm one RMSNormalization with its weight). `x` is [B, N, D], or [B·N, D] with `tokens` = N
+        (see `AdaLNZeroBlock.infer`); the output has x's shape."""
         n = x.shape[1] if tokens is None else tokens
         h = self.heads
         heads = F.linear(x, qkv.weight, qkv.bias).view(-1, n, 3 * h, self.head_dim).transpose(1, 2)
-        qk, v = heads[:, :2 * h], heads[:, 2 * h:]
-        if qkv.norm is not None:
-            qk = F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps).mul_(qkv.norm)
-        y = F.scaled_dot_product_attention(qk[:, :h], qk[:, h:], v, attn_mask=mask)
+        q, k, v = heads[:, :h], heads[:, h:2 * h], heads[:, 2 * h:]
+        if qkv.q_norm is not None:
+            q = F.rms_norm(q, (self.head_dim,), qkv.q_norm, self.q_norm.eps)
+            k = F.rms_norm(k, (self.head_dim,), qkv.k_norm, self.k_norm.eps)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(x.shape))
 
     def attend_kv(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
@@ -106,12 +104,13 @@ class Attention(nn.Module):
 
 
 class FusedQKV(NamedTuple):
-    """A self-attention's q and kv projections as one (weight [3D, D], bias [3D]), and its q/k RMSNorm weights
-    one row per head [2H, 1, head_dim] (None without QK-norm)."""
+    """A self-attention's q and kv projections as one (weight [3D, D], bias [3D]), and its q and k RMSNorm weights
+    ([head_dim] each, None without QK-norm)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
-    norm: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
 
 
 class MLP(nn.Module):
