@@ -1,6 +1,6 @@
 """CALVIN-style chains with learned policies: the papers' table (success at chain lengths 1-5, average length).
 
-    python benchmarks/chains.py --rows expert,dit,mode_lang,mdt_lang [--chains 100] [--minutes 12] [--steps 1500]
+    python benchmarks/chains.py --rows expert,dit,mode_lang,mdt_lang,mdt_image [--chains 100] [--minutes 12] [--steps 1500]
         [--state-store PATH] [--image-store PATH] [--out benchmarks/results/chains] [--json benchmarks/results/chains.json]
 
 Data (`robodit collect metaworld/chains`, collected here when a store is missing): expert play chains of 5 subtasks
@@ -187,7 +187,7 @@ def _ci(ci) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="expert,dit,mode_lang,mdt_lang")
+    ap.add_argument("--rows", default="expert,dit,mode_lang,mdt_lang,mdt_image")
     ap.add_argument("--chains", type=int, default=100, help="evaluation chains (held-out seeds)")
     ap.add_argument("--demo-chains", type=int, default=200, help="chains to collect when a store is missing")
     ap.add_argument("--minutes", type=float, default=12.0)
