@@ -1,6 +1,6 @@
 """CALVIN-style chains with learned policies: the papers' table (success at chain lengths 1-5, average length).
 
-    python benchmarks/chains.py --rows expert,dit,mode_lang,mdt_lang [--chains 100] [--minutes 12] [--steps 1500]
+    python benchmarks/chains.py --rows expert,dit,mode_lang,mdt_lang,mdt_image [--chains 100] [--minutes 12] [--steps 1500]
         [--state-store PATH] [--image-store PATH] [--out benchmarks/results/chains] [--json benchmarks/results/chains.json]
 
 Data (`robodit collect metaworld/chains`, collected here when a store is missing): expert play chains of 5 subtasks
@@ -10,6 +10,7 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     expert        the scripted experts on the same chains (upper bound)
     dit           DiT, task ids, state                        mode_lang   MoDE, language goals, state
     mdt_lang      MDT (small), 64 px corner2 + state, 10% of segments labelled, language goals
+    mdt_image     mdt_lang's checkpoint (trained first) with goal images (an expert's success on a held-out seed)
     dit_isolated  DiT, task ids, state, trained on isolated per-task demos (each from a reset) with, per task, as
                   many frames as the chain store holds: chain demos vs isolated demos at the same frame count
 
@@ -42,6 +43,7 @@ from robodit.datasets.collect import collect  # noqa: E402
 from robodit.datasets.collect_chains import collect_chains  # noqa: E402
 from robodit.datasets.language import embed_store  # noqa: E402
 from robodit.datasets.store import DemoStore  # noqa: E402
+from robodit.envs.metaworld import EXPERT_FIXES  # noqa: E402
 from robodit.evaluation.evaluate import evaluate  # noqa: E402
 from robodit.evaluation.suites import load_suite  # noqa: E402
 from robodit.training.trainer import train  # noqa: E402
@@ -55,6 +57,8 @@ ROWS = {
                   "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]"], "goal": "language"},
     "mdt_lang": {"label": "MDT (language, 64 px + state, 10% labels)", "policy": "mdt", "store": "image",
                  "overrides": ["policy.size=small"], "goal": "language"},
+    "mdt_image": {"label": "MDT (goal image, 64 px + state, 10% labels)", "reuse": "mdt_lang", "store": "image",
+                  "goal": "image"},
     "dit_isolated": {"label": "DiT (task id, state), isolated demos", "policy": "dit", "store": "isolated",
                      "overrides": ["dataset.obs_keys=[state]"]},
 }
@@ -125,12 +129,18 @@ def start_state_shift(path: Path) -> dict[str, dict]:
     return out
 
 
-def run_row(name: str, store: Path | None, args, suite) -> dict:
+def run_row(name: str, store: Path | None, args, suite, rows: dict) -> dict:
     spec = ROWS[name]
     root = Path(args.out) / name
     record: dict = {"label": spec["label"]}
     ckpt: str | Path = "expert"
-    if spec.get("policy"):
+    if spec.get("reuse"):  # another row's checkpoint, evaluated with another goal modality
+        if spec["reuse"] not in rows:
+            raise SystemExit(f"row {name} evaluates row {spec['reuse']}'s checkpoint: run that row first")
+        ckpt = Path(rows[spec["reuse"]]["checkpoint"])
+        record.update({k: v for k, v in rows[spec["reuse"]].items() if k.startswith("train_") or k in (
+            "overrides", "store", "store_frames", "checkpoint")})
+    elif spec.get("policy"):
         overrides = [f"policy={spec['policy']}", f"dataset.path={store}", "logger=none", f"out_dir={root / 'run'}",
                      f"train.steps={args.steps}", f"train.max_minutes={args.minutes}", "train.checkpoint_every=100000",
                      f"train.seed={args.seed}", "train.progress=false", *spec["overrides"], *args.override]
@@ -141,36 +151,43 @@ def run_row(name: str, store: Path | None, args, suite) -> dict:
         ckpt = train(cfg)
         record.update(train_steps=int(ckpt.name.split("_")[1]), train_minutes=round((time.time() - t0) / 60, 2),
                       train_seed=args.seed, overrides=overrides, store=str(store),
-                      store_frames=sum(frames_per_task(store).values()))
+                      store_frames=sum(frames_per_task(store).values()), checkpoint=str(ckpt),
+                      expert_fixes=sorted(EXPERT_FIXES))  # the demos' experts that are robodit's, not Meta-World's
     suite.expert_baseline = False
-    goal = {"goal": spec["goal"], "instructions": "heldout"} if spec.get("goal") else {}
+    goal = {"goal": spec["goal"]} if spec.get("goal") else {}
+    if spec.get("goal") == "language":
+        goal["instructions"] = "heldout"
     t0 = time.time()
     s = evaluate(ckpt, suite=suite, episodes=args.chains, out_dir=root / "eval", videos=1, progress=False,
                  workers=args.workers, num_envs=args.num_envs, **goal)
-    m = s["chains"]["policy" if spec.get("policy") else "expert"]
+    m = s["chains"]["expert" if ckpt == "expert" else "policy"]
     record.update(eval_chains=m["chains"], eval_seed=suite.seed, eval_s=round(time.time() - t0, 1),
                   success_at_length={k: v["success_rate"] for k, v in m["success_at_length"].items()},
                   ci95_at_length={k: v["ci95"] for k, v in m["success_at_length"].items()},
-                  avg_completed=m["avg_completed"], per_scene={k: v["avg_completed"] for k, v in m["per_scene"].items()},
+                  avg_completed=m["avg_completed"], avg_completed_ci95=m.get("avg_completed_ci95"), per_scene={k: v["avg_completed"] for k, v in m["per_scene"].items()},
                   transitions=m["transitions"], instructions=goal.get("instructions"),
                   results=str(root / "eval" / "results.json"))
     return record
 
 
 def format_table(rows: dict) -> str:
-    lines = ["| policy | train steps | min | 1 | 2 | 3 | 4 | 5 | avg. len | chains |",
+    lines = ["| policy | train steps | min | 1 | 2 | 3 | 4 | 5 | avg. len [95% bootstrap] | chains |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows.values():
         at = r["success_at_length"]
         lines.append(f"| {r['label']} | {r.get('train_steps', '-')} | {r.get('train_minutes', '-')} | "
                      + " | ".join(f"{100 * at[k]:.0f}%" for k in sorted(at, key=int))
-                     + f" | **{r['avg_completed']:.2f}** | {r['eval_chains']} |")
+                     + f" | **{r['avg_completed']:.2f}** {_ci(r.get('avg_completed_ci95'))} | {r['eval_chains']} |")
     return "\n".join(lines)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default="expert,dit,mode_lang,mdt_lang")
+    ap.add_argument("--rows", default="expert,dit,mode_lang,mdt_lang,mdt_image")
     ap.add_argument("--chains", type=int, default=100, help="evaluation chains (held-out seeds)")
     ap.add_argument("--demo-chains", type=int, default=200, help="chains to collect when a store is missing")
     ap.add_argument("--minutes", type=float, default=12.0)
@@ -210,7 +227,7 @@ def main() -> None:
     for name in names:
         if name in result["rows"] and not args.force:
             continue
-        result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite)
+        result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
         path.write_text(json.dumps(result, indent=2))
         print(format_table({name: result["rows"][name]}), flush=True)
     print(format_table(result["rows"]))

@@ -215,7 +215,8 @@ def merge_rows(old: dict, rows: list[dict]) -> dict:
     by_label = {r["policy"]: {"threads": old.get("machine", {}).get("threads"), **r} for r in old.get("rows", [])}
     by_label.update({r["policy"]: r for r in rows})
     order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
-    merged = sorted(by_label.values(), key=lambda r: order.get(r["policy"].split(" @")[0].split(" +")[0], len(order)))
+    base_label = lambda r: r["policy"].split(" @")[0].split(" +")[0].split(" [")[0]  # noqa: E731
+    merged = sorted(by_label.values(), key=lambda r: order.get(base_label(r), len(order)))
     return {**old, "rows": merged}
 
 

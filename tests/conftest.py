@@ -44,3 +44,36 @@ def make_toy_store(path, episodes=6, length=(20, 40), state_dim=5, action_dim=3,
 @pytest.fixture
 def toy_store(tmp_path):
     return make_toy_store(tmp_path / "toy.zarr")
+
+
+def reference_chunk(policy, obs, seed: int) -> torch.Tensor:
+    """A DDPM-process policy's chunk along the reference path the inference fast path must equal: the denoiser
+    without its step caches (`denoise(..., step_index=None)`: the modules' own forward, modulations and routes
+    computed per step) under diffusers' DDIMScheduler.step, from the noise predict_action draws for `seed`."""
+    from diffusers import DDIMScheduler
+
+    form = policy.formulation
+    sch = DDIMScheduler(num_train_timesteps=form.num_train_timesteps, trained_betas=form.betas.numpy(),
+                        prediction_type=form.prediction, timestep_spacing=form.timestep_spacing,
+                        clip_sample=form.clip_sample is not None, clip_sample_range=form.clip_sample or 1.0,
+                        set_alpha_to_one=True)
+    sch.set_timesteps(policy.num_inference_steps)
+    with torch.no_grad():
+        obs_t, goal_t = policy.inference_inputs(obs)
+        cond = policy.encode(policy.normalize_obs(obs_t), goal_t)
+        x = policy.chunk_noise(next(iter(obs_t.values())).shape[0], torch.Generator().manual_seed(seed))
+        for t in sch.timesteps:
+            raw = policy.denoise(x, torch.full((x.shape[0],), float(t)), cond, None)
+            x = sch.step(raw, int(t), x).prev_sample
+        return policy.chunk_to_actions(x)
+
+
+def trained_looking(policy, scale: float = 0.1):
+    """Random weights everywhere: the zero-initialised gates and heads of a fresh policy make its output constant,
+    which would hide any bug in the path under test."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    policy.on_weights_changed()
+    return policy.eval()

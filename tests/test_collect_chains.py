@@ -140,3 +140,14 @@ def test_split_without_chains_is_unchanged():
     assert [a.tolist() for a in split_episodes(10, 0.2, 0)] == [a.tolist() for a in split_episodes(10, 0.2, 0, None)]
     train, val = split_episodes(6, 0.5, 0, groups=np.array([7, 7, 7, 9, 9, 9]))
     assert sorted([train.tolist(), val.tolist()]) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_cli_collects_chains_without_a_camera_option(tmp_path):
+    """`robodit collect metaworld/chains` with no --cameras (as the docs show it) crashed on cameras=None."""
+    from robodit.cli import main
+
+    path = tmp_path / "c.zarr"
+    assert main(["collect", "metaworld/chains", "--chains", "1", "--chain-length", "2", "--scenes", "drawer",
+                 "--out", str(path), "--language-encoder", ""]) == 0
+    store = DemoStore.open(path)
+    assert chain_count(store) == 1 and len(store) == 2 and "image_corner2" not in store.keys

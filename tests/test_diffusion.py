@@ -452,3 +452,31 @@ def test_one_generator_per_row_makes_each_sample_independent_of_its_batch(key, s
     assert torch.equal(batch[1:2], alone)
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         form.sample(net, (3, 4, 2), sampler=sampler, steps=4, generator=gens([1, 2]))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_ddim_equals_diffusers_step(prediction, clip):
+    """DDIM runs as precomputed per-step coefficients (a few tensor ops per step): the chunks of diffusers'
+    DDIMScheduler.step within float32 rounding (1e-5 of the output's scale), for every prediction type, with and
+    without clipping, at the step counts the families use."""
+    from diffusers import DDIMScheduler
+
+    form = make_formulation(name="ddpm", prediction=prediction, beta_schedule="squaredcos_cap_v2",
+                            num_train_timesteps=100, clip_sample=clip)
+    w = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+
+    def net(x, cond, step=None):  # depends on x and the level, large enough that clipping bites
+        return torch.tanh(x @ w) * 1.5 + cond[:, None] / 100
+
+    for steps in (2, 5, 10):
+        noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(steps))
+        sch = DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+                            clip_sample=clip is not None, clip_sample_range=clip or 1.0, set_alpha_to_one=True,
+                            timestep_spacing="trailing")
+        sch.set_timesteps(steps)
+        want = noise
+        for t in sch.timesteps:
+            want = sch.step(net(want, torch.full((4,), float(t))), int(t), want).prev_sample
+        got = form.sample(net, sampler="ddim", steps=steps, init_noise=noise)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

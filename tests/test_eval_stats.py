@@ -55,3 +55,7 @@ def test_rate_summary_and_chain_metrics():
     assert [m["success_at_length"][str(k)]["successes"] for k in range(1, 6)] == [3, 3, 2, 2, 1]
     assert m["avg_completed"] == pytest.approx(11 / 4)
     assert m["success_at_length"]["1"]["ci95"] == list(wilson_interval(3, 4))
+    lo, hi = m["avg_completed_ci95"]  # a bootstrap over chains: brackets the mean, narrows with more chains
+    assert 0 <= lo < 11 / 4 < hi <= 5
+    lo4, hi4 = chain_metrics(chains * 25, 5)["avg_completed_ci95"]
+    assert lo < lo4 < 11 / 4 < hi4 < hi

@@ -1,5 +1,5 @@
 """`robodit export`: the whole chunk as one ONNX graph gives the eager actions for the same noise (dit, mode with its
-expert cache, rdt), loads behind `robodit.load_policy`, serves with `robodit serve --backend onnx`, and refuses what
+expert cache, rdt, pad), loads behind `robodit.load_policy`, serves with `robodit serve --backend onnx`, and refuses what
 it cannot hold by name. Policies are tiny with 2 denoising steps: the trace, not the model, costs the time."""
 
 import numpy as np
@@ -100,14 +100,61 @@ def test_rdt_exports_with_dpm_solver(tmp_path):
     _agree(policy, ExportedPolicy(out), _obs())
 
 
-def test_what_cannot_export_is_refused_by_name(tmp_path):
-    from test_policy_pad import _policy as pad_policy
+@pytest.mark.parametrize("num_tasks", [1, 2])
+def test_pad_exports_its_joint_denoising(tmp_path, num_tasks):
+    """PAD denoises the future frames with the chunk: the graph holds both streams from one flat noise input and
+    returns the actions; one task runs the fast path's constants, several take the task id as an input."""
+    from test_policy_pad import SHAPES, _batch
 
-    with pytest.raises(ExportError, match="pad: .*video frames"):
-        check_exportable(pad_policy())
+    from robodit.datasets.normalizer import Normalizer
+    from robodit.policies.pad import PADPolicy
+
+    st = lambda d: {"min": -np.ones(d), "max": np.ones(d), "mean": np.zeros(d), "std": np.ones(d)}  # noqa: E731
+    policy = _trained_looking(PADPolicy(dict(SHAPES, num_tasks=num_tasks), Normalizer({"state": st(5), "action": st(3)}),
+                                        size="tiny", action_horizon=4, n_action_steps=2, image_size=16, patch_size=4,
+                                        num_inference_steps=2))
+    batch = _batch(b=2)
+    obs = {"state": batch["obs.state"], "wrist": batch["obs.wrist"]}
+    exported = ExportedPolicy(export_policy(policy, tmp_path, "onnx"))
+    assert exported.noise_shape == (policy.flat_dim,)
+    _agree(policy, exported, obs, {"task_id": torch.tensor([0, 1])} if num_tasks > 1 else None)
+
+
+def test_what_cannot_export_is_refused_by_name(tmp_path):
     policy = tiny_dit()
     policy.sampler = "ddpm"
     with pytest.raises(ExportError, match="'ddpm' draws fresh noise"):
         check_exportable(policy)
     with pytest.raises(ExportError, match="--format 'tflite'"):
         export_policy(tiny_dit(), tmp_path, "tflite")
+
+
+def test_constant_gates_fold_into_the_gemm_before_them():
+    """`onnx_passes.fold_gates`: Gemm → Mul(constant gate) becomes one Gemm with the same output; a Gemm that
+    something else also reads keeps its Mul (folding would change that reader's input)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from robodit.deploy.onnx_passes import optimize
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("w", (4, 3)), ("b", (4,)), ("gate", (4,)), ("w2", (4, 4)), ("b2", (4,))]]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1),
+             helper.make_node("Mul", ["gate", "y"], ["gated"]),
+             helper.make_node("Gemm", ["gated", "w2", "b2"], ["z"]),
+             helper.make_node("Mul", ["z", "gate"], ["zg"]),
+             helper.make_node("Add", ["zg", "z"], ["out"])]  # z has two readers: its Mul stays
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = {"x": rng.standard_normal((5, 3)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    want = run(model)
+    folded = optimize(onnx.load_from_string(model.SerializeToString()))
+    assert [n.op_type for n in folded.graph.node] == ["Gemm", "Gemm", "Mul", "Add"]
+    np.testing.assert_allclose(run(folded), want, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ pytest.importorskip("metaworld")
 
 from robodit.envs import make_env  # noqa: E402
 from robodit.envs.metaworld import MetaWorldEnv, task_instruction  # noqa: E402
+from robodit.envs.metaworld_chains import carry_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,37 @@ def test_goal_observable_and_expert_succeeds():
     assert success
     env.close()
     hidden.close()
+
+
+def test_handle_pull_expert_lifts_the_handle_in_one_motion():
+    """Meta-World's own handle-pull expert steers all axes to a scalar and ratchets the handle up in 3-5 lurches
+    (90-126 steps from these resets); the replacement lifts it once, from a reset and after handle-press."""
+    env = MetaWorldEnv("handle-pull-v3", seed=0, max_episode_steps=300)
+    press = MetaWorldEnv("handle-press-v3", seed=0, max_episode_steps=300)
+    try:
+        for seed in range(4):
+            env.reset(seed=seed)
+            steps = _run_expert(env)
+            assert steps is not None and steps < 80, (seed, steps)
+            press.reset(seed=seed)
+            assert _run_expert(press) is not None
+            carry_state(press, env, seed)  # the handle pushed down, the hand left on it
+            steps = _run_expert(env)
+            assert steps is not None and steps < 100, (seed, steps)
+    finally:
+        env.close()
+        press.close()
+
+
+def _run_expert(env) -> int | None:
+    """Steps the expert takes to succeed, None when it runs out."""
+    for t in range(env.spec.max_episode_steps):
+        _, success, done, _ = env.step(env.expert_action())
+        if success:
+            return t + 1
+        if done:
+            return None
+    return None
 
 
 def test_max_steps_override_and_task_switch():

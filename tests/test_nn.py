@@ -1,5 +1,6 @@
 """Shared building blocks (robodit/nn): behaviour every policy family relies on."""
 
+import pytest
 import torch
 
 from robodit.nn.attention import AdaLNZeroBlock, RMSNorm
@@ -71,3 +72,27 @@ def test_a_block_saved_before_the_cross_gate_loads_as_it_ran():
     assert torch.equal(loaded[0].cross_gate, torch.ones(16))
     x, context, cond = torch.randn(3, 4, 16), torch.randn(3, 5, 16), torch.randn(3, 16)
     torch.testing.assert_close(loaded[0](x, cond, context=context), trained[0](x, cond, context=context))
+
+
+@pytest.mark.parametrize("norm,cross", [("layernorm", True), ("rmsnorm", False)])
+def test_the_inference_fast_path_computes_the_block(norm, cross):
+    """`AdaLNZeroBlock.infer` (one shared modulation per step, stacked Q/K/V, fused norm + modulation) is
+    `forward` in fewer ops: the families' cached sampling runs it, training and the uncached path run `forward`."""
+    from robodit.nn.attention import StepModulation
+
+    torch.manual_seed(0)
+    block = AdaLNZeroBlock(16, 2, cross_attention=cross, norm=norm).eval()
+    with torch.no_grad():  # trained-looking: a fresh block is the identity and would hide any bug
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, context, cond = torch.randn(3, 5, 16), torch.randn(3, 4, 16), torch.randn(2, 16)
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)
+    kv = block.cross.keys_values(context) if cross else None
+    with torch.no_grad():
+        steps = StepModulation.split(block.ada(cond))
+        for s in range(2):
+            want = block(x, context=context, mask=mask, modulation=block.ada(cond[s:s + 1]).expand(3, -1))
+            got = block.infer(x, steps[s], block.attn.fused_qkv(), mask=mask, context_kv=kv)
+            assert (want - x).abs().max() > 0.1
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

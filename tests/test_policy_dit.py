@@ -114,3 +114,18 @@ def test_noise_embedding_scale_follows_the_resolved_process(formulation, scale):
     policy = DiTPolicy(SHAPES, _normalizer(), size="tiny", formulation=formulation)
     assert policy.noise_embedding.scale == scale
     assert DiTPolicy(SHAPES, _normalizer(), size="tiny", formulation="edm", noise_cond_scale=7.0).noise_embedding.scale == 7.0
+
+
+@pytest.mark.parametrize("prediction", ["sample", "epsilon"])
+def test_the_inference_fast_path_equals_the_reference_path(prediction):
+    """predict_action runs the fast path (per-step caches, AdaLNZeroBlock.infer, DDIM as precomputed coefficients);
+    it gives the reference path's actions (the blocks' forward, diffusers' scheduler) within 1e-5."""
+    from conftest import reference_chunk, trained_looking
+
+    policy = trained_looking(DiTPolicy(SHAPES, _normalizer(), size="tiny", action_horizon=8, num_inference_steps=5,
+                                       formulation={"name": "ddpm", "prediction": prediction}), scale=0.05)
+    obs = {k[4:]: v[:2] for k, v in _batch().items() if k.startswith("obs.")}
+    fast = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    reference = reference_chunk(policy, obs, seed=3)
+    assert fast.std() > 0.05  # not a constant chunk
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * max(1.0, reference.abs().max().item()))

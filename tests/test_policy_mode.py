@@ -146,10 +146,12 @@ def test_expert_cache_bytes_count_shared_first_layers_once():
     policy = _policy(num_inference_steps=5)
     routing = policy.inference_routing()  # builds the cache
     width, hidden, k = policy.width, policy.expert_hidden, policy.top_k
+    head_dim = policy.blocks[0].attn.head_dim
     sets = {(layer, tuple(sorted(step["experts"][layer]))) for step in routing for layer in range(policy.depth)}
     expected = 4 * (len(routing) * policy.depth * k * hidden * width  # w_out: [k * hidden, width] per step, layer
                     + len(sets) * width * 2 * k * hidden  # w_in: [width, 2 * k * hidden] per distinct set
-                    + len(routing) * width)  # the cached noise embedding of each step
+                    + len(routing) * width  # the cached noise embedding of each step
+                    + policy.depth * (3 * width * width + 3 * width + 2 * head_dim))  # stacked Q/K/V, Q and K norms
     assert len(sets) < len(routing) * policy.depth  # the toy has repeated sets, so sharing is exercised
     assert policy.expert_cache_bytes() == expected
 
@@ -386,3 +388,16 @@ def test_cached_sampling_never_waits_on_the_device():
         syncs[mode] = count_host_syncs(policy.predict_action, obs)
     assert syncs["fused"] == syncs["in_place"] == 1
     assert syncs["off"] >= 5 * policy.depth  # at least one per (step, layer)
+
+
+def test_the_inference_fast_path_equals_the_reference_path():
+    """Cached sampling (fused experts, stacked Q/K/V, DDIM as precomputed coefficients) gives the reference path's
+    actions (routing and attention per step, diffusers' scheduler) within 1e-5."""
+    from conftest import reference_chunk, trained_looking
+
+    policy = trained_looking(_policy(num_inference_steps=5), scale=0.05)
+    obs = _obs()
+    fast = policy.predict_action(obs, generator=torch.Generator().manual_seed(3))
+    reference = reference_chunk(policy, obs, seed=3)
+    assert fast.std() > 0.05 and policy.expert_cache
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)

@@ -88,6 +88,8 @@ def collect_chains(scenes: dict[str, list[str]], chains: int, chain_length: int,
     if not 0 <= seed < eval_seed:
         raise ValueError(f"--seed {seed}: chain collection seeds must be in [0, {eval_seed}), below the chain "
                          f"suite's evaluation seeds (from {eval_seed})")
+    if cameras is None:  # the CLI's "not given": Meta-World's default camera
+        cameras = ("corner2",)
     if isinstance(cameras, str):
         cameras = [c.strip() for c in cameras.split(",") if c.strip()]
     if image_size > 0 and not cameras:

@@ -45,6 +45,34 @@ def check_task(task: str) -> str:
     raise ValueError(f"unknown Meta-World task {task!r}; {hint}")
 
 
+class HandlePullExpert:
+    """handle-pull-v3's scripted expert, replacing Meta-World's (v3.0): when the hand is above the handle's
+    height, Meta-World's `_desired_pos` returns the handle's z *as a scalar* target, so all three axes steer to
+    that number: the hand lurches sideways, and each lift, at full speed, lets the handle slip after ~2 cm. It
+    ratchets the handle up in 3-5 such cycles (90-126 steps from a reset, 116-135 after handle-press), where
+    the same state gets opposite actions a few steps apart; learned policies copied that badly (0/10 from
+    resets). This one goes to the front of the handle at its height, slides under the lip and lifts slowly
+    (3 cm ahead, 1 cm forward) so the handle stays on the fingers: one motion, ~51 steps from a reset and
+    ~70 after handle-press, 32/32 successes measured (seeds 0-15, both starts)."""
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        from metaworld.policies.policy import move
+
+        hand, grip = obs[:3], obs[4:7] + np.array([0.0, -0.04, 0.0])  # Meta-World's grip point on the handle
+        dx, dy, dz = abs(hand[0] - grip[0]), hand[1] - grip[1], hand[2] - grip[2]
+        if dx < 0.02 and abs(dy) < 0.02 and -0.02 < dz < 0.04:  # under the lip: lift slowly, pressing in
+            target = grip + np.array([0.0, 0.01, 0.03])
+        elif dx < 0.02 and abs(dz) < 0.02:  # level with the handle, in front of it: slide in
+            target = grip
+        else:  # 4 cm in front of the grip point at its height (never from above: the hand lands on the lip)
+            target = grip + np.array([0.0, -0.04, 0.0])
+        return np.append(move(hand, to_xyz=target, p=25.0), 1.0)
+
+
+# Meta-World experts replaced (task -> policy class with `get_action(state)`), each documented at its class.
+EXPERT_FIXES = {"handle-pull-v3": HandlePullExpert}
+
+
 # One short instruction per task, for language-conditioned policies (the names alone are not English).
 INSTRUCTIONS = {
     "reach": "reach the goal",
@@ -279,7 +307,7 @@ class MetaWorldEnv(ControlInterface):
                 state[-3:] = self._env._get_pos_goal()
         policy = self._experts.get(self.task)
         if policy is None:
-            policy = self._experts[self.task] = ENV_POLICY_MAP[self.task]()
+            policy = self._experts[self.task] = EXPERT_FIXES.get(self.task, ENV_POLICY_MAP[self.task])()
         with warnings.catch_warnings():  # experts warn whenever a gain saturates; the env clips anyway
             warnings.simplefilter("ignore")
             action = policy.get_action(state)

@@ -186,7 +186,9 @@ def write_report(out: Path, summary: dict[str, Any] | None = None) -> Path:
         for who, m in summary["chains"].items():
             cells = [f"{_pct(v['success_rate'])} {_ci(v['ci95'])}" for v in m["success_at_length"].values()]
             label = summary["policy"] if who == "policy" else "scripted expert (upper bound)"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_avg(m['avg_completed'])}** |")
+            ci = m.get("avg_completed_ci95")
+            ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_avg(m['avg_completed'])}**{ci} |")
         for who, m in summary["chains"].items():
             lines += ["", f"Per scene ({who}):", "", "| scene | chains | avg. completed | full chain |",
                       "|---|---:|---:|---:|"]

@@ -66,7 +66,7 @@ def chain_metrics(per_chain: Sequence[Sequence[bool]], length: int) -> dict:
         hits = sum(d >= k for d in done)
         at[str(k)] = {"successes": hits, "success_rate": hits / n if n else None, "ci95": list(wilson_interval(hits, n))}
     return {"chains": n, "success_at_length": at, "avg_completed": sum(done) / n if n else None,
-            "completed_per_chain": done}
+            "avg_completed_ci95": bootstrap_mean_interval(done) if n else None, "completed_per_chain": done}
 
 
 START = "(start)"
@@ -82,6 +82,18 @@ def transition_failures(chains: Sequence[tuple[Sequence[str], Sequence[bool]]]) 
             cell["attempts"] += 1
             cell["failures"] += int(not ok)
     return out
+
+
+def bootstrap_mean_interval(values: Sequence[float], resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of mean(values), resampling the units (chains): the average completed
+    length is a mean of 0..5 counts, not a rate, so it gets no Wilson interval."""
+    import numpy as np
+
+    x = np.asarray(values, np.float64)
+    if not len(x):
+        raise ValueError("bootstrap needs a non-empty sample")
+    means = x[np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))].mean(1)
+    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
 
 
 def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], paired: bool, resamples: int = 10_000,

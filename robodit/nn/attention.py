@@ -2,9 +2,18 @@
 
 Attention goes through `F.scaled_dot_product_attention` so CUDA gets flash/memory-efficient kernels and the
 CPU gets its fused path; masks follow SDPA's convention (bool True = may attend).
+
+Inference fast path. At batch 1 a small policy's chunk is a few thousand tiny ops, and on a CPU their dispatch
+costs more than their arithmetic. For a sampling step whose noise conditioning the whole batch shares (what the
+families' inference caches precompute per step index), `AdaLNZeroBlock.infer` computes `forward` in fewer ops:
+norm and modulation in one `layer_norm`, each gated residual in one `addcmul`, Q/K/V in one GEMM (`FusedQKV`,
+stacked from the trained q and kv weights at inference, so checkpoints keep their layout) and Q, K, V as
+slices of one view. tests/test_nn.py holds `infer` to `forward`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +72,46 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
 
+    def fused_qkv(self) -> "FusedQKV":
+        """This self-attention's projections stacked for `attend`: built once per inference cache."""
+        norms = (self.q_norm.weight, self.k_norm.weight) if isinstance(self.q_norm, RMSNorm) else (None, None)
+        return FusedQKV(torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias]), *norms)
+
+    def attend(self, x: torch.Tensor, qkv: "FusedQKV", mask: torch.Tensor | None = None,
+               tokens: int | None = None) -> torch.Tensor:
+        """`forward(x, mask=mask)` (self-attention, eval) through the stacked projection `qkv`: one GEMM for Q, K
+        and V; heads are slices of one [B, 3H, N, d] view (no copies, and few nodes in an exported graph: one Split,
+        then each QK-norm one RMSNormalization with its weight). `x` is [B, N, D], or [B·N, D] with `tokens` = N
+        (see `AdaLNZeroBlock.infer`); the output has x's shape."""
+        n = x.shape[1] if tokens is None else tokens
+        h = self.heads
+        heads = F.linear(x, qkv.weight, qkv.bias).view(-1, n, 3 * h, self.head_dim).transpose(1, 2)
+        q, k, v = heads[:, :h], heads[:, h:2 * h], heads[:, 2 * h:]
+        if qkv.q_norm is not None:
+            q = F.rms_norm(q, (self.head_dim,), qkv.q_norm, self.q_norm.eps)
+            k = F.rms_norm(k, (self.head_dim,), qkv.k_norm, self.k_norm.eps)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+    def attend_kv(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                  tokens: int | None = None) -> torch.Tensor:
+        """`forward(x, mask=mask, kv=kv)` (eval) for `x` [B, N, D] or [B·N, D] with `tokens` = N; the output has
+        x's shape."""
+        n = x.shape[1] if tokens is None else tokens
+        q = self.q_norm(self.q(x).view(-1, n, self.heads, self.head_dim).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+class FusedQKV(NamedTuple):
+    """A self-attention's q and kv projections as one (weight [3D, D], bias [3D]), and its q and k RMSNorm weights
+    ([head_dim] each, None without QK-norm)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, out: int | None = None, dropout: float = 0.0):
@@ -77,6 +126,33 @@ class MLP(nn.Module):
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: per-sample shift/scale ([B, D]) applied to normalised tokens ([B, N, D])."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+    """`modulate(norm(x), shift, scale1 - 1)` for one shift / scale shared by the batch ([D]), in one op for a
+    LayerNorm without affine (the modulation becomes its weight and bias)."""
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, scale1, shift, norm.eps)
+    return torch.add(shift, F.rms_norm(x, (norm.dim,), scale1, norm.eps))
+
+
+class StepModulation(NamedTuple):
+    """One AdaLN-Zero block's modulation for one sampling step, shared by the batch: [D] each, the scales as
+    1 + scale (what `AdaLNZeroBlock.infer` takes)."""
+
+    shift1: torch.Tensor
+    scale1: torch.Tensor
+    gate1: torch.Tensor
+    shift2: torch.Tensor
+    scale2: torch.Tensor
+    gate2: torch.Tensor
+
+    @classmethod
+    def split(cls, modulation: torch.Tensor) -> list["StepModulation"]:
+        """`ada(cond)` for the steps of a schedule, [S, 6D] → one StepModulation per step."""
+        sh1, sc1, g1, sh2, sc2, g2 = modulation.chunk(6, dim=-1)
+        sc1, sc2 = 1 + sc1, 1 + sc2
+        return [cls(sh1[s], sc1[s], g1[s], sh2[s], sc2[s], g2[s]) for s in range(modulation.shape[0])]
 
 
 class AdaLNZeroBlock(nn.Module):
@@ -117,6 +193,19 @@ class AdaLNZeroBlock(nn.Module):
             x = x + self.cross_gate * self.cross(self.norm_x(x), context, mask=context_mask, kv=context_kv)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
+    def infer(self, x: torch.Tensor, mod: StepModulation, qkv: FusedQKV, mask: torch.Tensor | None = None,
+              context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+              context_mask: torch.Tensor | None = None, tokens: int | None = None) -> torch.Tensor:
+        """`forward` (eval) for a modulation the batch shares, in fewer ops (see the module's docstring); `qkv` is
+        `self.attn.fused_qkv()`, `context_kv` the cross-attention's precomputed keys and values. `x` may be the
+        tokens flat, [B·N, D] with `tokens` = N: every linear then exports as one Gemm (bias included) instead of
+        MatMul + Add."""
+        h = norm_modulate(self.norm1, x, mod.shift1, mod.scale1)
+        x = torch.addcmul(x, mod.gate1, self.attn.attend(h, qkv, mask, tokens))
+        if self.cross is not None and context_kv is not None:
+            x = torch.addcmul(x, self.cross_gate, self.cross.attend_kv(self.norm_x(x), context_kv, context_mask, tokens))
+        return torch.addcmul(x, mod.gate2, self.mlp(norm_modulate(self.norm2, x, mod.shift2, mod.scale2)))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Older checkpoints have no `cross_gate`: their cross-attention was ungated, i.e. a gate of one."""
         if "cross_gate" in self._parameters and f"{prefix}cross.q.weight" in state_dict \
@@ -141,6 +230,16 @@ class AdaLNFinal(nn.Module):
                 modulation: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = (self.ada(cond) if modulation is None else modulation).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
+
+    def step_modulations(self, modulation: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`ada(cond)` for the steps of a schedule, [S, 2D] → (shift, 1 + scale) per step, for `infer`."""
+        shift, scale = modulation.chunk(2, dim=-1)
+        scale = 1 + scale
+        return [(shift[s], scale[s]) for s in range(modulation.shape[0])]
+
+    def infer(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+        """`forward` for a modulation the batch shares ([D] each, the scale as 1 + scale)."""
+        return self.proj(norm_modulate(self.norm, x, shift, scale1))
 
 
 class TransformerEncoderBlock(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock, TransformerEncoderBlock
+from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock, StepModulation, TransformerEncoderBlock
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import ObservationEncoder
 from robodit.policies.base import register_policy
@@ -64,18 +64,25 @@ class DiTPolicy(DiffusionPolicy):
             c = c + task
         return [block.ada(c) for block in self.blocks] + [self.head.ada(c)]
 
-    def _cached_modulations(self, step_index: int) -> list[torch.Tensor]:
-        """The sampler's noise levels are fixed by (sampler, steps): embed all steps in one batched pass and keep
-        them until the weights change (keyed by schedule and step index, never by a float)."""
+    def _inference_plan(self) -> dict:
+        """What every sampling step needs beyond the noisy actions, built once per (sampler, steps) and kept until
+        the weights change: each step's modulations (the sampler's noise levels are fixed, so all steps embed in
+        one batched pass; keyed by schedule and step index, never by a float), split for `AdaLNZeroBlock.infer`,
+        and each block's stacked Q/K/V projection."""
         key = self.formulation.schedule_key(self.sampler, self.num_inference_steps)
-        mods = self._noise_cache.get(key)
-        if mods is None:
+        plan = self._noise_cache.get(key)
+        if plan is None:
             levels = torch.tensor(self.formulation.schedule(self.sampler, self.num_inference_steps),
                                   dtype=torch.float32, device=self.device)
             with torch.no_grad():
-                mods = self._noise_modulations(levels)
-            self._noise_cache = {key: mods}
-        return [m[step_index:step_index + 1] for m in mods]
+                *mods, head = self._noise_modulations(levels)
+                per_block = [StepModulation.split(m) for m in mods]
+                plan = {"steps": [list(step) for step in zip(*per_block)], "head": self.head.step_modulations(head),
+                        "qkv": [block.attn.fused_qkv() for block in self.blocks],
+                        # action_in's bias and the positions as one addend: one Add fewer per step in a graph
+                        "action_in": (self.action_in.weight.t(), self.action_in.bias + self.action_pos)}
+            self._noise_cache = {key: plan}
+        return plan
 
     def encode(self, obs, goal):
         tokens = self.obs_encoder(obs)
@@ -89,11 +96,18 @@ class DiTPolicy(DiffusionPolicy):
 
     def denoise(self, x_in, noise_cond, cond, step_index=None):
         task = cond.get("task")
-        if step_index is None or self.training or task is not None:  # per-sample tasks: depth + 1 small linears
-            mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]), task)
-        else:
-            mods = self._cached_modulations(step_index)
+        if step_index is not None and not self.training and task is None:  # the fast path (AdaLNZeroBlock.infer)
+            plan = self._inference_plan()
+            weight_t, addend = plan["action_in"]
+            x = torch.matmul(x_in, weight_t) + addend
+            b, n, w = x.shape
+            x = x.reshape(b * n, w)  # flat tokens: each linear one Gemm in an exported graph
+            for block, mod, qkv, kv in zip(self.blocks, plan["steps"][step_index], plan["qkv"], cond["kv"]):
+                x = block.infer(x, mod, qkv, context_kv=kv, tokens=n)
+            return self.head.infer(x, *plan["head"][step_index]).view(b, n, -1)
+        # training, or per-sample tasks: depth + 1 small linears per step
         x = self.action_in(x_in) + self.action_pos
+        mods = self._noise_modulations(noise_cond.reshape(-1).expand(x_in.shape[0]), task)
         for block, mod, kv in zip(self.blocks, mods, cond["kv"]):
             x = block(x, context=cond["tokens"], modulation=mod, context_kv=kv)
         return self.head(x, modulation=mods[-1])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
-from robodit.nn.attention import Attention, RMSNorm
+from robodit.nn.attention import Attention, FusedQKV, RMSNorm
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.nn.encoders import ObservationEncoder
 from robodit.nn.moe import (ChosenExperts, FusedSwiGLU, NoiseRoutedMoE, Route, check_experts, dispatch_mask,
@@ -53,10 +53,13 @@ class MoDEBlock(nn.Module):
         self.moe = NoiseRoutedMoE(dim, hidden, num_experts, top_k, cond_dim=dim)
 
     def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, fused: FusedSwiGLU | ChosenExperts | None = None,
-                stochastic: bool = False, attn_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, Route | None]:
+                stochastic: bool = False, attn_cond: torch.Tensor | None = None,
+                qkv: FusedQKV | None = None) -> tuple[torch.Tensor, Route | None]:
         """`attn_cond` (default: the noise embedding) is what is added before self-attention; the router always
-        sees the noise embedding alone."""
-        x = x + self.attn(self.norm1(x) + (noise_emb if attn_cond is None else attn_cond)[:, None])
+        sees the noise embedding alone. `qkv` (inference caches: `self.attn.fused_qkv()`) runs the attention's
+        stacked projection."""
+        h = self.norm1(x) + (noise_emb if attn_cond is None else attn_cond)[:, None]
+        x = x + (self.attn(h) if qkv is None else self.attn.attend(h, qkv))
         h = self.norm2(x)
         if fused is not None:
             return x + fused(h), None
@@ -65,12 +68,13 @@ class MoDEBlock(nn.Module):
 
 
 class CachedStep(NamedTuple):
-    """Everything one denoising step needs that depends only on its noise level."""
+    """Everything one denoising step needs that depends only on its noise level (and the weights)."""
 
     noise_emb: torch.Tensor  # [1, D]
     mlps: list[FusedSwiGLU | ChosenExperts]  # one per block
     experts: list[tuple[int, ...]]  # per block, for inspection
     weights: list[tuple[float, ...]]
+    qkv: list[FusedQKV | None]  # per block, the same for every step: the self-attention's stacked projection
 
 
 @register_policy("mode")
@@ -133,8 +137,9 @@ class MoDEPolicy(DiffusionPolicy):
 
     # -- expert cache -------------------------------------------------------------------------------------------
     def set_expert_cache(self, mode: bool | str) -> None:
-        """True / "fused": one dense MLP per (step, layer), copies of the chosen experts (the fastest, the most
-        memory); "in_place": the same precomputed routes over the experts where they are (no copies); False / "off":
+        """True / "fused": one dense MLP per (step, layer), copies of the chosen experts, and each block's Q/K/V
+        projections stacked into one (the fastest, the most memory); "in_place": the same precomputed routes over
+        the experts where they are (no copies); False / "off":
         route and dispatch at every step. Also on a loaded policy (e.g. a deployment short of memory); the next
         sampling call builds what the new mode needs."""
         modes = {True: "fused", "fused": "fused", "in_place": "in_place", False: None, "off": None}
@@ -151,7 +156,9 @@ class MoDEPolicy(DiffusionPolicy):
         """Storage and in-place version of every tensor the cache is derived from: a change the trainer's hook
         did not announce (an EMA swap, a manual copy_) still invalidates the cache, as does switching between
         fused and in-place entries."""
-        params = list(self.noise_embedding.parameters()) + [p for b in self.blocks for p in b.moe.parameters()]
+        params = list(self.noise_embedding.parameters()) + [p for b in self.blocks
+                                                            for m in (b.moe, b.attn.q, b.attn.kv, b.attn.q_norm,
+                                                                      b.attn.k_norm) for p in m.parameters()]
         return (self.expert_cache_fused, *((p.data_ptr(), p._version) for p in params))
 
     @torch.no_grad()
@@ -160,6 +167,7 @@ class MoDEPolicy(DiffusionPolicy):
         emb = self.noise_embedding(torch.tensor(levels, dtype=torch.float32, device=self.device))
         routes = [block.moe.route(emb) for block in self.blocks]  # eval routing: top-k, renormalised
         memos: list[dict] = [{} for _ in self.blocks]  # steps that pick the same experts share w_in
+        qkv = [block.attn.fused_qkv() if self.expert_cache_fused else None for block in self.blocks]  # copies
         cache = {}
         for s in range(len(levels)):
             experts = [tuple(r.experts[s].tolist()) for r in routes]
@@ -169,15 +177,18 @@ class MoDEPolicy(DiffusionPolicy):
                         for block, e, r, memo in zip(self.blocks, experts, routes, memos)]
             else:
                 mlps = [block.moe.chosen(list(e), r.weights[s]) for block, e, r in zip(self.blocks, experts, routes)]
-            cache[(key, s)] = CachedStep(emb[s:s + 1], mlps, experts, weights)
+            cache[(key, s)] = CachedStep(emb[s:s + 1], mlps, experts, weights, qkv)
         self._expert_cache, self._cache_fingerprint = cache, self._fingerprint()
 
     def cached_step(self, step_index: int) -> CachedStep:
-        """The fused step for the current (sampler, steps), built on first use and after any weight change."""
+        """The fused step for the current (sampler, steps), built on first use and after any weight change. The
+        weights are fingerprinted at each chunk's first step (~60 tensors: a chunk's last steps need not pay it),
+        so an unannounced change between chunks is caught; weights do not change within a chunk."""
         key = self.formulation.schedule_key(self.sampler, self.num_inference_steps)
         tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # a traced graph folds the
         # cache in as constants (built before the trace); fake tensors have no storage to fingerprint
-        if (key, 0) not in self._expert_cache or not tracing and self._cache_fingerprint != self._fingerprint():
+        if (key, 0) not in self._expert_cache or (step_index == 0 and not tracing
+                                                 and self._cache_fingerprint != self._fingerprint()):
             self._build_cache(key)
         entry = self._expert_cache.get((key, step_index))
         if entry is None:
@@ -192,9 +203,11 @@ class MoDEPolicy(DiffusionPolicy):
         return [{"noise_cond": lv, "experts": st.experts, "weights": st.weights} for lv, st in zip(levels, steps)]
 
     def expert_cache_bytes(self) -> int:
+        """What the inference cache holds beyond the weights: fused experts, noise embeddings, stacked Q/K/V."""
         seen: dict[int, int] = {}
         for entry in self._expert_cache.values():
-            for t in [entry.noise_emb] + [w for m in entry.mlps for w in m.owned()]:
+            for t in [entry.noise_emb, *(w for m in entry.mlps for w in m.owned()),
+                      *(w for qkv in entry.qkv if qkv is not None for w in qkv if w is not None)]:
                 seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
 
@@ -233,16 +246,17 @@ class MoDEPolicy(DiffusionPolicy):
         batch = x_in.shape[0]
         if step_index is not None and self.expert_cache and not self.training:
             step = self.cached_step(step_index)
-            noise_emb, mlps = step.noise_emb.expand(batch, -1), step.mlps
+            noise_emb, mlps, qkvs = step.noise_emb.expand(batch, -1), step.mlps, step.qkv
         else:
-            noise_emb, mlps = self.noise_embedding(noise_cond.reshape(-1).expand(batch)), [None] * len(self.blocks)
+            noise_emb = self.noise_embedding(noise_cond.reshape(-1).expand(batch))
+            mlps = qkvs = [None] * len(self.blocks)
         actions = self.action_in(x_in) + self.action_pos
         x = torch.cat([noise_emb[:, None].to(actions.dtype), cond["tokens"], actions], dim=1)
         task = cond.get("task")
         attn_cond = None if task is None else noise_emb + task.to(noise_emb.dtype)
         routes = []
-        for block, mlp in zip(self.blocks, mlps):
-            x, route = block(x, noise_emb, fused=mlp, stochastic=self.training, attn_cond=attn_cond)
+        for block, mlp, qkv in zip(self.blocks, mlps, qkvs):
+            x, route = block(x, noise_emb, fused=mlp, stochastic=self.training, attn_cond=attn_cond, qkv=qkv)
             routes.append(route)
         if self._route_log is not None:
             self._route_log.append((noise_cond.reshape(-1).expand(batch), routes))

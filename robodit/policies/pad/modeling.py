@@ -23,7 +23,7 @@ from torch import nn
 
 from robodit.datasets.normalizer import Normalizer
 from robodit.diffusion.base import masked_mean, randn
-from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock
+from robodit.nn.attention import AdaLNFinal, AdaLNZeroBlock, StepModulation
 from robodit.nn.embeddings import SinusoidalEmbedding
 from robodit.keys import is_image_key
 from robodit.nn.encoders import images_to_float
@@ -119,22 +119,31 @@ class PADPolicy(DiffusionPolicy):
         """Per-block AdaLN modulations, then the image head's and the action head's, for conditions c [..., W]."""
         return [block.ada(c) for block in self.blocks] + [self.image_head.ada(c), self.action_head.ada(c)]
 
-    def _cached_modulations(self, step_index: int, cond: dict[str, Any]) -> list[torch.Tensor]:
+    def _step_cache(self, cond: dict[str, Any]) -> dict[str, Any]:
         """The sampler's levels are fixed by (sampler, steps): compute every (step, task) modulation for the tasks
         of this chunk in one batched pass and keep it until the weights change (keyed by schedule, step index and
-        task ids, never by a float). Saves depth + 2 linears per denoising step."""
+        task ids, never by a float). Saves depth + 2 linears per denoising step. With one task the batch shares
+        each step's modulation: the entry also holds it split for `AdaLNZeroBlock.infer` (the fast path), with
+        each block's stacked Q/K/V projection."""
         key = (self.formulation.schedule_key(self.sampler, self.num_inference_steps), cond["task_rows"])
-        mods = self._mod_cache.get(key)
-        if mods is None:
+        entry = self._mod_cache.get(key)
+        if entry is None:
             with torch.no_grad():
                 levels = torch.tensor(self.formulation.schedule(self.sampler, self.num_inference_steps),
                                       dtype=torch.float32, device=self.device)
                 rows = torch.tensor(cond["task_rows"], dtype=torch.long, device=self.device)
                 mods = self._modulations(self.noise_embedding(levels)[:, None] + self.task_embedding(rows)[None])
+                entry = {"mods": mods}  # each [steps, tasks, dim]
+                if len(cond["task_rows"]) == 1:
+                    *blocks, image, action = (m[:, 0] for m in mods)
+                    entry.update(steps=list(zip(*(StepModulation.split(m) for m in blocks))),
+                                 image=self.image_head.step_modulations(image),
+                                 action=self.action_head.step_modulations(action),
+                                 qkv=[block.attn.fused_qkv() for block in self.blocks])
             if len(self._mod_cache) >= 16:  # bounded: a few schedules x task sets
                 self._mod_cache = {}
-            self._mod_cache[key] = mods  # each [steps, tasks, dim]
-        return [m[step_index, cond["task_index"]] for m in mods]
+            self._mod_cache[key] = entry
+        return entry
 
     # -- pixels <-> tokens --------------------------------------------------------------------------------------
     def to_model_frames(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,23 +199,34 @@ class PADPolicy(DiffusionPolicy):
             goal_vec = keep_in_graph(goal_vec, self.lang_proj.parameters())
         out = {"image": image, "action": action, "task": goal_vec}
         if self.inference_cache and not self.training and lang is None:  # cache rows: the chunk's tasks
-            rows, index = torch.unique(task, return_inverse=True)
-            out.update(task_rows=tuple(rows.tolist()), task_index=index)
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # a graph cannot read task ids
+                out.update(task_rows=tuple(range(self.num_tasks)), task_index=task)
+            else:
+                rows, index = torch.unique(task, return_inverse=True)
+                out.update(task_rows=tuple(rows.tolist()), task_index=index)
         return out
 
     def denoise(self, x_in: torch.Tensor, noise_cond: torch.Tensor, cond: dict[str, Any],
                 step_index: int | None = None) -> torch.Tensor:
         """One evaluation on the flat [B, D] state (future-frame tokens then actions); returns the same layout."""
         frames, actions = self._split(x_in)
+        x = torch.cat([cond["image"] + self.future_in(frames), cond["action"] + self.action_in(actions)], dim=1)
+        n = self.num_image_tokens
         if step_index is None or self.training or "task_rows" not in cond:
             mods = self._modulations(self.noise_embedding(noise_cond.reshape(-1).expand(x_in.shape[0])) + cond["task"])
         else:
-            mods = self._cached_modulations(step_index, cond)
-        x = torch.cat([cond["image"] + self.future_in(frames), cond["action"] + self.action_in(actions)], dim=1)
+            entry = self._step_cache(cond)
+            if "steps" in entry:  # one task: the fast path (AdaLNZeroBlock.infer)
+                for block, mod, qkv in zip(self.blocks, entry["steps"][step_index], entry["qkv"]):
+                    x = block.infer(x, mod, qkv, mask=self.attn_mask)
+                out_image = self.image_head.infer(x[:, :n], *entry["image"][step_index])
+                out_action = self.action_head.infer(x[:, n:], *entry["action"][step_index])
+                return torch.cat([out_image.flatten(1), out_action.flatten(1)], dim=1)
+            mods = [m[step_index, cond["task_index"]] for m in entry["mods"]]
         for block, mod in zip(self.blocks, mods):
             x = block(x, modulation=mod, mask=self.attn_mask)
-        out_image = self.image_head(x[:, :self.num_image_tokens], modulation=mods[-2])
-        out_action = self.action_head(x[:, self.num_image_tokens:], modulation=mods[-1])
+        out_image = self.image_head(x[:, :n], modulation=mods[-2])
+        out_action = self.action_head(x[:, n:], modulation=mods[-1])
         return torch.cat([out_image.flatten(1), out_action.flatten(1)], dim=1)
 
     # -- training ------------------------------------------------------------------------------------------------
@@ -243,26 +263,35 @@ class PADPolicy(DiffusionPolicy):
                 "action_fraction": has_actions.mean()}
 
     # -- inference -----------------------------------------------------------------------------------------------
+    def chunk_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flat unit Gaussian [B, flat_dim] the joint denoising starts from (future frames, then actions)."""
+        return randn((batch, self.flat_dim), generator, self.device)
+
+    def _denoise_flat(self, obs_t: dict[str, torch.Tensor], goal_t: dict[str, torch.Tensor], noise: torch.Tensor,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One joint denoising run from `noise`: (future-frame tokens, normalised actions)."""
+        cond = self.encode(self.normalize_obs(obs_t), goal_t)
+        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), sampler=self.sampler,
+                                    steps=self.num_inference_steps, generator=generator, init_noise=noise)
+        return self._split(x.float())
+
+    def chunk_from_noise(self, obs_t, goal_t, noise, generator=None):
+        """The actions of one joint run (the frames are denoised with them, as they must be, and dropped): what
+        predict_action and `robodit export` run."""
+        return self.chunk_to_actions(self._denoise_flat(obs_t, goal_t, noise, generator)[1])
+
     @torch.no_grad()
     def predict(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One joint denoising run: (actions [B, Tp, A] in robot units, {image key: frames [B, k, C, S, S] in [0, 1]})."""
-        obs_t = self.normalize_obs(self.prepare_obs(obs))
-        batch = next(iter(obs_t.values())).shape[0]
-        cond = self.encode(obs_t, self.resolve_goal(goal, batch))
-        x = self.formulation.sample(lambda x_in, c, i: self.denoise(x_in, c, cond, i), (batch, self.flat_dim),
-                                    sampler=self.sampler, steps=self.num_inference_steps, generator=generator,
-                                    device=self.device)
-        tokens, actions = self._split(x.float())
+        obs_t, goal_t = self.inference_inputs(obs, goal)
+        noise = self.chunk_noise(next(iter(obs_t.values())).shape[0], generator)
+        tokens, actions = self._denoise_flat(obs_t, goal_t, noise, generator)
         frames = {}
         for i, key in enumerate(self.image_keys):
             cam = tokens[:, i * self.patches:(i + 1) * self.patches]
             frames[key] = self.unpatchify(cam).clamp(-1, 1).add(1).div(2)
-        return self.normalizer.unnormalize("action", actions), frames
-
-    def predict_action(self, obs: dict[str, Any], goal: dict[str, Any] | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.predict(obs, goal, generator)[0]
+        return self.chunk_to_actions(actions), frames
 
     def goal_for_task(self, task: str, instruction: str | None = None, goal_image: str | None = None) -> dict:
         """Evaluation: with a language encoder the task's instruction (embedded), else the evaluator's task id."""
