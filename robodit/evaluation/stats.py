@@ -92,8 +92,13 @@ def bootstrap_mean_interval(values: Sequence[float], resamples: int = 10_000, se
     x = np.asarray(values, np.float64)
     if not len(x):
         raise ValueError("bootstrap needs a non-empty sample")
-    means = x[np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))].mean(1)
+    means = _resampled_means(x, np.random.default_rng(seed), resamples)
     return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+
+
+def _resampled_means(x, rng, resamples: int):
+    """Means of `resamples` bootstrap resamples of the units of `x` (drawn with replacement), [resamples]."""
+    return x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(1)
 
 
 def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], paired: bool, resamples: int = 10_000,
@@ -110,8 +115,7 @@ def bootstrap_mean_difference(a: Sequence[float], b: Sequence[float], paired: bo
         idx = rng.integers(0, len(x), size=(resamples, len(x)))
         diffs = y[idx].mean(1) - x[idx].mean(1)
     else:
-        diffs = (y[rng.integers(0, len(y), size=(resamples, len(y)))].mean(1)
-                 - x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(1))
+        diffs = _resampled_means(y, rng, resamples) - _resampled_means(x, rng, resamples)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return {"difference": float(y.mean() - x.mean()), "ci95": [float(lo), float(hi)], "paired": bool(paired),
             "units": [len(x), len(y)], "resamples": int(resamples)}
