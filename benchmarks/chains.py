@@ -13,6 +13,9 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mdt_image     mdt_lang's checkpoint (trained first) with goal images (an expert's success on a held-out seed)
     dit_isolated  DiT, task ids, state, trained on isolated per-task demos (each from a reset) with, per task, as
                   many frames as the chain store holds: chain demos vs isolated demos at the same frame count
+    mode_lang_oh2      mode_lang with two observation frames (policy.obs_horizon=2)
+    mode_lang_oh2_n5   mode_lang_oh2's checkpoint executing 5 of each 10-action chunk (eval n_action_steps=5)
+    mode_lang_oh2_400  mode_lang_oh2 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
 
 Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
 (held-out env seeds 300000+, `--chains` chains, the expert row skipped per policy) with held-out instruction
@@ -61,6 +64,20 @@ ROWS = {
                   "goal": "image"},
     "dit_isolated": {"label": "DiT (task id, state), isolated demos", "policy": "dit", "store": "isolated",
                      "overrides": ["dataset.obs_keys=[state]"]},
+    # mode_lang variants aimed at its broken transitions (issue 19): two observation frames (door-lock: the
+    # expert passes the hovering height going up and coming down, one frame cannot tell which way) ...
+    "mode_lang_oh2": {"label": "MoDE (language, state), obs_horizon 2", "policy": "mode", "store": "state",
+                      "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
+                                    "policy.obs_horizon=2"], "goal": "language"},
+    # ... the same checkpoint replanning every 5 of its 10 actions (closed-loop correction, no retraining) ...
+    "mode_lang_oh2_n5": {"label": "MoDE (language, state), obs_horizon 2, 5 of 10 actions per plan",
+                         "reuse": "mode_lang_oh2", "store": "state", "goal": "language",
+                         "eval": {"n_action_steps": 5}},
+    # ... and twice the chains (400): more chained start states of the door and window transitions
+    "mode_lang_oh2_400": {"label": "MoDE (language, state), obs_horizon 2, 400 chains", "policy": "mode",
+                          "store": "state400", "overrides": ["policy.language_encoder=minilm",
+                                                             "dataset.obs_keys=[state]", "policy.obs_horizon=2"],
+                          "goal": "language"},
 }
 
 
@@ -68,11 +85,15 @@ def stores(args, suite) -> dict[str, Path]:
     """The chain stores (collected when missing: a rerun resumes them) and the isolated store of equal frames."""
     out = Path(args.out)
     paths = {"state": Path(args.state_store or out / "chains_state.zarr"),
-             "image": Path(args.image_store or out / "chains_img64.zarr"), "isolated": out / "isolated_state.zarr"}
+             "image": Path(args.image_store or out / "chains_img64.zarr"), "isolated": out / "isolated_state.zarr",
+             "state400": out / "chains_state400.zarr"}
     kw = dict(eval_seed=suite.seed, instructions=suite.instructions, max_steps=suite.max_steps, progress=False)
     if "state" in args.needs and not args.state_store:
         collect_chains(suite.scenes, args.demo_chains, 5, paths["state"], **kw)
         embed_store(paths["state"], "minilm")
+    if "state400" in args.needs:  # the state store's settings, twice the chains (its first 200 are the same)
+        collect_chains(suite.scenes, 2 * args.demo_chains, 5, paths["state400"], **kw)
+        embed_store(paths["state400"], "minilm")
     if "image" in args.needs and not args.image_store:
         collect_chains(suite.scenes, args.demo_chains, 5, paths["image"], image_size=64, cameras=["corner2"],
                        language_fraction=0.1, **kw)
@@ -159,13 +180,13 @@ def run_row(name: str, store: Path | None, args, suite, rows: dict) -> dict:
         goal["instructions"] = "heldout"
     t0 = time.time()
     s = evaluate(ckpt, suite=suite, episodes=args.chains, out_dir=root / "eval", videos=1, progress=False,
-                 workers=args.workers, num_envs=args.num_envs, **goal)
+                 workers=args.workers, num_envs=args.num_envs, **goal, **spec.get("eval", {}))
     m = s["chains"]["expert" if ckpt == "expert" else "policy"]
     record.update(eval_chains=m["chains"], eval_seed=suite.seed, eval_s=round(time.time() - t0, 1),
                   success_at_length={k: v["success_rate"] for k, v in m["success_at_length"].items()},
                   ci95_at_length={k: v["ci95"] for k, v in m["success_at_length"].items()},
                   avg_completed=m["avg_completed"], avg_completed_ci95=m.get("avg_completed_ci95"), per_scene={k: v["avg_completed"] for k, v in m["per_scene"].items()},
-                  transitions=m["transitions"], instructions=goal.get("instructions"),
+                  transitions=m["transitions"], instructions=goal.get("instructions"), eval_options=spec.get("eval"),
                   results=str(root / "eval" / "results.json"))
     return record
 
@@ -221,6 +242,8 @@ def main() -> None:
                              "max_steps": suite.max_steps, "scenes": suite.scenes}})
     if paths["state"].exists():
         result["start_state_shift"] = start_state_shift(paths["state"])
+    if paths["state400"].exists():
+        result["start_state_shift_400_chains"] = start_state_shift(paths["state400"])
     if "isolated" in args.needs:
         result["frames_per_task"] = {"chains": frames_per_task(paths["state"]),
                                      "isolated": frames_per_task(paths["isolated"])}
