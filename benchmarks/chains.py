@@ -17,6 +17,7 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mode_lang_oh2_n5   mode_lang_oh2's checkpoint executing 5 of each 10-action chunk (eval n_action_steps=5)
     mode_lang_oh2_n5_fresh  mode_lang_oh2_n5 on 100 other held-out chains (env seeds 300100+)
     mode_lang_oh2_n5_400    mode_lang_oh2_n5 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
+    mode_lang_oh2_n5_seed1  mode_lang_oh2_n5 from training seed 1 (the row's own seed, whatever --seed says)
 
 Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
 (held-out env seeds 300000+, `--chains` chains, the expert row skipped per policy) with held-out instruction
@@ -87,6 +88,12 @@ ROWS = {
                              "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
                                            "policy.obs_horizon=2"], "goal": "language",
                              "eval": {"n_action_steps": 5}},
+    # mode_lang_oh2_n5 from another training seed: how much of its number is the seed
+    "mode_lang_oh2_n5_seed1": {"label": "MoDE (language, state), obs_horizon 2, 5 of 10 actions, training seed 1",
+                               "policy": "mode", "store": "state", "seed": 1,
+                               "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
+                                             "policy.obs_horizon=2"], "goal": "language",
+                               "eval": {"n_action_steps": 5}},
 }
 
 
@@ -173,14 +180,15 @@ def run_row(name: str, store: Path | None, args, suite, rows: dict) -> dict:
     elif spec.get("policy"):
         overrides = [f"policy={spec['policy']}", f"dataset.path={store}", "logger=none", f"out_dir={root / 'run'}",
                      f"train.steps={args.steps}", f"train.max_minutes={args.minutes}", "train.checkpoint_every=100000",
-                     f"train.seed={args.seed}", "train.progress=false", *spec["overrides"], *args.override]
+                     f"train.seed={spec.get('seed', args.seed)}", "train.progress=false", *spec["overrides"],
+                     *args.override]
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
         shutil.rmtree(root / "run", ignore_errors=True)  # a half-finished run restarts from scratch
         t0 = time.time()
         ckpt = train(cfg)
         record.update(train_steps=int(ckpt.name.split("_")[1]), train_minutes=round((time.time() - t0) / 60, 2),
-                      train_seed=args.seed, overrides=overrides, store=str(store),
+                      train_seed=spec.get("seed", args.seed), overrides=overrides, store=str(store),
                       store_frames=sum(frames_per_task(store).values()), checkpoint=str(ckpt),
                       expert_fixes=sorted(EXPERT_FIXES))  # the demos' experts that are robodit's, not Meta-World's
     suite = dataclasses.replace(suite, expert_baseline=False, seed=spec.get("suite_seed", suite.seed))
