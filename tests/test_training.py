@@ -96,6 +96,11 @@ def test_init_from_and_max_minutes(toy_store, tmp_path):
     # max_minutes=0.0001 stops after the first step with a final checkpoint
     last = train(_cfg(toy_store, tmp_path / "ft", 1000, init_from=str(src), max_minutes=0.0001))
     assert last is not None and last.name == "step_00000001"
+    from robodit.training.info import summarize_checkpoint
+
+    # a fine-tune names where it started (its budget excludes the source's steps); a fresh run names nothing
+    assert summarize_checkpoint(last)["training"]["init_from"] == str(src)
+    assert "init_from" not in summarize_checkpoint(src)["training"]
 
 
 def test_init_from_shape_mismatch_is_clear(toy_store, tmp_path):

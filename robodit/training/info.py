@@ -102,7 +102,8 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
                     **({"observations": {k: list(v["shape"]) for k, v in m.get("obs", {}).items()},
                         "action": list(m.get("action", {}).get("shape", []))} if m else {})}
                    for s, m in zip(stores, meta.get("stores") or [None] * len(stores))],
-        "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed") if k in train},
+        # init_from: the checkpoint a fine-tune started from (its steps and minutes are not in this run's)
+        "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed", "init_from") if train.get(k) is not None},
         # how the learning-rate schedule stood at this checkpoint (checkpoints from before it was recorded: None)
         "schedule": cfg.get("schedule"),
     }
