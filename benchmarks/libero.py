@@ -12,7 +12,8 @@
 2. Expert: `eval.py checkpoint=expert suite=<suite> episodes=N` (fixed initial states 0..N-1, the suite's step
    limit), success per task with Wilson intervals.
 3. Policy (with --checkpoint): the same suite and episodes, success per task, the pooled rate with its Wilson
-   interval, and the training budget the checkpoint records (steps, batch, seed, demos, wall minutes).
+   interval, and the training budget the checkpoint records (steps, batch, seed, demos, wall minutes; a
+   fine-tune adds its starting checkpoint's). Each checkpoint keeps its own row under "policies".
 Prints markdown tables and updates --json (benchmarks/results/libero.json): a part that was skipped keeps its
 previous result. Reports and videos go to --out.
 """
@@ -81,7 +82,9 @@ def _per_task(summary: dict) -> list[dict]:
 
 def training_budget(checkpoint: str) -> dict:
     """What a checkpoint cost: steps, batch, seed, policy horizons, demos per task and wall minutes (from the
-    training run's metrics.jsonl, first to last logged step, when the checkpoint sits in its out_dir)."""
+    training run's metrics.jsonl, first to last logged step, when the checkpoint sits in its out_dir). A fine-tune
+    (train.init_from) also counts what its starting checkpoint cost: `total_steps` and `total_minutes` over the
+    chain, with the start's own budget under `init_from_budget`."""
     from robodit.training.info import summarize_checkpoint
 
     info = summarize_checkpoint(checkpoint)
@@ -96,7 +99,35 @@ def training_budget(checkpoint: str) -> dict:
         times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if '"time"' in line]
         if len(times) > 1:
             budget["logged_minutes"] = round((times[-1] - times[0]) / 60, 1)
+    budget["total_steps"], budget["total_minutes"] = budget["step"], budget.get("logged_minutes")
+    if budget.get("init_from"):
+        src = training_budget(budget["init_from"])
+        budget["init_from_budget"] = {k: src.get(k) for k in ("step", "logged_minutes", "total_steps",
+                                                              "total_minutes", "init_from") if src.get(k) is not None}
+        budget["total_steps"] = budget["step"] + src["total_steps"]
+        if budget["total_minutes"] is not None and src.get("total_minutes") is not None:
+            budget["total_minutes"] = round(budget["total_minutes"] + src["total_minutes"], 1)
     return budget
+
+
+def policy_rows(previous: dict) -> list[dict]:
+    """The policy results a JSON holds, one per checkpoint (files written before several were kept hold one
+    under "policy")."""
+    rows = list(previous.get("policies") or [])
+    return rows or ([previous["policy"]] if previous.get("policy") else [])
+
+
+def keep_row(rows: list[dict], row: dict) -> list[dict]:
+    """A checkpoint measured again replaces its row; another checkpoint's row is added after the others."""
+    return [r for r in rows if r.get("checkpoint") != row["checkpoint"]] + [row]
+
+
+def _summary_row(r: dict) -> dict:
+    t, (lo, hi) = r.get("training", {}), r["pooled"]["ci95"]
+    return {"checkpoint": r["checkpoint"], "steps": t.get("total_steps", t.get("step")),
+            "minutes": t.get("total_minutes", t.get("logged_minutes")), "batch": t.get("batch_size"),
+            "seed": t.get("seed"), "success": f"{r['pooled']['successes']}/{r['pooled']['episodes']}",
+            "wilson95": f"[{lo:.2f}, {hi:.2f}]"}
 
 
 def main() -> None:
@@ -130,7 +161,8 @@ def main() -> None:
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     if previous.get("suite", args.suite) != args.suite:
         previous = {}
-    result: dict = {**previous, "cpu": cpu_model(), "cores": os.cpu_count(),
+    result: dict = {**{k: v for k, v in previous.items() if k != "policy"}, "policies": policy_rows(previous),
+                    "cpu": cpu_model(), "cores": os.cpu_count(),
                     "load_at_start": os.getloadavg(), "suite": args.suite}
     if "speed" not in skip:
         r = subprocess.run([python(), __file__, "--speed-only", "--speed-steps", str(args.speed_steps)],
@@ -175,18 +207,23 @@ def main() -> None:
         s = evaluate(args.checkpoint, suite=args.suite, episodes=args.policy_episodes, out_dir=out / "policy",
                      workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers), videos=args.videos, progress=True)
         budget = training_budget(args.checkpoint)
-        result["policy"] = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
-                            "initial_states": f"0..{args.policy_episodes - 1}", "success_rate": s["success_rate"],
-                            "pooled": s["pooled"], "tasks": _per_task(s), "training": budget,
-                            "eval_wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
+        row = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
+               "initial_states": f"0..{args.policy_episodes - 1}", "success_rate": s["success_rate"],
+               "pooled": s["pooled"], "tasks": _per_task(s), "training": budget,
+               "eval_wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
+        result["policies"] = keep_row(result["policies"], row)
         lo, hi = s["pooled"]["ci95"]
         p = budget["policy"]
         print(f"\n## Policy {args.checkpoint} on {args.suite} ({args.policy_episodes} initial states per task): "
               f"mean {s['success_rate']:.3f}, Wilson 95% [{lo:.2f}, {hi:.2f}]; {p['class'].rsplit('.', 1)[-1]} "
               f"{p.get('size', '')}, {budget['episodes']} demos over {budget['tasks']} tasks, images "
-              f"{budget['observations']}, {budget['step']} steps x batch {budget.get('batch_size')}, seed "
-              f"{budget.get('seed')}, {budget.get('logged_minutes', '?')} min\n")
-        print(_table(result["policy"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
+              f"{budget['observations']}, {budget['total_steps']} steps x batch {budget.get('batch_size')}, seed "
+              f"{budget.get('seed')}, {budget.get('total_minutes') or '?'} min\n")
+        print(_table(row["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
+    if result["policies"]:
+        print(f"\n## Policies measured on {args.suite} (steps and minutes include a fine-tune's starting checkpoint)\n")
+        print(_table([_summary_row(r) for r in result["policies"]],
+                     ["checkpoint", "steps", "minutes", "batch", "seed", "success", "wilson95"]))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
 

@@ -96,3 +96,57 @@ def test_the_inference_fast_path_computes_the_block(norm, cross):
             got = block.infer(x, steps[s], block.attn.fused_qkv(), mask=mask, context_kv=kv)
             assert (want - x).abs().max() > 0.1
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- image pooling: average (what things are) vs spatial softmax (also where they are) ----------------------------
+def _blob(row: int, col: int, channels: int = 4, size: int = 8) -> torch.Tensor:
+    """A feature map that is zero except for one bright position."""
+    x = torch.zeros(1, channels, size, size)
+    x[..., row, col] = 10.0
+    return x
+
+
+def test_spatial_softmax_keypoints_follow_a_bright_blob_where_average_pooling_cannot():
+    """The reason for the option: a policy that reached the right bottle and then missed the grasp needs to know
+    where the bottle is. Each keypoint is the expected (x, y) of its softmax map, so it sits on the blob and moves
+    with it; the average of the same feature map is identical wherever the blob is."""
+    from robodit.nn.encoders import AveragePool, SpatialSoftmax
+
+    pool = SpatialSoftmax(channels=4, keypoints=2)
+    with torch.no_grad():  # both keypoint maps respond to the sum of the channels: the blob dominates the softmax
+        pool.maps.weight.fill_(1.0)
+        pool.maps.bias.zero_()
+    grid = torch.linspace(-1, 1, 8)
+    for row, col in [(0, 0), (2, 5), (7, 3), (4, 7)]:
+        kp = pool.keypoints(_blob(row, col))
+        assert kp.shape == (1, 2, 2)
+        assert torch.allclose(kp[0], torch.stack([grid[col], grid[row]]).expand(2, 2), atol=1e-4), (row, col, kp)
+    assert pool(_blob(1, 1)).shape == (1, 4)  # flat (x, y) per keypoint, what the head takes
+    avg = AveragePool(4)
+    assert torch.equal(avg(_blob(0, 0)), avg(_blob(6, 7)))
+
+
+@pytest.mark.parametrize("pooling", ["avg", "spatial_softmax"])
+def test_image_encoder_pooling_shapes(pooling):
+    """uint8 H×W×C with any leading dims, at any resolution, gives one vector per image with either pooling."""
+    from robodit.nn.encoders import ResNetImageEncoder
+
+    torch.manual_seed(0)
+    enc = ResNetImageEncoder(16, channels=(8, 16, 32, 32), pooling=pooling)
+    for size in (32, 64):
+        images = torch.randint(0, 256, (2, 3, size, size, 3), dtype=torch.uint8)
+        assert enc(images).shape == (2, 3, 16)
+    if pooling == "spatial_softmax":
+        kp = enc.pool.keypoints(enc.features(images))
+        assert kp.shape == (6, 32, 2) and kp.abs().max() <= 1.0
+    else:  # what checkpoints written before the option hold: the same tensors, nothing new
+        assert sorted({k.split(".")[0] for k in enc.state_dict()}) == ["blocks", "head", "stem"]
+
+
+def test_an_unknown_image_pooling_is_named_even_without_a_camera():
+    from robodit.nn.encoders import ObservationEncoder, ResNetImageEncoder
+
+    with pytest.raises(ValueError, match=r"image pooling 'max' is unknown.*policy.image_pooling"):
+        ResNetImageEncoder(16, pooling="max")
+    with pytest.raises(ValueError, match=r"image pooling 'spatial' is unknown"):
+        ObservationEncoder({"state": ((5,), "float32")}, 16, 1, image_pooling="spatial")

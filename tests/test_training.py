@@ -57,11 +57,50 @@ def test_checkpoint_layout_and_load_policy(toy_store, tmp_path):
     assert not list(tmp_path.glob("run/checkpoints/.*")), "temporary checkpoint dirs were left behind"
 
 
+def test_image_pooling_is_recorded_in_the_checkpoint_and_old_checkpoints_load_as_avg(tmp_path):
+    """policy.image_pooling=spatial_softmax trains, and load_policy rebuilds the same keypoint layer from the
+    checkpoint's config; a checkpoint written before the option (no image_pooling in config.yaml) loads with
+    average pooling, exactly as it was trained."""
+    import yaml
+    from conftest import CAMERAS, make_toy_store
+
+    from robodit.nn.encoders import AveragePool, SpatialSoftmax
+    from robodit.training.info import format_checkpoint, summarize_checkpoint
+
+    store = make_toy_store(tmp_path / "cams.zarr", episodes=2, length=(12, 14), image_size=32)
+    cfg = _cfg(store, tmp_path / "run", 2)
+    cfg.policy.image_pooling = "spatial_softmax"
+    last = train(cfg)
+    policy = robodit.load_policy(last)
+    assert policy.image_pooling == "spatial_softmax"
+    ema = load_file(str(last / "ema.safetensors"))
+    for cam in CAMERAS:
+        assert isinstance(policy.obs_encoder.encoders[cam].pool, SpatialSoftmax)
+        key = f"obs_encoder.encoders.{cam}.pool.maps.weight"
+        assert torch.equal(policy.state_dict()[key], ema[key])
+    obs = {"state": torch.zeros(1, 2, 5), **{c: torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8) for c in CAMERAS}}
+    assert policy.predict_action(obs).shape == (1, 8, 3)
+    assert "images pooled by spatial_softmax" in format_checkpoint(summarize_checkpoint(last))  # robodit info
+
+    old = train(_cfg(store, tmp_path / "old", 2))
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["policy"]["image_pooling"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    policy = robodit.load_policy(old)
+    assert all(isinstance(policy.obs_encoder.encoders[c].pool, AveragePool) for c in CAMERAS)
+    assert policy.predict_action(obs).shape == (1, 8, 3)
+
+
 def test_init_from_and_max_minutes(toy_store, tmp_path):
     src = train(_cfg(toy_store, tmp_path / "src", 5))
     # max_minutes=0.0001 stops after the first step with a final checkpoint
     last = train(_cfg(toy_store, tmp_path / "ft", 1000, init_from=str(src), max_minutes=0.0001))
     assert last is not None and last.name == "step_00000001"
+    from robodit.training.info import summarize_checkpoint
+
+    # a fine-tune names where it started (its budget excludes the source's steps); a fresh run names nothing
+    assert summarize_checkpoint(last)["training"]["init_from"] == str(src)
+    assert "init_from" not in summarize_checkpoint(src)["training"]
 
 
 def test_init_from_shape_mismatch_is_clear(toy_store, tmp_path):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from robodit.training.checkpoint import STEP_DIR, read_config, resolve_checkpoint
 
 POLICY_KEYS = ("size", "obs_horizon", "action_horizon", "n_action_steps", "sampler", "num_inference_steps",
-               "task_conditioning")
+               "task_conditioning", "image_pooling")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -102,7 +102,8 @@ def summarize_checkpoint(path: str | Path, routes: bool = False) -> dict[str, An
                     **({"observations": {k: list(v["shape"]) for k, v in m.get("obs", {}).items()},
                         "action": list(m.get("action", {}).get("shape", []))} if m else {})}
                    for s, m in zip(stores, meta.get("stores") or [None] * len(stores))],
-        "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed") if k in train},
+        # init_from: the checkpoint a fine-tune started from (its steps and minutes are not in this run's)
+        "training": {k: train[k] for k in ("steps", "batch_size", "lr", "seed", "init_from") if train.get(k) is not None},
         # how the learning-rate schedule stood at this checkpoint (checkpoints from before it was recorded: None)
         "schedule": cfg.get("schedule"),
     }
@@ -160,7 +161,8 @@ def format_checkpoint(s: dict) -> str:
         f"parameters: {_millions(params['total'])} in {params['tensors']} tensors" + (f" ({extra})" if extra else ""),
         "observes:   " + ", ".join(f"{k} {tuple(v)}" for k, v in s["observations"].items())
         + (f"; {s['num_tasks']} task ids" if (s.get("num_tasks") or 0) > 1 else "")
-        + (f" ({p['task_conditioning']})" if (s.get("num_tasks") or 0) > 1 and "task_conditioning" in p else ""),
+        + (f" ({p['task_conditioning']})" if (s.get("num_tasks") or 0) > 1 and "task_conditioning" in p else "")
+        + (f"; images pooled by {p['image_pooling']}" if p.get("image_pooling", "avg") != "avg" else ""),
         f"action:     {tuple(s['action'])}",
         f"weights:    {s['weights']} (checkpoint {s['bytes'] / 2**20:.1f} MiB on disk)",
     ]

@@ -33,7 +33,8 @@ class DiTPolicy(DiffusionPolicy):
                  obs_horizon: int = 2, action_horizon: int = 16, n_action_steps: int = 8,
                  formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
-                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token"):
+                 dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token",
+                 image_pooling: str = "avg"):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps, formulation,
                          sampler, num_inference_steps)
         self.set_task_conditioning(task_conditioning)
@@ -41,8 +42,9 @@ class DiTPolicy(DiffusionPolicy):
             raise ValueError(f"unknown {self.name} size {size!r}; choose one of {sorted(self.SIZES)}")
         w, d, h, enc_depth, channels = self.SIZES[size]
         w, d, h = width or w, depth or d, heads or h
-        self.size = size
-        self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels)
+        self.size, self.image_pooling = size, image_pooling
+        self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels,
+                                              image_pooling=image_pooling)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.context_encoder = nn.ModuleList(TransformerEncoderBlock(w, h, dropout=dropout) for _ in range(enc_depth))
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))

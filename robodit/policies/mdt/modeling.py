@@ -53,10 +53,11 @@ class MDTPolicy(DiTPolicy):
                  goal_dropout: float = 0.1, goal_modality: str = "language",
                  future_frames: int = 1, future_stride: int = 3,
                  mgf_weight: float = 1.0, mgf_patch: int = 8, mgf_mask_ratio: float = 0.75, mgf_width: int = 128,
-                 mgf_depth: int = 2, cla_weight: float = 1.0, cla_temperature: float = 0.07):
+                 mgf_depth: int = 2, cla_weight: float = 1.0, cla_temperature: float = 0.07,
+                 image_pooling: str = "avg"):
         super().__init__(shape_meta, normalizer, size, obs_horizon, action_horizon, n_action_steps,
                          formulation, sampler, num_inference_steps, width, depth, heads,
-                         dropout, noise_cond_scale)
+                         dropout, noise_cond_scale, image_pooling=image_pooling)
         self.task_embedding = None  # goal-conditioned: the goal token stands where the task id would
         w = self.action_in.out_features
         self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
