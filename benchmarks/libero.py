@@ -1,7 +1,8 @@
 """LIBERO on this machine: env speed with both cameras, the scripted expert's success per task, a policy's table.
 
     python benchmarks/libero.py [--suite libero_object] [--episodes 10] [--speed-steps 120]
-        [--checkpoint runs/x --policy-episodes 10] [--out benchmarks/results/libero]
+        [--checkpoint runs/x --policy-episodes 10 [--n-action-steps 4] [--first-state 10]]
+        [--out benchmarks/results/libero]
 
 1. Speed (in .venv-libero, one LIBERO-Object env, 2 cameras at image_size 128, rendered at 256): steps per
    second for physics alone, both cameras every step (what `collect` pays), and both cameras on 2 of every 8
@@ -13,7 +14,10 @@
    limit), success per task with Wilson intervals.
 3. Policy (with --checkpoint): the same suite and episodes, success per task, the pooled rate with its Wilson
    interval, and the training budget the checkpoint records (steps, batch, seed, demos, wall minutes; a
-   fine-tune adds its starting checkpoint's). Each checkpoint keeps its own row under "policies".
+   fine-tune adds its starting checkpoint's). `--n-action-steps` executes that many actions of each planned
+   chunk before replanning (default: the policy's own); `--first-state K` starts episode i from fixed initial
+   state K + i, to check a setting chosen on states 0..N-1 on states that played no part in the choice. Each
+   (checkpoint, executed n_action_steps, first state) keeps its own row under "policies".
 Prints markdown tables and updates --json (benchmarks/results/libero.json): a part that was skipped keeps its
 previous result. Reports and videos go to --out.
 """
@@ -117,16 +121,43 @@ def policy_rows(previous: dict) -> list[dict]:
     return rows or ([previous["policy"]] if previous.get("policy") else [])
 
 
+def _row_key(r: dict) -> tuple:
+    """What a policy row measured: the checkpoint, the actions executed per chunk (rows written before the option
+    existed ran the policy's own) and the first initial state."""
+    steps = r.get("n_action_steps") or r.get("training", {}).get("policy", {}).get("n_action_steps")
+    return r.get("checkpoint"), steps, r.get("first_state", 0)
+
+
 def keep_row(rows: list[dict], row: dict) -> list[dict]:
-    """A checkpoint measured again replaces its row; another checkpoint's row is added after the others."""
-    return [r for r in rows if r.get("checkpoint") != row["checkpoint"]] + [row]
+    """A checkpoint measured again with the same setting (actions per chunk, first state) replaces its row; any
+    other row is added after the others."""
+    return [r for r in rows if _row_key(r) != _row_key(row)] + [row]
+
+
+def policy_suite(suite: str, first_state: int = 0) -> str | dict:
+    """The suite a policy runs: the named one, or (first_state > 0) the same suite with its seed block moved so
+    that episode i of every task starts from the task's fixed initial state first_state + i (the evaluation
+    checks that the suite holds that many states)."""
+    if first_state < 0:
+        raise ValueError(f"--first-state must be >= 0, got {first_state}")
+    if not first_state:
+        return suite
+    import yaml
+
+    from robodit.evaluation.suites import resolve_suite_path
+
+    d = yaml.safe_load(resolve_suite_path(suite).read_text())
+    if d.get("kind", "tasks") != "tasks":
+        raise ValueError(f"--first-state: suite {suite!r} is a {d.get('kind')} suite, not a task suite")
+    return {**d, "seeds": [int(first_state)]}
 
 
 def _summary_row(r: dict) -> dict:
     t, (lo, hi) = r.get("training", {}), r["pooled"]["ci95"]
     return {"checkpoint": r["checkpoint"], "steps": t.get("total_steps", t.get("step")),
             "minutes": t.get("total_minutes", t.get("logged_minutes")), "batch": t.get("batch_size"),
-            "seed": t.get("seed"), "success": f"{r['pooled']['successes']}/{r['pooled']['episodes']}",
+            "seed": t.get("seed"), "n_action_steps": _row_key(r)[1], "initial_states": r.get("initial_states"),
+            "success": f"{r['pooled']['successes']}/{r['pooled']['episodes']}",
             "wilson95": f"[{lo:.2f}, {hi:.2f}]"}
 
 
@@ -137,6 +168,10 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=120)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--policy-episodes", type=int, default=10)
+    p.add_argument("--n-action-steps", type=int, default=None, help="policy actions executed per planned chunk "
+                   "before replanning (default: the policy's own)")
+    p.add_argument("--first-state", type=int, default=0, help="policy episode i starts from fixed initial state "
+                   "first_state + i (default 0: the standard states 0..N-1)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--num-envs", type=int, default=None, help="parallel episodes (default 2 per worker); each "
                    "builds one env per task (7-30 s each on a CPU)")
@@ -204,17 +239,24 @@ def main() -> None:
         print(_table(result["expert"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
     if args.checkpoint:
         t0 = time.time()
-        s = evaluate(args.checkpoint, suite=args.suite, episodes=args.policy_episodes, out_dir=out / "policy",
-                     workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers), videos=args.videos, progress=True)
+        suite = policy_suite(args.suite, args.first_state)
+        s = evaluate(args.checkpoint, suite=suite, suite_source=None if isinstance(suite, str) else
+                     f"{args.suite} from initial state {args.first_state}", episodes=args.policy_episodes,
+                     out_dir=out / "policy", workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers),
+                     videos=args.videos, progress=True, n_action_steps=args.n_action_steps)
         budget = training_budget(args.checkpoint)
+        first = args.first_state
         row = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
-               "initial_states": f"0..{args.policy_episodes - 1}", "success_rate": s["success_rate"],
+               "initial_states": f"{first}..{first + args.policy_episodes - 1}", "first_state": first,
+               "n_action_steps": args.n_action_steps or budget["policy"].get("n_action_steps"),
+               "success_rate": s["success_rate"],
                "pooled": s["pooled"], "tasks": _per_task(s), "training": budget,
                "eval_wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}
         result["policies"] = keep_row(result["policies"], row)
         lo, hi = s["pooled"]["ci95"]
         p = budget["policy"]
-        print(f"\n## Policy {args.checkpoint} on {args.suite} ({args.policy_episodes} initial states per task): "
+        print(f"\n## Policy {args.checkpoint} on {args.suite} (initial states {row['initial_states']} per task, "
+              f"{row['n_action_steps']} actions per chunk): "
               f"mean {s['success_rate']:.3f}, Wilson 95% [{lo:.2f}, {hi:.2f}]; {p['class'].rsplit('.', 1)[-1]} "
               f"{p.get('size', '')}, {budget['episodes']} demos over {budget['tasks']} tasks, images "
               f"{budget['observations']}, {budget['total_steps']} steps x batch {budget.get('batch_size')}, seed "
@@ -223,7 +265,8 @@ def main() -> None:
     if result["policies"]:
         print(f"\n## Policies measured on {args.suite} (steps and minutes include a fine-tune's starting checkpoint)\n")
         print(_table([_summary_row(r) for r in result["policies"]],
-                     ["checkpoint", "steps", "minutes", "batch", "seed", "success", "wilson95"]))
+                     ["checkpoint", "steps", "minutes", "batch", "seed", "n_action_steps", "initial_states", "success",
+                      "wilson95"]))
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.json}")
 
