@@ -238,13 +238,15 @@ def main() -> None:
               f"{s['suite']['max_steps']} steps max): mean {s['success_rate']:.3f}\n")
         print(_table(result["expert"]["tasks"], ["task", "success", "rate", "wilson95", "mean_steps"]))
     if args.checkpoint:
+        # the budget first: a run keeps only its last checkpoints, and one rotated out during the evaluation
+        # would otherwise lose the whole row after the evaluation ran
+        budget = training_budget(args.checkpoint)
         t0 = time.time()
         suite = policy_suite(args.suite, args.first_state)
         s = evaluate(args.checkpoint, suite=suite, suite_source=None if isinstance(suite, str) else
                      f"{args.suite} from initial state {args.first_state}", episodes=args.policy_episodes,
                      out_dir=out / "policy", workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers),
                      videos=args.videos, progress=True, n_action_steps=args.n_action_steps)
-        budget = training_budget(args.checkpoint)
         first = args.first_state
         row = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
                "initial_states": f"{first}..{first + args.policy_episodes - 1}", "first_state": first,

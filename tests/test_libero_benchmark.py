@@ -44,3 +44,33 @@ def test_rows_of_other_settings_are_kept_and_a_rerun_replaces_its_own():
     rerun = {"checkpoint": "runs/a", "n_action_steps": 8, "first_state": 0, "training": old["training"]}
     assert bench.keep_row(rows, rerun) == [fewer, later, rerun]  # the policy's own 8 is what the old row ran
     assert bench.keep_row(rows, {**fewer, "pooled": 1}) == [old, later, {**fewer, "pooled": 1}]
+
+
+def test_policy_row_survives_its_checkpoint_rotating_out_during_the_evaluation(toy_store, tmp_path, monkeypatch):
+    """A training run keeps only its last checkpoints: one evaluated while the run goes on can be deleted before
+    the evaluation ends (it happened: a 23-minute LIBERO evaluation lost its row). The budget is read first."""
+    import json
+    import shutil
+    import sys
+
+    import robodit.evaluation.evaluate as ev
+    from test_info import _checkpoint
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    ckpt = _checkpoint(toy_store, tmp_path / "run", "dit")
+    task = {"successes": 3, "episodes": 4, "success_rate": 0.75, "ci95": [0.3, 0.95], "mean_steps": 10.0}
+
+    def rotated_out(checkpoint, **kwargs):
+        assert kwargs["n_action_steps"] == 2 and kwargs["suite"]["seeds"] == [10]
+        shutil.rmtree(checkpoint)
+        return {"success_rate": 0.75, "pooled": {"episodes": 4, "successes": 3, "ci95": [0.3, 0.95]},
+                "tasks": {"libero_object/t": task}, "run": {"env_steps_per_s": 1.0}}
+
+    monkeypatch.setattr(ev, "evaluate", rotated_out)
+    out = tmp_path / "libero.json"
+    monkeypatch.setattr(sys, "argv", ["libero.py", "--skip", "speed,expert", "--checkpoint", str(ckpt),
+                                      "--n-action-steps", "2", "--first-state", "10", "--policy-episodes", "4",
+                                      "--json", str(out), "--out", str(tmp_path / "bench")])
+    bench.main()
+    row = json.loads(out.read_text())["policies"][-1]
+    assert (row["training"]["step"], row["n_action_steps"], row["initial_states"]) == (2, 2, "10..13")
