@@ -18,6 +18,10 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mode_lang_oh2_n5_fresh  mode_lang_oh2_n5 on 100 other held-out chains (env seeds 300100+)
     mode_lang_oh2_n5_400    mode_lang_oh2_n5 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
     mode_lang_oh2_n5_seed1  mode_lang_oh2_n5 from training seed 1 (the row's own seed, whatever --seed says)
+    dit_oh2_n5         the fair 30-minute DiT baseline: task ids, state, trained and executed as mode_lang_oh2_n5
+    mdt_lang_oh2_n5    MDT (MDT_SIZE, batch MDT_BATCH), 64 px + state, 10% labels, language goals, trained and
+                       executed as mode_lang_oh2_n5;  mdt_image_oh2_n5: its checkpoint with goal images
+    (these three rows carry their whole recipe: run them with --steps 8000 --minutes 30 and no --override)
 
 Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
 (held-out env seeds 300000+, `--chains` chains, the expert row skipped per policy) with held-out instruction
@@ -55,6 +59,12 @@ from robodit.evaluation.suites import load_suite  # noqa: E402
 from robodit.training.trainer import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPE = ["train.batch_size=64", "train.warmup_steps=200", "policy.obs_horizon=2"]  # mode_lang_oh2's training
+# MDT's size and batch for a 30-minute run: the most training samples with both auxiliary losses (MGF, CLA) on.
+# Measured (64 px store, obs_horizon 2, 1 thread, steps 10-30, 2-core CPU shared with one other job): tiny/64
+# 71.5 samples/s (2012 steps in 30 min), tiny convs + width 128 depth 4 / 64 37.7, small/32 28.8; under heavier
+# load small/64 was slower per sample than small/32 (9.8 vs 14.6) and MGF cost tiny/64 29% (33.8 vs 47.3 off)
+MDT_SIZE, MDT_BATCH = "tiny", 64
 ROWS = {
     "expert": {"label": "scripted experts (upper bound)"},
     "dit": {"label": "DiT (task id, state)", "policy": "dit", "store": "state",
@@ -94,6 +104,25 @@ ROWS = {
                                "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
                                              "policy.obs_horizon=2"], "goal": "language",
                                "eval": {"n_action_steps": 5}},
+    # the fair 30-minute baseline: the DiT (task ids) trained and executed as mode_lang_oh2_n5 (width 128, depth 4,
+    # batch 64, warm-up 200, two observation frames, MoDE's 10-action chunk of which 5 run per plan); the row
+    # carries the whole recipe, so run it with --steps 8000 --minutes 30 and no --override
+    "dit_oh2_n5": {"label": "DiT (task id, state), obs_horizon 2, 5 of 10 actions per plan", "policy": "dit",
+                   "store": "state", "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128",
+                                                   "+policy.depth=4", "policy.action_horizon=10"],
+                   "eval": {"n_action_steps": 5}},
+    # MDT with the same recipe (two observation frames, 5 of 10 actions per plan, 30 minutes) on the 200-chain
+    # 64 px store (10% of segments labelled); language (held-out paraphrases) and goal images from one checkpoint.
+    # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE, MDT_BATCH above)
+    "mdt_lang_oh2_n5": {"label": f"MDT/{MDT_SIZE} (language, 64 px + state, 10% labels), obs_horizon 2, "
+                                 "5 of 10 actions",
+                        "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
+                        "overrides": [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}",
+                                      "train.warmup_steps=200", "policy.obs_horizon=2"]},
+    "mdt_image_oh2_n5": {"label": f"MDT/{MDT_SIZE} (goal image, 64 px + state, 10% labels), obs_horizon 2, "
+                                  "5 of 10 actions",
+                         "reuse": "mdt_lang_oh2_n5", "store": "image", "goal": "image",
+                         "eval": {"n_action_steps": 5}},
 }
 
 
