@@ -28,7 +28,8 @@ Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, 
 paraphrases (`instructions=heldout`) for language rows. Rows already in the JSON are kept (rerun with --force).
 Prints a markdown table and writes `--json` (default benchmarks/results/chains.json; stores, checkpoints and
 evaluations go under --out) with steps, minutes, seeds, per-scene results and the
-transition failures of every row.
+transition failures of every row. `--action-error` adds each trained row's offline diagnosis (`action_error`:
+its chunks' distance from the demos with the right goal, a wrong one, a goal image and one denoising step).
 """
 
 from __future__ import annotations
@@ -195,6 +196,50 @@ def start_state_shift(path: Path) -> dict[str, dict]:
     return out
 
 
+def action_error(ckpt: str | Path, store_path: Path, suite, n: int = 200, seed: int = 0) -> dict:
+    """Why a policy breaks chains, offline: the mean squared error of its first 5 actions against the expert's, at
+    a random early frame (the first 30) of `n` random segments of the store, with the segment's instruction (a
+    held-out paraphrase), with the other task of its scene (a wrong goal), with the segment's last frame (image
+    goals) and with one denoising step (the network's conditional mean). Large error with the right goal: it has
+    not learned to act; error that does not move with the goal: it is not following the goal."""
+    import robodit
+    from robodit.datasets.language import paraphrases
+
+    policy = robodit.load_policy(ckpt).eval()
+    other = {t: c for cycle in suite.scenes.values() for t in cycle for c in cycle if c != t}
+    rng = np.random.default_rng(seed)
+    with DemoStore.open(store_path) as s:
+        infos = [s.episode_info(int(i)) for i in rng.choice(len(s), min(n, len(s)), replace=False)]
+        frames = [i["start"] + int(rng.integers(0, max(1, min(30, i["length"] - 5)))) for i in infos]
+        obs_frames = [np.clip(np.arange(t - policy.obs_horizon + 1, t + 1), i["start"], None)
+                      for i, t in zip(infos, frames)]
+        obs = {k: np.stack([s.read(k, f[0], f[-1] + 1)[f - f[0]] for f in obs_frames]) for k in policy.obs_shapes}
+        act = np.stack([s.read("action", t, t + 5) for t in frames])
+        last = {k: np.stack([s.read(k, i["end"] - 1, i["end"])[0] for i in infos]) for k in policy.image_goals}
+    heldout = {t: paraphrases(text, "heldout")[0] for t, text in suite.instructions.items()}
+    goals = {"right instruction": {"instruction": [heldout[i["task"]] for i in infos]},
+             "other task's instruction": {"instruction": [heldout[other[i["task"]]] for i in infos]}}
+    if policy.image_goals:
+        goals["segment's last frame"] = last
+    out: dict = {"segments": len(infos), "first_actions": 5}
+    chunks = {}
+    for name, goal in [*goals.items(), ("right instruction, 1 denoising step", goals["right instruction"])]:
+        if "instruction" in goal:
+            goal = {"lang_emb": policy.embed_instructions(goal["instruction"])}
+        if hasattr(policy, "goal_modality"):
+            policy.goal_modality = "language" if "lang_emb" in goal else "image"
+        steps = policy.num_inference_steps
+        policy.num_inference_steps = 1 if "1 denoising step" in name else steps
+        policy.on_weights_changed()
+        chunks[name] = policy.predict_action(obs, goal=goal, generator=torch.Generator().manual_seed(seed)).numpy()
+        policy.num_inference_steps = steps
+        policy.on_weights_changed()
+        out[name] = round(float(((chunks[name][:, :5] - act) ** 2).mean()), 4)
+    out["mean |right - other| action"] = round(float(np.abs(chunks["right instruction"]
+                                                            - chunks["other task's instruction"]).mean()), 4)
+    return out
+
+
 def run_row(name: str, store: Path | None, args, suite, rows: dict) -> dict:
     spec = ROWS[name]
     root = Path(args.out) / name
@@ -266,6 +311,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--num-envs", type=int, default=10)
     ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
+    ap.add_argument("--action-error", action="store_true",
+                    help="add each row's offline demo-action error per goal kind (action_error(); ~30 s a row)")
     ap.add_argument("--out", default="benchmarks/results/chains")
     ap.add_argument("--json", default="benchmarks/results/chains.json")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
@@ -294,11 +341,15 @@ def main() -> None:
         result["frames_per_task"] = {"chains": frames_per_task(paths["state"]),
                                      "isolated": frames_per_task(paths["isolated"])}
     for name in names:
-        if name in result["rows"] and not args.force:
-            continue
-        result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
-        path.write_text(json.dumps(result, indent=2))
-        print(format_table({name: result["rows"][name]}), flush=True)
+        if name not in result["rows"] or args.force:
+            result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
+            path.write_text(json.dumps(result, indent=2))
+            print(format_table({name: result["rows"][name]}), flush=True)
+        row = result["rows"][name]
+        if args.action_error and row.get("checkpoint") and "action_error" not in row and not ROWS[name].get("reuse"):
+            row["action_error"] = action_error(row["checkpoint"], Path(row["store"]), suite)
+            path.write_text(json.dumps(result, indent=2))
+            print(name, "action error:", json.dumps(row["action_error"]), flush=True)
     print(format_table(result["rows"]))
     avg = {k: r["avg_completed"] for k, r in result["rows"].items()}
     print(json.dumps({"avg_completed": avg, "json": str(path)}, default=float))
