@@ -347,7 +347,9 @@ def main() -> None:
             print(format_table({name: result["rows"][name]}), flush=True)
         row = result["rows"][name]
         if args.action_error and row.get("checkpoint") and "action_error" not in row and not ROWS[name].get("reuse"):
-            row["action_error"] = action_error(row["checkpoint"], Path(row["store"]), suite)
+            ckpt = Path(row["checkpoint"])  # a run moved with its --out folder: found there under the row's name
+            ckpt = ckpt if ckpt.exists() else out / name / "run" / "checkpoints" / ckpt.name
+            row["action_error"] = action_error(ckpt, Path(row["store"]), suite)
             path.write_text(json.dumps(result, indent=2))
             print(name, "action error:", json.dumps(row["action_error"]), flush=True)
     print(format_table(result["rows"]))
