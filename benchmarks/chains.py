@@ -217,26 +217,29 @@ def action_error(ckpt: str | Path, store_path: Path, suite, n: int = 200, seed: 
         act = np.stack([s.read("action", t, t + 5) for t in frames])
         last = {k: np.stack([s.read(k, i["end"] - 1, i["end"])[0] for i in infos]) for k in policy.image_goals}
     heldout = {t: paraphrases(text, "heldout")[0] for t, text in suite.instructions.items()}
-    goals = {"right instruction": {"instruction": [heldout[i["task"]] for i in infos]},
-             "other task's instruction": {"instruction": [heldout[other[i["task"]]] for i in infos]}}
+    if policy.language_encoder:  # the goal the evaluation gives: an instruction (held-out paraphrase) ...
+        goals = {"right goal": {"instruction": [heldout[i["task"]] for i in infos]},
+                 "other task's goal": {"instruction": [heldout[other[i["task"]]] for i in infos]}}
+    else:  # ... or a task id
+        goals = {"right goal": {"task": [i["task"] for i in infos]},
+                 "other task's goal": {"task": [other[i["task"]] for i in infos]}}
     if policy.image_goals:
         goals["segment's last frame"] = last
     out: dict = {"segments": len(infos), "first_actions": 5}
     chunks = {}
-    for name, goal in [*goals.items(), ("right instruction, 1 denoising step", goals["right instruction"])]:
-        if "instruction" in goal:
-            goal = {"lang_emb": policy.embed_instructions(goal["instruction"])}
+    for name, goal in [*goals.items(), ("right goal, 1 denoising step", goals["right goal"])]:
         if hasattr(policy, "goal_modality"):
-            policy.goal_modality = "language" if "lang_emb" in goal else "image"
+            policy.goal_modality = "image" if policy.image_goals and policy.image_goals[0] in goal else "language"
         steps = policy.num_inference_steps
         policy.num_inference_steps = 1 if "1 denoising step" in name else steps
         policy.on_weights_changed()
-        chunks[name] = policy.predict_action(obs, goal=goal, generator=torch.Generator().manual_seed(seed)).numpy()
+        chunks[name] = policy.predict_action(obs, goal=dict(goal),
+                                             generator=torch.Generator().manual_seed(seed)).numpy()
         policy.num_inference_steps = steps
         policy.on_weights_changed()
         out[name] = round(float(((chunks[name][:, :5] - act) ** 2).mean()), 4)
-    out["mean |right - other| action"] = round(float(np.abs(chunks["right instruction"]
-                                                            - chunks["other task's instruction"]).mean()), 4)
+    out["mean |right - other| action"] = round(float(np.abs(chunks["right goal"]
+                                                            - chunks["other task's goal"]).mean()), 4)
     return out
 
 
