@@ -18,13 +18,20 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mode_lang_oh2_n5_fresh  mode_lang_oh2_n5 on 100 other held-out chains (env seeds 300100+)
     mode_lang_oh2_n5_400    mode_lang_oh2_n5 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
     mode_lang_oh2_n5_seed1  mode_lang_oh2_n5 from training seed 1 (the row's own seed, whatever --seed says)
+    dit_oh2_n5         the fair 30-minute DiT baseline: task ids, state, trained and executed as mode_lang_oh2_n5
+    mdt_lang_oh2_n5    MDT (MDT_SIZE, batch MDT_BATCH), 64 px + state, 10% labels, language goals, trained and
+                       executed as mode_lang_oh2_n5;  mdt_image_oh2_n5: its checkpoint with goal images
+    mdt_lang_ddpm_oh2_n5  mdt_lang_oh2_n5 with the DiT's x0-prediction DDPM instead of EDM;  mdt_image_ddpm_oh2_n5:
+                       its checkpoint with goal images
+    (these rows carry their whole recipe: run them with --steps 8000 --minutes 30 and no --override)
 
 Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
 (held-out env seeds 300000+, `--chains` chains, the expert row skipped per policy) with held-out instruction
 paraphrases (`instructions=heldout`) for language rows. Rows already in the JSON are kept (rerun with --force).
 Prints a markdown table and writes `--json` (default benchmarks/results/chains.json; stores, checkpoints and
 evaluations go under --out) with steps, minutes, seeds, per-scene results and the
-transition failures of every row.
+transition failures of every row. `--action-error` adds each trained row's offline diagnosis (`action_error`:
+its chunks' distance from the demos with the right goal, a wrong one, a goal image and one denoising step).
 """
 
 from __future__ import annotations
@@ -55,6 +62,15 @@ from robodit.evaluation.suites import load_suite  # noqa: E402
 from robodit.training.trainer import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPE = ["train.batch_size=64", "train.warmup_steps=200", "policy.obs_horizon=2"]  # mode_lang_oh2's training
+# MDT's size and batch for a 30-minute run: the most training samples with both auxiliary losses (MGF, CLA) on.
+# Measured (64 px store, obs_horizon 2, 1 thread, steps 10-30, 2-core CPU shared with one other job): tiny/64
+# 71.5 samples/s (2012 steps in 30 min), tiny convs + width 128 depth 4 / 64 37.7, small/32 28.8; under heavier
+# load small/64 was slower per sample than small/32 (9.8 vs 14.6) and MGF cost tiny/64 29% (33.8 vs 47.3 off)
+MDT_SIZE, MDT_BATCH = "tiny", 64
+# the DiT's and MoDE's formulation (configs/policy/dit.yaml), as one Hydra override for the policies that default to EDM
+DDPM_X0 = ("++policy.formulation={name:ddpm,prediction:sample,beta_schedule:squaredcos_cap_v2,"
+           "num_train_timesteps:100,clip_sample:1.0}")
 ROWS = {
     "expert": {"label": "scripted experts (upper bound)"},
     "dit": {"label": "DiT (task id, state)", "policy": "dit", "store": "state",
@@ -94,6 +110,37 @@ ROWS = {
                                "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
                                              "policy.obs_horizon=2"], "goal": "language",
                                "eval": {"n_action_steps": 5}},
+    # the fair 30-minute baseline: the DiT (task ids) trained and executed as mode_lang_oh2_n5 (width 128, depth 4,
+    # batch 64, warm-up 200, two observation frames, MoDE's 10-action chunk of which 5 run per plan); the row
+    # carries the whole recipe, so run it with --steps 8000 --minutes 30 and no --override
+    "dit_oh2_n5": {"label": "DiT (task id, state), obs_horizon 2, 5 of 10 actions per plan", "policy": "dit",
+                   "store": "state", "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128",
+                                                   "+policy.depth=4", "policy.action_horizon=10"],
+                   "eval": {"n_action_steps": 5}},
+    # MDT with the same recipe (two observation frames, 5 of 10 actions per plan, 30 minutes) on the 200-chain
+    # 64 px store (10% of segments labelled); language (held-out paraphrases) and goal images from one checkpoint.
+    # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE, MDT_BATCH above)
+    "mdt_lang_oh2_n5": {"label": f"MDT/{MDT_SIZE} (language, 64 px + state, 10% labels), obs_horizon 2, "
+                                 "5 of 10 actions",
+                        "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
+                        "overrides": [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}",
+                                      "train.warmup_steps=200", "policy.obs_horizon=2"]},
+    "mdt_image_oh2_n5": {"label": f"MDT/{MDT_SIZE} (goal image, 64 px + state, 10% labels), obs_horizon 2, "
+                                  "5 of 10 actions",
+                         "reuse": "mdt_lang_oh2_n5", "store": "image", "goal": "image",
+                         "eval": {"n_action_steps": 5}},
+    # ... and with the x0-prediction DDPM the DiT and MoDE train with instead of the paper's EDM: mdt_lang_oh2_n5's
+    # actions were as wrong with 40 denoising steps as with 1 (--action-error), the EDM low-noise end unlearnt at
+    # 2774 steps; MoDE measured the same way on reach-v3 (98% DDPM x0 vs 56% EDM, mt1_mode_edm.json)
+    "mdt_lang_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (language, 64 px + state, 10% labels), obs_horizon 2, "
+                                      "5 of 10 actions",
+                             "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
+                             "overrides": [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}",
+                                           "train.warmup_steps=200", "policy.obs_horizon=2", DDPM_X0]},
+    "mdt_image_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (goal image, 64 px + state, 10% labels), "
+                                       "obs_horizon 2, 5 of 10 actions",
+                              "reuse": "mdt_lang_ddpm_oh2_n5", "store": "image", "goal": "image",
+                              "eval": {"n_action_steps": 5}},
 }
 
 
@@ -163,6 +210,53 @@ def start_state_shift(path: Path) -> dict[str, dict]:
         d = np.linalg.norm(state[later, None, :3] - state[None, first, :3], axis=-1).min(1)
         out[str(task)] = {"chained_starts": int(len(later)), "median_m": round(float(np.median(d)), 3),
                      "p90_m": round(float(np.percentile(d, 90)), 3)}
+    return out
+
+
+def action_error(ckpt: str | Path, store_path: Path, suite, n: int = 200, seed: int = 0) -> dict:
+    """Why a policy breaks chains, offline: the mean squared error of its first 5 actions against the expert's, at
+    a random early frame (the first 30) of `n` random segments of the store, with the segment's instruction (a
+    held-out paraphrase), with the other task of its scene (a wrong goal), with the segment's last frame (image
+    goals) and with one denoising step (the network's conditional mean). Large error with the right goal: it has
+    not learned to act; error that does not move with the goal: it is not following the goal."""
+    import robodit
+    from robodit.datasets.language import paraphrases
+
+    policy = robodit.load_policy(ckpt).eval()
+    other = {t: c for cycle in suite.scenes.values() for t in cycle for c in cycle if c != t}
+    rng = np.random.default_rng(seed)
+    with DemoStore.open(store_path) as s:
+        infos = [s.episode_info(int(i)) for i in rng.choice(len(s), min(n, len(s)), replace=False)]
+        frames = [i["start"] + int(rng.integers(0, max(1, min(30, i["length"] - 5)))) for i in infos]
+        obs_frames = [np.clip(np.arange(t - policy.obs_horizon + 1, t + 1), i["start"], None)
+                      for i, t in zip(infos, frames)]
+        obs = {k: np.stack([s.read(k, f[0], f[-1] + 1)[f - f[0]] for f in obs_frames]) for k in policy.obs_shapes}
+        act = np.stack([s.read("action", t, t + 5) for t in frames])
+        last = {k: np.stack([s.read(k, i["end"] - 1, i["end"])[0] for i in infos]) for k in policy.image_goals}
+    heldout = {t: paraphrases(text, "heldout")[0] for t, text in suite.instructions.items()}
+    if policy.language_encoder:  # the goal the evaluation gives: an instruction (held-out paraphrase) ...
+        goals = {"right goal": {"instruction": [heldout[i["task"]] for i in infos]},
+                 "other task's goal": {"instruction": [heldout[other[i["task"]]] for i in infos]}}
+    else:  # ... or a task id
+        goals = {"right goal": {"task": [i["task"] for i in infos]},
+                 "other task's goal": {"task": [other[i["task"]] for i in infos]}}
+    if policy.image_goals:
+        goals["segment's last frame"] = last
+    out: dict = {"segments": len(infos), "first_actions": 5}
+    chunks = {}
+    for name, goal in [*goals.items(), ("right goal, 1 denoising step", goals["right goal"])]:
+        if hasattr(policy, "goal_modality"):
+            policy.goal_modality = "image" if policy.image_goals and policy.image_goals[0] in goal else "language"
+        steps = policy.num_inference_steps
+        policy.num_inference_steps = 1 if "1 denoising step" in name else steps
+        policy.on_weights_changed()
+        chunks[name] = policy.predict_action(obs, goal=dict(goal),
+                                             generator=torch.Generator().manual_seed(seed)).numpy()
+        policy.num_inference_steps = steps
+        policy.on_weights_changed()
+        out[name] = round(float(((chunks[name][:, :5] - act) ** 2).mean()), 4)
+    out["mean |right - other| action"] = round(float(np.abs(chunks["right goal"]
+                                                            - chunks["other task's goal"]).mean()), 4)
     return out
 
 
@@ -237,6 +331,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--num-envs", type=int, default=10)
     ap.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
+    ap.add_argument("--action-error", action="store_true",
+                    help="add each row's offline demo-action error per goal kind (action_error(); ~30 s a row)")
     ap.add_argument("--out", default="benchmarks/results/chains")
     ap.add_argument("--json", default="benchmarks/results/chains.json")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
@@ -265,11 +361,17 @@ def main() -> None:
         result["frames_per_task"] = {"chains": frames_per_task(paths["state"]),
                                      "isolated": frames_per_task(paths["isolated"])}
     for name in names:
-        if name in result["rows"] and not args.force:
-            continue
-        result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
-        path.write_text(json.dumps(result, indent=2))
-        print(format_table({name: result["rows"][name]}), flush=True)
+        if name not in result["rows"] or args.force:
+            result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
+            path.write_text(json.dumps(result, indent=2))
+            print(format_table({name: result["rows"][name]}), flush=True)
+        row = result["rows"][name]
+        if args.action_error and row.get("checkpoint") and "action_error" not in row and not ROWS[name].get("reuse"):
+            ckpt = Path(row["checkpoint"])  # a run moved with its --out folder: found there under the row's name
+            ckpt = ckpt if ckpt.exists() else out / name / "run" / "checkpoints" / ckpt.name
+            row["action_error"] = action_error(ckpt, Path(row["store"]), suite)
+            path.write_text(json.dumps(result, indent=2))
+            print(name, "action error:", json.dumps(row["action_error"]), flush=True)
     print(format_table(result["rows"]))
     avg = {k: r["avg_completed"] for k, r in result["rows"].items()}
     print(json.dumps({"avg_completed": avg, "json": str(path)}, default=float))

@@ -305,7 +305,8 @@ def test_labelled_episode_fraction_is_exact():
 
 
 def _mdt_store(path, lang_every=3, encoder="minilm"):
-    """Two tasks, images, instructions on every third episode, a fake cached embedding table."""
+    """Two tasks, images, instructions on every third episode (none: lang_every=0), a fake cached embedding
+    table."""
     from conftest import make_toy_store
 
     make_toy_store(path, episodes=6, length=(12, 20), image_size=16, tasks=("a-task", "b-task"))
@@ -321,7 +322,7 @@ def _mdt_store(path, lang_every=3, encoder="minilm"):
     with DemoStore.create(path, keys, fps=10.0, robot="toy", env={"name": "toy/none"}) as store:
         for i, ep in enumerate(arrays):
             task = ("a-task", "b-task")[i % 2]
-            text = f"do {task} now" if i % lang_every == 0 else None
+            text = f"do {task} now" if lang_every and i % lang_every == 0 else None
             store.append_episode(ep, task=task, instruction=text)
         table = {t: np.full(LANG, j + 1.0, np.float32) for j, t in enumerate(store.instructions())}
         store.set_language_embeddings(encoder, table)
@@ -359,18 +360,37 @@ def test_language_cache_errors_name_the_store_and_the_fix(tmp_path):
         store_language_table(store, "minilm")
 
 
-def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
-    path, table = _mdt_store(tmp_path / "s.zarr", lang_every=2)
+def _train_cfg(path, out_dir, steps=6):
+    """A tiny MDT training run on `path` (fake LANG-d embeddings)."""
     base = OmegaConf.load("configs/train.yaml")
     policy_cfg = dict(OmegaConf.to_container(OmegaConf.load("configs/policy/mdt.yaml")), size="tiny",
                       action_horizon=4, n_action_steps=2, lang_dim=LANG, goal_offsets=[2, 5], mgf_patch=4,
                       mgf_width=32, mgf_depth=1, num_inference_steps=3)
-    cfg = OmegaConf.create({
-        "out_dir": str(tmp_path / "run"), "policy": policy_cfg, "logger": {"kind": "none"},
+    return OmegaConf.create({
+        "out_dir": str(out_dir), "policy": policy_cfg, "logger": {"kind": "none"},
         "dataset": dict(OmegaConf.to_container(OmegaConf.load("configs/dataset/zarr.yaml")), path=str(path)),
-        "train": dict(OmegaConf.to_container(base.train), steps=6, batch_size=8, checkpoint_every=6, log_every=2,
-                      progress=False, device="cpu", warmup_steps=1)})
-    ckpt = train(cfg)
+        "train": dict(OmegaConf.to_container(base.train), steps=steps, batch_size=8, checkpoint_every=steps,
+                      log_every=2, progress=False, device="cpu", warmup_steps=1)})
+
+
+def test_mdt_trains_on_a_store_without_any_instruction(tmp_path):
+    """A goal-image-only store (a 10%-labelled collection of a few segments can label none): the sampler yields
+    lang_dim-wide zero embeddings, not 0-wide ones the policy refused (failed before: lang_emb shape (8, 0))."""
+    path, table = _mdt_store(tmp_path / "s.zarr", lang_every=0)
+    assert table == {}
+    ds = WindowDataset(path, WindowConfig(obs_horizon=1, action_horizon=4, goal_offsets=(2, 5), image_shift=0,
+                                          language_encoder="minilm", lang_dim=LANG), train=False)
+    s = ds[0]
+    assert s["goal.lang_emb"].shape == (LANG,) and not bool(s["goal.has_lang"])
+    with pytest.raises(ValueError, match=r"t.zarr: meta/lang_emb rows are 8-d, but the policy takes 16-d"):
+        WindowDataset(_mdt_store(tmp_path / "t.zarr")[0], WindowConfig(language_encoder="minilm", lang_dim=16))
+    ckpt = train(_train_cfg(path, tmp_path / "run", steps=2))
+    assert ckpt is not None and ckpt.exists()
+
+
+def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
+    path, table = _mdt_store(tmp_path / "s.zarr", lang_every=2)
+    ckpt = train(_train_cfg(path, tmp_path / "run"))
     import json
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

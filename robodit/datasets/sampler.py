@@ -79,6 +79,7 @@ class WindowConfig:
     future_stride: int = 1  # frames between consecutive future frames
     goal_offsets: tuple[int, int] | None = None  # goal image u ~ U[lo, hi] frames ahead as `goal.<image key>`
     language_encoder: str | None = None  # yield `goal.lang_emb` / `goal.has_lang` from the store's meta/lang_emb
+    lang_dim: int | None = None  # the policy's embedding width: the zeros a store with no instruction yields
 
 
 _VAL_SEED = 0x5EED  # with the window index, the seed of a validation window's random choices
@@ -133,7 +134,11 @@ class WindowDataset(Dataset):
 
             table = store_language_table(store, cfg.language_encoder)
             texts = list(table)
-            dim = len(next(iter(table.values()))) if table else 0
+            # a store whose segments are all unlabelled (goal images only) has no table to take the width from
+            dim = len(next(iter(table.values()))) if table else int(cfg.lang_dim or 0)
+            if table and cfg.lang_dim and dim != cfg.lang_dim:
+                raise ValueError(f"store {self.path}: meta/lang_emb rows are {dim}-d, but the policy takes "
+                                 f"{cfg.lang_dim}-d {cfg.language_encoder!r} embeddings (lang_dim)")
             self._lang_emb = np.stack([table[t] for t in texts]).astype(np.float32) if texts else np.zeros((0, dim))
             rows = {t: i for i, t in enumerate(texts)}
             infos = [store.episode_info(int(e)) for e in self.episodes]

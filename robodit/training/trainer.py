@@ -98,7 +98,7 @@ class Trainer:
                             future_stride=policy_cfg.get("future_stride", 1),
                             # goal-image / language-goal policies (MDT)
                             goal_offsets=tuple(policy_cfg.goal_offsets) if policy_cfg.get("goal_offsets") else None,
-                            language_encoder=policy_cfg.get("language_encoder"))
+                            language_encoder=policy_cfg.get("language_encoder"), lang_dim=policy_cfg.get("lang_dim"))
         if len(paths) > 1:
             store.close()
             multi = build_multi_store(paths, wcfg, dc, policy_cfg, self.tc.seed)
