@@ -68,6 +68,8 @@ RECIPE = ["train.batch_size=64", "train.warmup_steps=200", "policy.obs_horizon=2
 # 71.5 samples/s (2012 steps in 30 min), tiny convs + width 128 depth 4 / 64 37.7, small/32 28.8; under heavier
 # load small/64 was slower per sample than small/32 (9.8 vs 14.6) and MGF cost tiny/64 29% (33.8 vs 47.3 off)
 MDT_SIZE, MDT_BATCH = "tiny", 64
+MDT_RECIPE = [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}", "train.warmup_steps=200", "policy.obs_horizon=2"]
+MODE_LANG_OH2 = ["policy.language_encoder=minilm", "dataset.obs_keys=[state]", "policy.obs_horizon=2"]
 # the DiT's and MoDE's formulation (configs/policy/dit.yaml), as one Hydra override for the policies that default to EDM
 DDPM_X0 = ("++policy.formulation={name:ddpm,prediction:sample,beta_schedule:squaredcos_cap_v2,"
            "num_train_timesteps:100,clip_sample:1.0}")
@@ -86,8 +88,7 @@ ROWS = {
     # mode_lang variants aimed at its broken transitions (issue 19): two observation frames (door-lock: the
     # expert passes the hovering height going up and coming down, one frame cannot tell which way) ...
     "mode_lang_oh2": {"label": "MoDE (language, state), obs_horizon 2", "policy": "mode", "store": "state",
-                      "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
-                                    "policy.obs_horizon=2"], "goal": "language"},
+                      "overrides": MODE_LANG_OH2, "goal": "language"},
     # ... the same checkpoint replanning every 5 of its 10 actions (closed-loop correction, no retraining) ...
     "mode_lang_oh2_n5": {"label": "MoDE (language, state), obs_horizon 2, 5 of 10 actions per plan",
                          "reuse": "mode_lang_oh2", "store": "state", "goal": "language",
@@ -101,14 +102,12 @@ ROWS = {
     # break (door-open after close, handle-pull after press), executed as mode_lang_oh2_n5
     "mode_lang_oh2_n5_400": {"label": "MoDE (language, state), obs_horizon 2, 5 of 10 actions, 400 chains",
                              "policy": "mode", "store": "state400",
-                             "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
-                                           "policy.obs_horizon=2"], "goal": "language",
+                             "overrides": MODE_LANG_OH2, "goal": "language",
                              "eval": {"n_action_steps": 5}},
     # mode_lang_oh2_n5 from another training seed: how much of its number is the seed
     "mode_lang_oh2_n5_seed1": {"label": "MoDE (language, state), obs_horizon 2, 5 of 10 actions, training seed 1",
                                "policy": "mode", "store": "state", "seed": 1,
-                               "overrides": ["policy.language_encoder=minilm", "dataset.obs_keys=[state]",
-                                             "policy.obs_horizon=2"], "goal": "language",
+                               "overrides": MODE_LANG_OH2, "goal": "language",
                                "eval": {"n_action_steps": 5}},
     # the fair 30-minute baseline: the DiT (task ids) trained and executed as mode_lang_oh2_n5 (width 128, depth 4,
     # batch 64, warm-up 200, two observation frames, MoDE's 10-action chunk of which 5 run per plan); the row
@@ -123,8 +122,7 @@ ROWS = {
     "mdt_lang_oh2_n5": {"label": f"MDT/{MDT_SIZE} (language, 64 px + state, 10% labels), obs_horizon 2, "
                                  "5 of 10 actions",
                         "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                        "overrides": [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}",
-                                      "train.warmup_steps=200", "policy.obs_horizon=2"]},
+                        "overrides": MDT_RECIPE},
     "mdt_image_oh2_n5": {"label": f"MDT/{MDT_SIZE} (goal image, 64 px + state, 10% labels), obs_horizon 2, "
                                   "5 of 10 actions",
                          "reuse": "mdt_lang_oh2_n5", "store": "image", "goal": "image",
@@ -135,8 +133,7 @@ ROWS = {
     "mdt_lang_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (language, 64 px + state, 10% labels), obs_horizon 2, "
                                       "5 of 10 actions",
                              "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                             "overrides": [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}",
-                                           "train.warmup_steps=200", "policy.obs_horizon=2", DDPM_X0]},
+                             "overrides": [*MDT_RECIPE, DDPM_X0]},
     "mdt_image_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (goal image, 64 px + state, 10% labels), "
                                        "obs_horizon 2, 5 of 10 actions",
                               "reuse": "mdt_lang_ddpm_oh2_n5", "store": "image", "goal": "image",
@@ -247,13 +244,15 @@ def action_error(ckpt: str | Path, store_path: Path, suite, n: int = 200, seed: 
     for name, goal in [*goals.items(), ("right goal, 1 denoising step", goals["right goal"])]:
         if hasattr(policy, "goal_modality"):
             policy.goal_modality = "image" if policy.image_goals and policy.image_goals[0] in goal else "language"
-        steps = policy.num_inference_steps
-        policy.num_inference_steps = 1 if "1 denoising step" in name else steps
-        policy.on_weights_changed()
+        one_step, steps = "1 denoising step" in name, policy.num_inference_steps
+        if one_step:
+            policy.num_inference_steps = 1
+            policy.on_weights_changed()  # the sampler's cached step grid follows the step count
         chunks[name] = policy.predict_action(obs, goal=dict(goal),
                                              generator=torch.Generator().manual_seed(seed)).numpy()
-        policy.num_inference_steps = steps
-        policy.on_weights_changed()
+        if one_step:
+            policy.num_inference_steps = steps
+            policy.on_weights_changed()
         out[name] = round(float(((chunks[name][:, :5] - act) ** 2).mean()), 4)
     out["mean |right - other| action"] = round(float(np.abs(chunks["right goal"]
                                                             - chunks["other task's goal"]).mean()), 4)
