@@ -190,3 +190,26 @@ def test_culling_geoms_outside_the_view_changes_no_pixel(env):
     finally:
         culled.close()
         full.close()
+
+
+def test_env_close_releases_renderer_before_simulator_and_twice_is_harmless():
+    """Every simulator env closes through `envs.base.release`: renderer first (it draws the simulator's model),
+    then the simulator; a second close() (the context manager after an explicit close) does nothing."""
+    from robodit.envs.base import release
+
+    closed = []
+
+    class Resource:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    class Env:
+        _renderer, _env = Resource("renderer"), Resource("simulator")
+
+    env = Env()
+    release(env, "_renderer", "_env")
+    release(env, "_renderer", "_env", "_never_built")
+    assert closed == ["renderer", "simulator"] and env._renderer is None and env._env is None

@@ -13,6 +13,16 @@ from typing import Any
 import numpy as np
 
 
+def release(owner: object, *attributes: str) -> None:
+    """Close and drop each named resource of `owner` in order (renderer before the simulator it draws). Safe to call
+    twice, and from a constructor that failed half-way: a missing or already released attribute is skipped."""
+    for name in attributes:
+        resource = getattr(owner, name, None)
+        if resource is not None:
+            resource.close()
+            setattr(owner, name, None)
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     shape: tuple[int, ...]

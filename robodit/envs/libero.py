@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from robodit.envs import libero_tasks
-from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, global_seed
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, global_seed, release
 
 # our camera names (LeRobot's dataset keys) -> LIBERO's cameras
 CAMERAS = {"image": "agentview", "image2": "robot0_eye_in_hand"}
@@ -219,12 +219,7 @@ class LiberoEnv(ControlInterface):
         return _resize(self._camera("image", self.render_size), self.video_size)
 
     def close(self) -> None:
-        if getattr(self, "_renderer", None) is not None:
-            self._renderer.close()
-            self._renderer = None
-        if getattr(self, "_env", None) is not None:
-            self._env.close()
-            self._env = None
+        release(self, "_renderer", "_env")
 
     @property
     def unwrapped(self):

@@ -18,7 +18,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported (it picks
 
 import numpy as np  # noqa: E402
 
-from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec  # noqa: E402
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, release  # noqa: E402
 from robodit.envs.rendering import FastRenderer  # noqa: E402
 
 ROBOT = "metaworld_sawyer"
@@ -271,12 +271,7 @@ class MetaWorldEnv(ControlInterface):
         return self._renderer.render(self.video_camera, self.video_size)
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        release(self, "_renderer", "_env")
 
     # -- expert and helpers ---------------------------------------------------------------------------
     def instruction(self, task: str | None = None) -> str:

@@ -25,7 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np
 
 from robodit.action_space import ROBOSUITE_ARM_STATE, adapter_for
-from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, global_seed
+from robodit.envs.base import ArraySpec, ControlInterface, EnvSpec, global_seed, release
 from robodit.envs.rendering import FastRenderer
 
 # task -> (number of Panda arms, robot name for the unified space, short instruction)
@@ -172,12 +172,7 @@ class RobosuiteEnv(ControlInterface):
         return self._renderer.render(self.video_camera, self.video_size)
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
-        if getattr(self, "_env", None) is not None:
-            self._env.close()
-            self._env = None
+        release(self, "_renderer", "_env")
 
     @property
     def unwrapped(self):
