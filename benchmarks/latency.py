@@ -94,6 +94,14 @@ def selected(label: str, only: str) -> bool:
     return any(part == label or (part not in labels and part in label) for part in only.split(","))
 
 
+def build_row_policy(cls, kwargs: dict, images: bool = False):
+    """A row's policy as every latency script times it: seeded weights, identity normaliser, 64 px camera for
+    NEEDS_IMAGES (PAD's model resolution), otherwise state only unless `images` (an 84 px camera)."""
+    meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(images)
+    torch.manual_seed(0)
+    return cls(meta, identity_normalizer(meta), **kwargs).eval()
+
+
 def shape_meta(images: bool, state_dim: int = 39, action_dim: int = 4, image_size: int = 84) -> dict:
     obs = {"state": {"shape": [state_dim], "dtype": "float32"}}
     if images:
@@ -272,9 +280,7 @@ def main() -> None:
     for label, cls, kw in CONFIGS:
         if args.only and not selected(label, args.only):
             continue
-        torch.manual_seed(0)
-        meta = shape_meta(True, image_size=64) if issubclass(cls, NEEDS_IMAGES) else shape_meta(args.images)
-        policy = cls(meta, identity_normalizer(meta), **kw).to(device).eval()
+        policy = build_row_policy(cls, kw, args.images).to(device)
         if args.compile:
             policy.denoise = torch.compile(policy.denoise, mode=args.compile)
             label = f"{label} +compile({args.compile})"

@@ -45,9 +45,7 @@ def build(label: str):
         raise SystemExit(f"--policy {label!r}: not a row of benchmarks/latency.py "
                          f"({', '.join(c[0] for c in L.CONFIGS)})")
     _, cls, kwargs = matches[0]
-    meta = L.shape_meta(True, image_size=64) if issubclass(cls, L.NEEDS_IMAGES) else L.shape_meta(False)
-    torch.manual_seed(0)
-    return cls(meta, L.identity_normalizer(meta), **kwargs).eval()
+    return L.build_row_policy(cls, kwargs)
 
 
 def median_ms(times: list[float]) -> float:
