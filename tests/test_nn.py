@@ -150,3 +150,17 @@ def test_an_unknown_image_pooling_is_named_even_without_a_camera():
         ResNetImageEncoder(16, pooling="max")
     with pytest.raises(ValueError, match=r"image pooling 'spatial' is unknown"):
         ObservationEncoder({"state": ((5,), "float32")}, 16, 1, image_pooling="spatial")
+
+
+def test_image_stem_stride_2_quarters_the_feature_map_and_keeps_the_output():
+    """image_stem_stride=2 (cheap CPU training): same tensors and output shape, a feature map of half the side;
+    anything but 1 or 2 is refused by name."""
+    from robodit.nn.encoders import ResNetImageEncoder
+
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    full, cheap = ResNetImageEncoder(16, (8, 16, 32, 32)), ResNetImageEncoder(16, (8, 16, 32, 32), stem_stride=2)
+    assert full.features(images).shape[-2:] == (4, 4) and cheap.features(images).shape[-2:] == (2, 2)
+    assert cheap(images).shape == full(images).shape == (2, 16)
+    assert {k: v.shape for k, v in cheap.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
+    with pytest.raises(ValueError, match="image_stem_stride must be 1 or 2"):
+        ResNetImageEncoder(16, stem_stride=4)

@@ -246,6 +246,24 @@ def test_checkpoints_of_the_pooled_cla_still_load():
     fresh.load_state_dict(state, strict=True)
     assert torch.equal(fresh.alignment.proj.weight, w) and torch.equal(fresh.alignment.proj.bias, b)
 
+
+def test_mgf_batch_reconstructs_only_that_many_samples_and_is_validated():
+    """mgf_batch=N: MGF paints the future frames of the batch's first N samples (a random subset: the sampler
+    shuffles), the diffusion loss still sees every sample; mgf_batch=0 means all."""
+    seen = []
+    for n, expect in ((2, 2), (0, 6)):
+        torch.manual_seed(0)
+        policy = _policy(mgf_batch=n).train()
+        forward = policy.foresight.forward
+        policy.foresight.forward = lambda ctx, targets, **kw: (seen.append((ctx.shape[0], *(t.shape[0] for t in
+                                                                           targets.values()))), forward(ctx, targets, **kw))[1]
+        out = policy.compute_loss(_batch(b=6))
+        assert torch.isfinite(out["loss"]) and out["mgf_loss"] > 0
+        assert seen[-1] == (expect, expect)
+    with pytest.raises(ValueError, match="mgf_batch must be an int >= 0"):
+        _policy(mgf_batch=-1)
+
+
 @pytest.mark.parametrize("num_patches", [16, 49, 64, 196])
 def test_masks_cover_75_percent_within_one_patch(num_patches):
     mask = random_patch_mask(32, num_patches, 0.75, torch.Generator().manual_seed(1))

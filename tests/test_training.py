@@ -82,12 +82,19 @@ def test_image_pooling_is_recorded_in_the_checkpoint_and_old_checkpoints_load_as
     assert policy.predict_action(obs).shape == (1, 8, 3)
     assert "images pooled by spatial_softmax" in format_checkpoint(summarize_checkpoint(last))  # robodit info
 
+    cfg = _cfg(store, tmp_path / "stem", 2)
+    cfg.policy.image_stem_stride = 2  # the cheap stem is a recorded choice too, not a default a reload could miss
+    stem = robodit.load_policy(train(cfg))
+    assert all(stem.obs_encoder.encoders[c].stem[0].stride == (2, 2) for c in CAMERAS)
+    assert "image stem stride 2" in format_checkpoint(summarize_checkpoint(tmp_path / "stem"))
+
     old = train(_cfg(store, tmp_path / "old", 2))
     config = yaml.safe_load((old / "config.yaml").read_text())
-    del config["policy"]["image_pooling"]
+    del config["policy"]["image_pooling"], config["policy"]["image_stem_stride"]
     (old / "config.yaml").write_text(yaml.safe_dump(config))
     policy = robodit.load_policy(old)
     assert all(isinstance(policy.obs_encoder.encoders[c].pool, AveragePool) for c in CAMERAS)
+    assert all(policy.obs_encoder.encoders[c].stem[0].stride == (1, 1) for c in CAMERAS)
     assert policy.predict_action(obs).shape == (1, 8, 3)
 
 

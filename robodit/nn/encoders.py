@@ -89,14 +89,18 @@ class ResNetImageEncoder(nn.Module):
     uint8 HWC or float CHW in, one `out_dim` vector per image out. `pooling` reduces the last feature map:
     "avg" (global average; the default, and what checkpoints without the option hold) or "spatial_softmax"
     (32 learned keypoints, for tasks where the policy must see where an object is). Both are resolution-agnostic
-    (64–128 px all work).
+    (64–128 px all work). `stem_stride` 2 halves the resolution at the first conv: every later layer sees a
+    quarter of the pixels, so training runs ~4× faster on a CPU (measured at 64 px, tiny channels: 67 vs 294 ms
+    fwd+bwd for 192 images) at the cost of the finest detail.
     """
 
     def __init__(self, out_dim: int, channels: tuple[int, ...] = (32, 64, 128, 256), in_channels: int = 3,
-                 pooling: str = "avg"):
+                 pooling: str = "avg", stem_stride: int = 1):
         super().__init__()
         check_image_pooling(pooling)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
+        if stem_stride not in (1, 2):
+            raise ValueError(f"image_stem_stride must be 1 or 2, got {stem_stride!r}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, stem_stride, 1, bias=False),
                                   _group_norm(channels[0]), nn.SiLU())
         blocks, cin = [], channels[0]
         for c in channels:
@@ -128,7 +132,7 @@ class ObservationEncoder(nn.Module):
 
     def __init__(self, obs_shapes: dict[str, tuple[tuple[int, ...], str]], dim: int, obs_horizon: int,
                  image_channels: tuple[int, ...] = (32, 64, 128, 256), state_hidden: int = 256,
-                 image_pooling: str = "avg"):
+                 image_pooling: str = "avg", image_stem_stride: int = 1):
         super().__init__()
         if not obs_shapes:
             raise ValueError("the policy needs at least one observation key")
@@ -140,7 +144,7 @@ class ObservationEncoder(nn.Module):
             shape, dtype = obs_shapes[key]
             if is_image_key(tuple(shape), dtype):
                 self.encoders[key] = ResNetImageEncoder(dim, image_channels, in_channels=shape[-1],
-                                                         pooling=image_pooling)
+                                                         pooling=image_pooling, stem_stride=image_stem_stride)
             elif len(shape) == 1:
                 self.encoders[key] = nn.Sequential(nn.Linear(shape[0], state_hidden), nn.SiLU(),
                                                    nn.Linear(state_hidden, dim))

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from robodit.training.checkpoint import STEP_DIR, read_config, resolve_checkpoint
 
 POLICY_KEYS = ("size", "obs_horizon", "action_horizon", "n_action_steps", "sampler", "num_inference_steps",
-               "task_conditioning", "image_pooling")
+               "task_conditioning", "image_pooling", "image_stem_stride")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -162,7 +162,8 @@ def format_checkpoint(s: dict) -> str:
         "observes:   " + ", ".join(f"{k} {tuple(v)}" for k, v in s["observations"].items())
         + (f"; {s['num_tasks']} task ids" if (s.get("num_tasks") or 0) > 1 else "")
         + (f" ({p['task_conditioning']})" if (s.get("num_tasks") or 0) > 1 and "task_conditioning" in p else "")
-        + (f"; images pooled by {p['image_pooling']}" if p.get("image_pooling", "avg") != "avg" else ""),
+        + (f"; images pooled by {p['image_pooling']}" if p.get("image_pooling", "avg") != "avg" else "")
+        + (f"; image stem stride {p['image_stem_stride']}" if p.get("image_stem_stride", 1) != 1 else ""),
         f"action:     {tuple(s['action'])}",
         f"weights:    {s['weights']} (checkpoint {s['bytes'] / 2**20:.1f} MiB on disk)",
     ]

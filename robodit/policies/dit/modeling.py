@@ -34,7 +34,7 @@ class DiTPolicy(DiffusionPolicy):
                  formulation: dict | None = None, sampler: str = "ddim", num_inference_steps: int = 10,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token",
-                 image_pooling: str = "avg"):
+                 image_pooling: str = "avg", image_stem_stride: int = 1):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps, formulation,
                          sampler, num_inference_steps)
         self.set_task_conditioning(task_conditioning)
@@ -42,9 +42,9 @@ class DiTPolicy(DiffusionPolicy):
             raise ValueError(f"unknown {self.name} size {size!r}; choose one of {sorted(self.SIZES)}")
         w, d, h, enc_depth, channels = self.SIZES[size]
         w, d, h = width or w, depth or d, heads or h
-        self.size, self.image_pooling = size, image_pooling
+        self.size, self.image_pooling, self.image_stem_stride = size, image_pooling, image_stem_stride
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels,
-                                              image_pooling=image_pooling)
+                                              image_pooling=image_pooling, image_stem_stride=image_stem_stride)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.context_encoder = nn.ModuleList(TransformerEncoderBlock(w, h, dropout=dropout) for _ in range(enc_depth))
         self.noise_embedding = SinusoidalEmbedding(w, scale=self.noise_cond_scale(noise_cond_scale))

@@ -53,11 +53,11 @@ class MDTPolicy(DiTPolicy):
                  goal_dropout: float = 0.1, goal_modality: str = "language",
                  future_frames: int = 1, future_stride: int = 3,
                  mgf_weight: float = 1.0, mgf_patch: int = 8, mgf_mask_ratio: float = 0.75, mgf_width: int = 128,
-                 mgf_depth: int = 2, cla_weight: float = 1.0, cla_temperature: float = 0.07,
-                 image_pooling: str = "avg"):
+                 mgf_depth: int = 2, mgf_batch: int = 0, cla_weight: float = 1.0, cla_temperature: float = 0.07,
+                 image_pooling: str = "avg", image_stem_stride: int = 1):
         super().__init__(shape_meta, normalizer, size, obs_horizon, action_horizon, n_action_steps,
                          formulation, sampler, num_inference_steps, width, depth, heads,
-                         dropout, noise_cond_scale, image_pooling=image_pooling)
+                         dropout, noise_cond_scale, image_pooling=image_pooling, image_stem_stride=image_stem_stride)
         self.task_embedding = None  # goal-conditioned: the goal token stands where the task id would
         w = self.action_in.out_features
         self.image_keys = sorted(k for k, (s, d) in self.obs_shapes.items() if is_image_key(s, d))
@@ -71,10 +71,12 @@ class MDTPolicy(DiTPolicy):
             raise ValueError(f"goal_dropout must be in [0, 1), got {goal_dropout}")
         if mgf_weight > 0 and future_frames < 1:
             raise ValueError("mgf_weight > 0 needs future_frames >= 1 (the frame MGF reconstructs)")
+        if not (isinstance(mgf_batch, int) and mgf_batch >= 0):
+            raise ValueError(f"mgf_batch must be an int >= 0 (0: the whole batch), got {mgf_batch!r}")
         self.language_encoder, self.lang_dim = language_encoder, int(lang_dim)
         self.goal_offsets, self.goal_dropout, self.goal_modality = tuple(goal_offsets), goal_dropout, goal_modality
         self.future_frames, self.future_stride = future_frames, future_stride
-        self.mgf_weight, self.cla_weight = float(mgf_weight), float(cla_weight)
+        self.mgf_weight, self.cla_weight, self.mgf_batch = float(mgf_weight), float(cla_weight), mgf_batch
         self.lang_goal = nn.Sequential(nn.Linear(self.lang_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.image_goal = nn.Sequential(nn.Linear(w * len(self.image_keys), w), nn.SiLU(), nn.Linear(w, w))
         self.null_goal = nn.Parameter(torch.zeros(w))
@@ -165,9 +167,10 @@ class MDTPolicy(DiTPolicy):
         loss = keep_in_graph(diffusion, self.lang_goal.parameters())  # batches without language too (DDP)
         out["diffusion_loss"] = diffusion.detach()
         out["language_fraction"] = has_lang.float().mean().detach()
-        if self.foresight is not None:
-            targets = {k: batch[f"future.{k}"][:, 0] for k in self.image_keys}
-            mgf, _, _ = self.foresight(enc_image, targets)
+        if self.foresight is not None:  # on the first mgf_batch samples (a random subset: batches are shuffled)
+            n = self.mgf_batch or b
+            targets = {k: batch[f"future.{k}"][:n, 0] for k in self.image_keys}
+            mgf, _, _ = self.foresight(enc_image[:n], targets)
             loss = loss + self.mgf_weight * mgf
             out["mgf_loss"] = mgf.detach()
         if self.alignment is not None:

@@ -87,7 +87,8 @@ class MoDEPolicy(DiffusionPolicy):
                  num_experts: int = 4, top_k: int = 2, expert_hidden: int | None = None,
                  load_balance_weight: float = 0.01, router_z_weight: float = 0.0, expert_cache: bool | str = True,
                  dropout: float = 0.0, noise_cond_scale: float | None = None, task_conditioning: str = "token",
-                 language_encoder: str | None = None, lang_dim: int = 384, image_pooling: str = "avg"):
+                 language_encoder: str | None = None, lang_dim: int = 384, image_pooling: str = "avg",
+                 image_stem_stride: int = 1):
         check_experts(num_experts, top_k)  # before any module is built
         for name, value in (("load_balance_weight", load_balance_weight), ("router_z_weight", router_z_weight)):
             if not value >= 0:
@@ -104,9 +105,9 @@ class MoDEPolicy(DiffusionPolicy):
         self.num_experts, self.top_k, self.expert_hidden = num_experts, top_k, hidden
         self.load_balance_weight, self.router_z_weight = float(load_balance_weight), float(router_z_weight)
         self.set_expert_cache(expert_cache)
-        self.image_pooling = image_pooling
+        self.image_pooling, self.image_stem_stride = image_pooling, image_stem_stride
         self.obs_encoder = ObservationEncoder(self.obs_shapes, w, obs_horizon, image_channels=channels,
-                                              image_pooling=image_pooling)
+                                              image_pooling=image_pooling, image_stem_stride=image_stem_stride)
         # a language goal stands where the task id would (as in MDT): the instruction says which task
         self.language_encoder, self.lang_dim = language_encoder or None, int(lang_dim)
         self.language_goals = self.language_encoder is not None

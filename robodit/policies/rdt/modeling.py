@@ -91,7 +91,7 @@ class RDTPolicy(DiffusionPolicy):
                  formulation: dict | None = None, sampler: str = "dpmsolver++", num_inference_steps: int = 5,
                  width: int | None = None, depth: int | None = None, heads: int | None = None,
                  lang_dim: int = 384, cond_dropout: float = 0.1, dropout: float = 0.0, context_dim: int = 64,
-                 language_encoder: str | None = None, image_pooling: str = "avg"):
+                 language_encoder: str | None = None, image_pooling: str = "avg", image_stem_stride: int = 1):
         super().__init__(shape_meta, normalizer, obs_horizon, action_horizon, n_action_steps,
                          formulation, sampler, num_inference_steps)
         # with an encoder the sampler hands it the store's meta/lang_emb and goal={"instruction": ...} works
@@ -143,9 +143,9 @@ class RDTPolicy(DiffusionPolicy):
 
         # -- conditions (cross-attention keys) --------------------------------------------------------------
         encoder_shapes = {"context": ((self.context_dim,), "float32"), **self.image_shapes}
-        self.image_pooling = image_pooling
+        self.image_pooling, self.image_stem_stride = image_pooling, image_stem_stride
         self.obs_encoder = ObservationEncoder(encoder_shapes, w, obs_horizon, image_channels=channels,
-                                              image_pooling=image_pooling)
+                                              image_pooling=image_pooling, image_stem_stride=image_stem_stride)
         self.task_embedding = nn.Embedding(self.num_tasks, w) if self.num_tasks > 1 else None
         self.lang_dim = lang_dim
         self.lang_adaptor = MLP(lang_dim, w, w)
