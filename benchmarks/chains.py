@@ -154,6 +154,11 @@ ROWS = {
                                        "10% labels), obs_horizon 2, 5 of 10 actions",
                               "reuse": "mdt_lang_fast_oh2_n5", "store": "image", "goal": "image",
                               "eval": {"n_action_steps": 5}},
+    # ... and without MGF (mgf_weight 0, CLA kept): what the foresight head costs or gives at a fixed 30 minutes
+    "mdt_lang_fast_nomgf_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF off (language, 64 px + state, "
+                                            "10% labels), obs_horizon 2, 5 of 10 actions",
+                                   "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
+                                   "overrides": [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]},
 }
 
 
