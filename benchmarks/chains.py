@@ -159,6 +159,10 @@ ROWS = {
                                             "10% labels), obs_horizon 2, 5 of 10 actions",
                                    "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
                                    "overrides": [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]},
+    "mdt_image_fast_nomgf_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF off (goal image, 64 px + "
+                                             "state, 10% labels), obs_horizon 2, 5 of 10 actions",
+                                    "reuse": "mdt_lang_fast_nomgf_oh2_n5", "store": "image", "goal": "image",
+                                    "eval": {"n_action_steps": 5}},
 }
 
 
