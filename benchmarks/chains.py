@@ -19,7 +19,7 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mode_lang_oh2_n5_400    mode_lang_oh2_n5 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
     mode_lang_oh2_n5_seed1  mode_lang_oh2_n5 from training seed 1 (the row's own seed, whatever --seed says)
     dit_oh2_n5         the fair 30-minute DiT baseline: task ids, state, trained and executed as mode_lang_oh2_n5
-    mdt_lang_oh2_n5    MDT (MDT_SIZE, batch MDT_BATCH), 64 px + state, 10% labels, language goals, trained and
+    mdt_lang_oh2_n5    MDT (MDT_SIZE, batch 64), 64 px + state, 10% labels, language goals, trained and
                        executed as mode_lang_oh2_n5;  mdt_image_oh2_n5: its checkpoint with goal images
     mdt_lang_ddpm_oh2_n5  mdt_lang_oh2_n5 with the DiT's x0-prediction DDPM instead of EDM;  mdt_image_ddpm_oh2_n5:
                        its checkpoint with goal images
@@ -67,8 +67,8 @@ RECIPE = ["train.batch_size=64", "train.warmup_steps=200", "policy.obs_horizon=2
 # Measured (64 px store, obs_horizon 2, 1 thread, steps 10-30, 2-core CPU shared with one other job): tiny/64
 # 71.5 samples/s (2012 steps in 30 min), tiny convs + width 128 depth 4 / 64 37.7, small/32 28.8; under heavier
 # load small/64 was slower per sample than small/32 (9.8 vs 14.6) and MGF cost tiny/64 29% (33.8 vs 47.3 off)
-MDT_SIZE, MDT_BATCH = "tiny", 64
-MDT_RECIPE = [f"policy.size={MDT_SIZE}", f"train.batch_size={MDT_BATCH}", "train.warmup_steps=200", "policy.obs_horizon=2"]
+MDT_SIZE = "tiny"
+MDT_RECIPE = [f"policy.size={MDT_SIZE}", *RECIPE]  # batch 64, as the state rows
 # fwd+bwd of one batch of 64 (1 thread): tiny 602 ms; stride-2 stem 415 (conv encoder 294 -> 67 ms for 192 images);
 # + MGF on 16 of the 64 samples 216; + width 128, depth 4, 4 heads 336
 MDT_FAST = ["+policy.width=128", "+policy.depth=4", "+policy.heads=4", "policy.image_stem_stride=2",
@@ -77,6 +77,18 @@ MODE_LANG_OH2 = ["policy.language_encoder=minilm", "dataset.obs_keys=[state]", "
 # the DiT's and MoDE's formulation (configs/policy/dit.yaml), as one Hydra override for the policies that default to EDM
 DDPM_X0 = ("++policy.formulation={name:ddpm,prediction:sample,beta_schedule:squaredcos_cap_v2,"
            "num_train_timesteps:100,clip_sample:1.0}")
+
+def mdt_rows(suffix: str, model: str, overrides: list[str]) -> dict[str, dict]:
+    """An MDT recipe's two rows on the 64 px store (10% labelled), both executing 5 of 10 actions per plan:
+    `mdt_lang_<suffix>` trains and follows held-out paraphrases, `mdt_image_<suffix>` gives its checkpoint goal
+    images."""
+    label = lambda goal: f"{model} ({goal}, 64 px + state, 10% labels), obs_horizon 2, 5 of 10 actions"
+    return {f"mdt_lang_{suffix}": {"label": label("language"), "policy": "mdt", "store": "image", "goal": "language",
+                                   "eval": {"n_action_steps": 5}, "overrides": overrides},
+            f"mdt_image_{suffix}": {"label": label("goal image"), "reuse": f"mdt_lang_{suffix}", "store": "image",
+                                    "goal": "image", "eval": {"n_action_steps": 5}}}
+
+
 ROWS = {
     "expert": {"label": "scripted experts (upper bound)"},
     "dit": {"label": "DiT (task id, state)", "policy": "dit", "store": "state",
@@ -122,47 +134,20 @@ ROWS = {
                    "eval": {"n_action_steps": 5}},
     # MDT with the same recipe (two observation frames, 5 of 10 actions per plan, 30 minutes) on the 200-chain
     # 64 px store (10% of segments labelled); language (held-out paraphrases) and goal images from one checkpoint.
-    # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE, MDT_BATCH above)
-    "mdt_lang_oh2_n5": {"label": f"MDT/{MDT_SIZE} (language, 64 px + state, 10% labels), obs_horizon 2, "
-                                 "5 of 10 actions",
-                        "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                        "overrides": MDT_RECIPE},
-    "mdt_image_oh2_n5": {"label": f"MDT/{MDT_SIZE} (goal image, 64 px + state, 10% labels), obs_horizon 2, "
-                                  "5 of 10 actions",
-                         "reuse": "mdt_lang_oh2_n5", "store": "image", "goal": "image",
-                         "eval": {"n_action_steps": 5}},
+    # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE above)
+    **mdt_rows("oh2_n5", f"MDT/{MDT_SIZE}", MDT_RECIPE),
     # ... and with the x0-prediction DDPM the DiT and MoDE train with instead of the paper's EDM: mdt_lang_oh2_n5's
     # actions were as wrong with 40 denoising steps as with 1 (--action-error), the EDM low-noise end unlearnt at
     # 2774 steps; MoDE measured the same way on reach-v3 (98% DDPM x0 vs 56% EDM, mt1_mode_edm.json)
-    "mdt_lang_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (language, 64 px + state, 10% labels), obs_horizon 2, "
-                                      "5 of 10 actions",
-                             "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                             "overrides": [*MDT_RECIPE, DDPM_X0]},
-    "mdt_image_ddpm_oh2_n5": {"label": f"MDT/{MDT_SIZE} DDPM x0 (goal image, 64 px + state, 10% labels), "
-                                       "obs_horizon 2, 5 of 10 actions",
-                              "reuse": "mdt_lang_ddpm_oh2_n5", "store": "image", "goal": "image",
-                              "eval": {"n_action_steps": 5}},
+    **mdt_rows("ddpm_oh2_n5", f"MDT/{MDT_SIZE} DDPM x0", [*MDT_RECIPE, DDPM_X0]),
     # MDT at the fair baseline's transformer (width 128, depth 4) and formulation (DDPM x0), with the image path made
     # cheap enough for ~5k steps in 30 minutes (MDT_FAST). Why: mdt_lang_oh2_n5 had not learnt to act (demo-action
     # error 0.59 vs 0.05), and a DiT of MDT/tiny's size did no better at its 2.7k steps with task ids (0.19 with
     # images, 0.20 state only): size and steps, not MDT's goals
-    "mdt_lang_fast_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF on 16 (language, 64 px + state, "
-                                      "10% labels), obs_horizon 2, 5 of 10 actions",
-                             "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                             "overrides": [*MDT_RECIPE, *MDT_FAST, DDPM_X0]},
-    "mdt_image_fast_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF on 16 (goal image, 64 px + state, "
-                                       "10% labels), obs_horizon 2, 5 of 10 actions",
-                              "reuse": "mdt_lang_fast_oh2_n5", "store": "image", "goal": "image",
-                              "eval": {"n_action_steps": 5}},
+    **mdt_rows("fast_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF on 16", [*MDT_RECIPE, *MDT_FAST, DDPM_X0]),
     # ... and without MGF (mgf_weight 0, CLA kept): what the foresight head costs or gives at a fixed 30 minutes
-    "mdt_lang_fast_nomgf_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF off (language, 64 px + state, "
-                                            "10% labels), obs_horizon 2, 5 of 10 actions",
-                                   "policy": "mdt", "store": "image", "goal": "language", "eval": {"n_action_steps": 5},
-                                   "overrides": [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]},
-    "mdt_image_fast_nomgf_oh2_n5": {"label": "MDT w128 d4 DDPM x0, stem stride 2, MGF off (goal image, 64 px + "
-                                             "state, 10% labels), obs_horizon 2, 5 of 10 actions",
-                                    "reuse": "mdt_lang_fast_nomgf_oh2_n5", "store": "image", "goal": "image",
-                                    "eval": {"n_action_steps": 5}},
+    **mdt_rows("fast_nomgf_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off",
+               [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]),
 }
 
 

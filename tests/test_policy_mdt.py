@@ -255,8 +255,12 @@ def test_mgf_batch_reconstructs_only_that_many_samples_and_is_validated():
         torch.manual_seed(0)
         policy = _policy(mgf_batch=n).train()
         forward = policy.foresight.forward
-        policy.foresight.forward = lambda ctx, targets, **kw: (seen.append((ctx.shape[0], *(t.shape[0] for t in
-                                                                           targets.values()))), forward(ctx, targets, **kw))[1]
+
+        def spy(ctx, targets, forward=forward, **kw):  # the samples MGF is given: context and each camera's target
+            seen.append((ctx.shape[0], *(t.shape[0] for t in targets.values())))
+            return forward(ctx, targets, **kw)
+
+        policy.foresight.forward = spy
         out = policy.compute_loss(_batch(b=6))
         assert torch.isfinite(out["loss"]) and out["mgf_loss"] > 0
         assert seen[-1] == (expect, expect)
