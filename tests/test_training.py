@@ -118,6 +118,29 @@ def test_init_from_shape_mismatch_is_clear(toy_store, tmp_path):
         train(cfg)
 
 
+def test_init_ignore_mismatched_starts_only_the_reshaped_tensors_fresh(tmp_path):
+    """Switching the image pooling for a fine-tune: the pooling head's weight changes shape and starts fresh,
+    every other tensor comes from the source checkpoint."""
+    from conftest import make_toy_store
+    from safetensors.torch import load_file
+
+    store = make_toy_store(tmp_path / "cams.zarr", episodes=2, length=(12, 14), image_size=32)
+    src = train(_cfg(store, tmp_path / "src", 2))
+    cfg = _cfg(store, tmp_path / "ft", 1, init_from=str(src))
+    cfg.policy.image_pooling = "spatial_softmax"
+    with pytest.raises(ValueError, match="init_ignore_mismatched"):
+        train(cfg)
+    cfg.train.init_ignore_mismatched = True
+    cfg.train.lr = 0.0  # the fine-tune's single step changes no weight: what loaded is what was saved
+    cfg.train.ema_decay = 0.0
+    ft = train(cfg)
+    before, after = load_file(str(src / "ema.safetensors")), load_file(str(ft / "model.safetensors"))
+    fresh = [k for k in after if k in before and after[k].shape != before[k].shape]
+    assert fresh and all(k.endswith("head.weight") for k in fresh)
+    same = [k for k in after if k in before and after[k].shape == before[k].shape and after[k].is_floating_point()]
+    assert same and all(torch.equal(after[k], before[k]) for k in same)
+
+
 def test_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         robodit.load_policy(tmp_path)

@@ -161,6 +161,12 @@ class WindowDataset(Dataset):
         return len(self._index_frame)
 
     @property
+    def window_has_language(self) -> np.ndarray | None:
+        """[len(self)] bool: whether each window's episode carries an instruction (None without a language
+        encoder): the pool `dataset.language_fraction` draws from."""
+        return None if self._ep_lang is None else self._ep_lang[self._index_episode] >= 0
+
+    @property
     def window_has_actions(self) -> np.ndarray:
         """[len(self)] bool: whether each window comes from an episode with actions (co-training batches)."""
         return self._has_actions[self._index_episode]
@@ -230,6 +236,25 @@ def batch_shares(weights: Sequence[float], total: int) -> list[int]:
     return shares.tolist()
 
 
+def share_pools(mask: np.ndarray | None, fraction: float, num_samples: int, global_batch: int, name: str,
+                what: str) -> list[tuple[np.ndarray, int]]:
+    """Two pools: the windows where `mask` holds, round(fraction * batch) per global batch, and the rest (all of
+    the batch from the first pool if there is no rest). `name`/`what` word the errors ("action_fraction",
+    "have actions")."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {fraction}")
+    if mask is None or len(mask) != num_samples:
+        raise ValueError(f"{name} needs a mask with one flag per window ({num_samples})")
+    mask = np.asarray(mask, dtype=bool)
+    inside, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
+    if len(inside) == 0:
+        raise ValueError(f"{name} is set but no training window's episode {what}")
+    count = int(round(fraction * global_batch)) if len(rest) else global_batch
+    if count == 0:
+        raise ValueError(f"{name}={fraction} is less than one window of the global batch ({global_batch})")
+    return [(inside, count), (rest, global_batch - count)]
+
+
 def weighted_pools(groups: np.ndarray | None, weights: Sequence[float],
                    global_batch: int) -> list[tuple[np.ndarray, int]]:
     """(window indices, windows per global batch) for each group with a positive weight; clear errors for a
@@ -269,6 +294,13 @@ class ResumableBatchSampler(Sampler):
     a store that is mostly video gives the action loss a few samples per batch, and more video means fewer action
     samples per unit of compute.
 
+    Language share (`language_mask` + `language_fraction`, MDT's separate language loader): every global batch
+    holds round(fraction * batch) windows from episodes with an instruction. With 10% of episodes labelled, the
+    language-goal loss otherwise sees ~10% of each batch.
+
+    Pooled batches are shuffled within each rank's slice (seeded by step), so a loss that reads only the first
+    samples of a batch (MDT's `mgf_batch`) sees every pool.
+
     Mixing weights (`groups` + `group_weights`, e.g. one group per store of a multi-robot run): every global batch
     holds a fixed number of windows from each group, in proportion to its weight (largest remainder), each group
     walked through its own permutations, so a small store with a large weight is revisited more often. Without
@@ -278,7 +310,8 @@ class ResumableBatchSampler(Sampler):
     def __init__(self, num_samples: int, batch_size: int, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world_size: int = 1, action_mask: np.ndarray | None = None,
                  action_fraction: float | None = None, groups: np.ndarray | None = None,
-                 group_weights: Sequence[float] | None = None):
+                 group_weights: Sequence[float] | None = None, language_mask: np.ndarray | None = None,
+                 language_fraction: float | None = None):
         if batch_size * world_size > num_samples:
             raise ValueError(f"global batch {batch_size * world_size} is larger than the dataset "
                              f"({num_samples} windows); lower train.batch_size")
@@ -288,19 +321,15 @@ class ResumableBatchSampler(Sampler):
         self.batches_per_epoch = num_samples // self.global_bs
         self.pools: list[tuple[np.ndarray, int]] = []  # (window indices, how many per global batch)
         if action_fraction is not None:
-            if not 0.0 < action_fraction <= 1.0:
-                raise ValueError(f"action_fraction must be in (0, 1], got {action_fraction}")
-            if action_mask is None or len(action_mask) != num_samples:
-                raise ValueError("action_fraction needs action_mask with one flag per window")
-            with_actions = np.flatnonzero(action_mask)
-            video = np.flatnonzero(~np.asarray(action_mask, dtype=bool))
-            n_act = int(round(action_fraction * self.global_bs)) if len(video) else self.global_bs
-            if len(with_actions) == 0:
-                raise ValueError("action_fraction is set but no window has actions")
-            self.pools = [(with_actions, n_act), (video, self.global_bs - n_act)]
+            self.pools = share_pools(action_mask, action_fraction, num_samples, self.global_bs, "action_fraction", "have actions")
+        if language_fraction is not None:
+            if self.pools:
+                raise ValueError("action_fraction and language_fraction cannot be combined")
+            self.pools = share_pools(language_mask, language_fraction, num_samples, self.global_bs, "language_fraction",
+                                     "carry language")
         if group_weights is not None:
             if self.pools:
-                raise ValueError("action_fraction and group weights cannot be combined")
+                raise ValueError("action_fraction / language_fraction and group weights cannot be combined")
             self.pools = weighted_pools(groups, group_weights, self.global_bs)
 
     def _pooled_rows(self, k: int, perms: dict) -> np.ndarray:
@@ -325,6 +354,7 @@ class ResumableBatchSampler(Sampler):
         while True:
             if self.pools:
                 rows = self._pooled_rows(k, perms)[self.rank::self.world]
+                rows = np.random.default_rng([self.seed, k, self.rank, 7]).permutation(rows)
             else:
                 epoch, j = divmod(k, self.batches_per_epoch)
                 if epoch != perm_epoch:

@@ -127,6 +127,15 @@ class Trainer:
         mask = getattr(self.train_set, "window_has_actions", None) if fraction is not None else None
         if fraction is not None and mask is None:
             raise ValueError("dataset.action_fraction is supported for single-store training only")
+        lang_fraction = self.cfg.dataset.get("language_fraction")  # MDT: a fixed share of labelled windows
+        lang_mask = None
+        if lang_fraction is not None:
+            if getattr(self.train_set, "offsets", None) is not None:
+                raise ValueError("dataset.language_fraction is supported for single-store training only")
+            lang_mask = self.train_set.window_has_language
+            if lang_mask is None:
+                raise ValueError("dataset.language_fraction needs language goals: set policy.language_encoder "
+                                 "(e.g. minilm) on a store with instructions")
         weights = self.cfg.dataset.get("weights")  # several stores: a fixed share of every batch from each
         groups = None
         if weights is not None:
@@ -138,7 +147,8 @@ class Trainer:
         sampler = ResumableBatchSampler(len(self.train_set), self.tc.batch_size, seed=self.tc.seed,
                                         start_batch=start_step, rank=self.dist.rank, world_size=self.dist.world_size,
                                         action_mask=mask, action_fraction=fraction, groups=groups,
-                                        group_weights=weights)
+                                        group_weights=weights, language_mask=lang_mask,
+                                        language_fraction=lang_fraction)
         workers = self.cfg.dataset.get("num_workers", 0)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
@@ -442,7 +452,8 @@ class Trainer:
         return int(ts["step"]), float(ts.get("elapsed_s", 0.0))
 
     def _init_from(self, policy, path) -> None:
-        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match, the normaliser is this data's.
+        """Fine-tune: take another checkpoint's (EMA) weights; shapes must match (`init_ignore_mismatched`: tensors
+        of another shape start fresh, e.g. after switching `policy.image_pooling`), the normaliser is this data's.
         The policy's run-progress counters (`run_state_keys`, e.g. PAD's step count that switches its action loss
         on) are not weights: they stay at this run's own values, so `action_loss_start_step` counts fine-tune
         steps."""
@@ -459,12 +470,18 @@ class Trainer:
         own = ckpt_io.export_state(policy)
         bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and v.shape != own[k].shape]
-        if bad:
+        if bad and self.tc.get("init_ignore_mismatched"):  # e.g. a new image pooling head: those start fresh
+            state = {k: v for k, v in state.items() if k not in own or v.shape == own[k].shape}
+            if self.dist.is_main:
+                print(f"[robodit] init_from: {len(bad)} tensor(s) of another shape start fresh "
+                      f"(train.init_ignore_mismatched): {bad[:5]}", flush=True)
+        elif bad:
             now = self._policy_config()
             keys = ("size", "width", "depth", "heads", "obs_horizon", "action_horizon")
             hint = [f"policy.{k}={src_policy.get(k)}" for k in keys if src_policy.get(k) != now.get(k)]
             raise ValueError(f"train.init_from={src}: shapes differ from this policy: {bad[:5]}"
-                             + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else ""))
+                             + (f"; the checkpoint was trained with {' '.join(hint)}: pass the same" if hint else "")
+                             + " (or train.init_ignore_mismatched=true to start those tensors fresh)")
         missing = [k for k in own if k not in state and k not in run_state]
         unused = [k for k in state if k not in own]
         policy.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
