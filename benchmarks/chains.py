@@ -19,6 +19,7 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
     mode_lang_oh2_n5_400    mode_lang_oh2_n5 trained on a store of 400 chains (`--demo-chains` x 2, same seeds first)
     mode_lang_oh2_n5_seed1  mode_lang_oh2_n5 from training seed 1 (the row's own seed, whatever --seed says)
     dit_oh2_n5         the fair 30-minute DiT baseline: task ids, state, trained and executed as mode_lang_oh2_n5
+    dit_isolated_oh2_n5  dit_oh2_n5's recipe on the isolated store (chain vs isolated demos at the 30-min recipe)
     mdt_lang_oh2_n5    MDT (MDT_SIZE, batch 64), 64 px + state, 10% labels, language goals, trained and
                        executed as mode_lang_oh2_n5;  mdt_image_oh2_n5: its checkpoint with goal images
     mdt_lang_ddpm_oh2_n5  mdt_lang_oh2_n5 with the DiT's x0-prediction DDPM instead of EDM;  mdt_image_ddpm_oh2_n5:
@@ -78,13 +79,14 @@ MODE_LANG_OH2 = ["policy.language_encoder=minilm", "dataset.obs_keys=[state]", "
 DDPM_X0 = ("++policy.formulation={name:ddpm,prediction:sample,beta_schedule:squaredcos_cap_v2,"
            "num_train_timesteps:100,clip_sample:1.0}")
 
-def mdt_rows(suffix: str, model: str, overrides: list[str]) -> dict[str, dict]:
+def mdt_rows(suffix: str, model: str, overrides: list[str], seed: int | None = None) -> dict[str, dict]:
     """An MDT recipe's two rows on the 64 px store (10% labelled), both executing 5 of 10 actions per plan:
-    `mdt_lang_<suffix>` trains and follows held-out paraphrases, `mdt_image_<suffix>` gives its checkpoint goal
-    images."""
+    `mdt_lang_<suffix>` trains (from `seed`, default --seed) and follows held-out paraphrases, `mdt_image_<suffix>`
+    gives its checkpoint goal images."""
     label = lambda goal: f"{model} ({goal}, 64 px + state, 10% labels), obs_horizon 2, 5 of 10 actions"
-    return {f"mdt_lang_{suffix}": {"label": label("language"), "policy": "mdt", "store": "image", "goal": "language",
-                                   "eval": {"n_action_steps": 5}, "overrides": overrides},
+    lang = {"label": label("language"), "policy": "mdt", "store": "image", "goal": "language",
+            "eval": {"n_action_steps": 5}, "overrides": overrides, **({"seed": seed} if seed is not None else {})}
+    return {f"mdt_lang_{suffix}": lang,
             f"mdt_image_{suffix}": {"label": label("goal image"), "reuse": f"mdt_lang_{suffix}", "store": "image",
                                     "goal": "image", "eval": {"n_action_steps": 5}}}
 
@@ -132,6 +134,12 @@ ROWS = {
                    "store": "state", "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128",
                                                    "+policy.depth=4", "policy.action_horizon=10"],
                    "eval": {"n_action_steps": 5}},
+    # ... trained on isolated per-task demos (each from a reset) of as many frames per task as the chain store:
+    # chain demos vs isolated demos at the same frame count, at the 30-minute recipe
+    "dit_isolated_oh2_n5": {"label": "DiT (task id, state), isolated demos, obs_horizon 2, 5 of 10 actions per plan",
+                            "policy": "dit", "store": "isolated",
+                            "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128", "+policy.depth=4",
+                                          "policy.action_horizon=10"], "eval": {"n_action_steps": 5}},
     # MDT with the same recipe (two observation frames, 5 of 10 actions per plan, 30 minutes) on the 200-chain
     # 64 px store (10% of segments labelled); language (held-out paraphrases) and goal images from one checkpoint.
     # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE above)
@@ -148,6 +156,9 @@ ROWS = {
     # ... and without MGF (mgf_weight 0, CLA kept): what the foresight head costs or gives at a fixed 30 minutes
     **mdt_rows("fast_nomgf_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off",
                [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]),
+    # ... from training seed 1: how much of the language row's gap to 3.5 is the seed
+    **mdt_rows("fast_nomgf_seed1_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, training seed 1",
+               [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"], seed=1),
     # ... with a quarter of every batch from the labelled 10% (dataset.language_fraction, as MDT's separate language
     # loader): the language goal path saw ~6 of 64 samples a step. 16 labelled of 64: 307 ms vs 262 a step (1 thread)
     **mdt_rows("fast_nomgf_lang25_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, 1/4 of batch labelled",
@@ -355,7 +366,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     names = args.rows.split(",")
-    args.needs = {ROWS[n].get("store") for n in names} | ({"state"} if "dit_isolated" in names else set())
+    args.needs = {ROWS[n].get("store") for n in names}
+    args.needs |= {"state"} if "isolated" in args.needs else set()  # the isolated store copies its frame counts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suite = load_suite("metaworld_chains")
@@ -376,6 +388,8 @@ def main() -> None:
     for name in names:
         if name not in result["rows"] or args.force:
             result["rows"][name] = run_row(name, paths.get(ROWS[name].get("store")), args, suite, result["rows"])
+            if path.exists():  # rows another run wrote meanwhile (two rows on the two cores) are kept
+                result["rows"] = {**json.loads(path.read_text())["rows"], name: result["rows"][name]}
             path.write_text(json.dumps(result, indent=2))
             print(format_table({name: result["rows"][name]}), flush=True)
         row = result["rows"][name]
