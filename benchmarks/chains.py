@@ -24,6 +24,9 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
                        executed as mode_lang_oh2_n5;  mdt_image_oh2_n5: its checkpoint with goal images
     mdt_lang_ddpm_oh2_n5  mdt_lang_oh2_n5 with the DiT's x0-prediction DDPM instead of EDM;  mdt_image_ddpm_oh2_n5:
                        its checkpoint with goal images
+    mdt_{lang,image}_fast_oh2_n5 / _fast_nomgf_oh2_n5 / _fast_nomgf_seed1_oh2_n5 / _fast_nomgf_lang25_oh2_n5
+                       MDT at the fair DiT's width and formulation with the cheap image path (MDT_FAST); MGF off;
+                       training seed 1; a quarter of every batch labelled (dataset.language_fraction)
     (these rows carry their whole recipe: run them with --steps 8000 --minutes 30 and no --override)
 
 Each row trains for `--steps` (the LR schedule's length) capped at `--minutes`, then runs `suite=metaworld_chains`
