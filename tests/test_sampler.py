@@ -104,7 +104,7 @@ def test_language_share_fixes_the_labelled_windows_per_batch_and_mixes_their_ord
     again = next(iter(ResumableBatchSampler(400, 16, seed=2, start_batch=5, language_mask=mask,
                                             language_fraction=0.25)))
     assert [i for i, _ in again] == batches[5]  # exact resume, shuffle included
-    with pytest.raises(ValueError, match="no training window's episode carry language"):
+    with pytest.raises(ValueError, match="no training window's episode carries language"):
         ResumableBatchSampler(400, 16, language_mask=np.zeros(400, bool), language_fraction=0.25)
     with pytest.raises(ValueError, match="cannot be combined"):
         ResumableBatchSampler(400, 16, action_mask=mask, action_fraction=0.5, language_mask=mask,

@@ -240,7 +240,7 @@ def share_pools(mask: np.ndarray | None, fraction: float, num_samples: int, glob
                 what: str) -> list[tuple[np.ndarray, int]]:
     """Two pools: the windows where `mask` holds, round(fraction * batch) per global batch, and the rest (all of
     the batch from the first pool if there is no rest). `name`/`what` word the errors ("action_fraction",
-    "have actions")."""
+    "has actions")."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {fraction}")
     if mask is None or len(mask) != num_samples:
@@ -321,12 +321,13 @@ class ResumableBatchSampler(Sampler):
         self.batches_per_epoch = num_samples // self.global_bs
         self.pools: list[tuple[np.ndarray, int]] = []  # (window indices, how many per global batch)
         if action_fraction is not None:
-            self.pools = share_pools(action_mask, action_fraction, num_samples, self.global_bs, "action_fraction", "have actions")
+            self.pools = share_pools(action_mask, action_fraction, num_samples, self.global_bs, "action_fraction",
+                                     "has actions")
         if language_fraction is not None:
             if self.pools:
                 raise ValueError("action_fraction and language_fraction cannot be combined")
-            self.pools = share_pools(language_mask, language_fraction, num_samples, self.global_bs, "language_fraction",
-                                     "carry language")
+            self.pools = share_pools(language_mask, language_fraction, num_samples, self.global_bs,
+                                     "language_fraction", "carries language")
         if group_weights is not None:
             if self.pools:
                 raise ValueError("action_fraction / language_fraction and group weights cannot be combined")
