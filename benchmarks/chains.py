@@ -77,10 +77,13 @@ MDT_RECIPE = [f"policy.size={MDT_SIZE}", *RECIPE]  # batch 64, as the state rows
 # + MGF on 16 of the 64 samples 216; + width 128, depth 4, 4 heads 336
 MDT_FAST = ["+policy.width=128", "+policy.depth=4", "+policy.heads=4", "policy.image_stem_stride=2",
             "policy.mgf_batch=16"]
+# the fair DiT's recipe (dit_oh2_n5): task ids, state, width 128, depth 4, MoDE's 10-action chunk
+DIT_FAIR = ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128", "+policy.depth=4", "policy.action_horizon=10"]
 MODE_LANG_OH2 = ["policy.language_encoder=minilm", "dataset.obs_keys=[state]", "policy.obs_horizon=2"]
 # the DiT's and MoDE's formulation (configs/policy/dit.yaml), as one Hydra override for the policies that default to EDM
 DDPM_X0 = ("++policy.formulation={name:ddpm,prediction:sample,beta_schedule:squaredcos_cap_v2,"
            "num_train_timesteps:100,clip_sample:1.0}")
+MDT_NOMGF = [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]  # the best MDT recipe: MGF off, CLA kept
 
 def mdt_rows(suffix: str, model: str, overrides: list[str], seed: int | None = None) -> dict[str, dict]:
     """An MDT recipe's two rows on the 64 px store (10% labelled), both executing 5 of 10 actions per plan:
@@ -134,15 +137,11 @@ ROWS = {
     # batch 64, warm-up 200, two observation frames, MoDE's 10-action chunk of which 5 run per plan); the row
     # carries the whole recipe, so run it with --steps 8000 --minutes 30 and no --override
     "dit_oh2_n5": {"label": "DiT (task id, state), obs_horizon 2, 5 of 10 actions per plan", "policy": "dit",
-                   "store": "state", "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128",
-                                                   "+policy.depth=4", "policy.action_horizon=10"],
-                   "eval": {"n_action_steps": 5}},
+                   "store": "state", "overrides": DIT_FAIR, "eval": {"n_action_steps": 5}},
     # ... trained on isolated per-task demos (each from a reset) of as many frames per task as the chain store:
     # chain demos vs isolated demos at the same frame count, at the 30-minute recipe
     "dit_isolated_oh2_n5": {"label": "DiT (task id, state), isolated demos, obs_horizon 2, 5 of 10 actions per plan",
-                            "policy": "dit", "store": "isolated",
-                            "overrides": ["dataset.obs_keys=[state]", *RECIPE, "+policy.width=128", "+policy.depth=4",
-                                          "policy.action_horizon=10"], "eval": {"n_action_steps": 5}},
+                            "policy": "dit", "store": "isolated", "overrides": DIT_FAIR, "eval": {"n_action_steps": 5}},
     # MDT with the same recipe (two observation frames, 5 of 10 actions per plan, 30 minutes) on the 200-chain
     # 64 px store (10% of segments labelled); language (held-out paraphrases) and goal images from one checkpoint.
     # Size and batch: the most samples per 30 minutes with both auxiliary losses on (MDT_SIZE above)
@@ -157,15 +156,14 @@ ROWS = {
     # images, 0.20 state only): size and steps, not MDT's goals
     **mdt_rows("fast_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF on 16", [*MDT_RECIPE, *MDT_FAST, DDPM_X0]),
     # ... and without MGF (mgf_weight 0, CLA kept): what the foresight head costs or gives at a fixed 30 minutes
-    **mdt_rows("fast_nomgf_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off",
-               [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]),
+    **mdt_rows("fast_nomgf_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off", MDT_NOMGF),
     # ... from training seed 1: how much of the language row's gap to 3.5 is the seed
     **mdt_rows("fast_nomgf_seed1_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, training seed 1",
-               [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"], seed=1),
+               MDT_NOMGF, seed=1),
     # ... with a quarter of every batch from the labelled 10% (dataset.language_fraction, as MDT's separate language
     # loader): the language goal path saw ~6 of 64 samples a step. 16 labelled of 64: 307 ms vs 262 a step (1 thread)
     **mdt_rows("fast_nomgf_lang25_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, 1/4 of batch labelled",
-               [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0", "dataset.language_fraction=0.25"]),
+               [*MDT_NOMGF, "dataset.language_fraction=0.25"]),
 }
 
 

@@ -124,18 +124,12 @@ class Trainer:
 
     def _build_loader(self, start_step: int) -> DataLoader:
         fraction = self.cfg.dataset.get("action_fraction")  # co-training: a fixed share of windows with actions
-        mask = getattr(self.train_set, "window_has_actions", None) if fraction is not None else None
-        if fraction is not None and mask is None:
-            raise ValueError("dataset.action_fraction is supported for single-store training only")
+        mask = self._share_mask("action_fraction", "window_has_actions")
         lang_fraction = self.cfg.dataset.get("language_fraction")  # MDT: a fixed share of labelled windows
-        lang_mask = None
-        if lang_fraction is not None:
-            if getattr(self.train_set, "offsets", None) is not None:
-                raise ValueError("dataset.language_fraction is supported for single-store training only")
-            lang_mask = self.train_set.window_has_language
-            if lang_mask is None:
-                raise ValueError("dataset.language_fraction needs language goals: set policy.language_encoder "
-                                 "(e.g. minilm) on a store with instructions")
+        lang_mask = self._share_mask("language_fraction", "window_has_language")
+        if lang_fraction is not None and lang_mask is None:
+            raise ValueError("dataset.language_fraction needs language goals: set policy.language_encoder "
+                             "(e.g. minilm) on a store with instructions")
         weights = self.cfg.dataset.get("weights")  # several stores: a fixed share of every batch from each
         groups = None
         if weights is not None:
@@ -153,6 +147,15 @@ class Trainer:
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+
+    def _share_mask(self, key: str, flags: str) -> np.ndarray | None:
+        """The per-window flags (`self.train_set.<flags>`) that `dataset.<key>` fixes a batch share of; None when
+        the key is unset. Single-store training only."""
+        if self.cfg.dataset.get(key) is None:
+            return None
+        if getattr(self.train_set, "offsets", None) is not None:
+            raise ValueError(f"dataset.{key} is supported for single-store training only")
+        return getattr(self.train_set, flags)
 
     def _policy_config(self) -> dict:
         return OmegaConf.to_container(self.cfg.policy, resolve=True)
@@ -468,10 +471,10 @@ class Trainer:
         run_state = set(policy.run_state_keys)
         state = {k: v for k, v in load_file(str(weights)).items() if k not in run_state}
         own = ckpt_io.export_state(policy)
-        bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-               if k in own and v.shape != own[k].shape]
+        mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+        bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]
         if bad and self.tc.get("init_ignore_mismatched"):  # e.g. a new image pooling head: those start fresh
-            state = {k: v for k, v in state.items() if k not in own or v.shape == own[k].shape}
+            state = {k: v for k, v in state.items() if k not in mismatched}
             if self.dist.is_main:
                 print(f"[robodit] init_from: {len(bad)} tensor(s) of another shape start fresh "
                       f"(train.init_ignore_mismatched): {bad[:5]}", flush=True)
