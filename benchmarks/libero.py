@@ -123,14 +123,14 @@ def policy_rows(previous: dict) -> list[dict]:
 
 def _row_key(r: dict) -> tuple:
     """What a policy row measured: the checkpoint, the actions executed per chunk (rows written before the option
-    existed ran the policy's own) and the first initial state."""
+    existed ran the policy's own), the first initial state and the denoising steps (the policy's own: None)."""
     steps = r.get("n_action_steps") or r.get("training", {}).get("policy", {}).get("n_action_steps")
-    return r.get("checkpoint"), steps, r.get("first_state", 0)
+    return r.get("checkpoint"), steps, r.get("first_state", 0), r.get("num_inference_steps")
 
 
 def keep_row(rows: list[dict], row: dict) -> list[dict]:
-    """A checkpoint measured again with the same setting (actions per chunk, first state) replaces its row; any
-    other row is added after the others."""
+    """A checkpoint measured again with the same setting (actions per chunk, first state, denoising steps)
+    replaces its row; any other row is added after the others."""
     return [r for r in rows if _row_key(r) != _row_key(row)] + [row]
 
 
@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--policy-episodes", type=int, default=10)
     p.add_argument("--n-action-steps", type=int, default=None, help="policy actions executed per planned chunk "
                    "before replanning (default: the policy's own)")
+    p.add_argument("--num-inference-steps", type=int, default=None, help="denoising steps per chunk (default: "
+                   "the policy's own); recorded in the row")
     p.add_argument("--first-state", type=int, default=0, help="policy episode i starts from fixed initial state "
                    "first_state + i (default 0: the standard states 0..N-1)")
     p.add_argument("--workers", type=int, default=2)
@@ -246,11 +248,13 @@ def main() -> None:
         s = evaluate(args.checkpoint, suite=suite, suite_source=None if isinstance(suite, str) else
                      f"{args.suite} from initial state {args.first_state}", episodes=args.policy_episodes,
                      out_dir=out / "policy", workers=args.workers, num_envs=args.num_envs or 2 * max(1, args.workers),
-                     videos=args.videos, progress=True, n_action_steps=args.n_action_steps)
+                     videos=args.videos, progress=True, n_action_steps=args.n_action_steps,
+                     num_inference_steps=args.num_inference_steps)
         first = args.first_state
         row = {"checkpoint": args.checkpoint, "episodes_per_task": args.policy_episodes,
                "initial_states": f"{first}..{first + args.policy_episodes - 1}", "first_state": first,
                "n_action_steps": args.n_action_steps or budget["policy"].get("n_action_steps"),
+               **({"num_inference_steps": args.num_inference_steps} if args.num_inference_steps else {}),
                "success_rate": s["success_rate"],
                "pooled": s["pooled"], "tasks": _per_task(s), "training": budget,
                "eval_wall_s": round(time.time() - t0, 1), "env_steps_per_s": s["run"]["env_steps_per_s"]}

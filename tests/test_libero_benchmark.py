@@ -44,6 +44,8 @@ def test_rows_of_other_settings_are_kept_and_a_rerun_replaces_its_own():
     rerun = {"checkpoint": "runs/a", "n_action_steps": 8, "first_state": 0, "training": old["training"]}
     assert bench.keep_row(rows, rerun) == [fewer, later, rerun]  # the policy's own 8 is what the old row ran
     assert bench.keep_row(rows, {**fewer, "pooled": 1}) == [old, later, {**fewer, "pooled": 1}]
+    one_step = {**fewer, "num_inference_steps": 1}  # another sampler setting is another row
+    assert bench.keep_row(rows, one_step) == [old, fewer, later, one_step]
 
 
 def test_policy_row_survives_its_checkpoint_rotating_out_during_the_evaluation(toy_store, tmp_path, monkeypatch):
