@@ -62,3 +62,16 @@ def test_action_error_scores_the_chunk_against_the_demo_actions_from_that_frame(
     assert out["segments"] == 10 and out["first_actions"] == 5
     assert out["right goal"] == 0.0 and out["right goal, 1 denoising step"] == 0.0
     assert out["other task's goal"] > 0.5 and out["mean |right - other| action"] > 0.5
+
+
+def test_every_row_that_reuses_a_checkpoint_names_a_row_that_trains_one():
+    """An evaluation-only row (`reuse`, e.g. mdt_reeval_rows) must point at a training row on the same store, or
+    `--rows` fails only after the other rows have spent their 30 minutes."""
+    for name, spec in bench.ROWS.items():
+        if "reuse" in spec:
+            source = bench.ROWS.get(spec["reuse"])
+            assert source is not None and "policy" in source, (name, spec["reuse"])
+            assert source["store"] == spec["store"], name
+    one_step = bench.ROWS["mdt_image_fast_nomgf_1step_oh2_n5"]
+    assert one_step["goal"] == "image" and one_step["eval"] == {"n_action_steps": 5, "num_inference_steps": 1}
+    assert bench.ROWS["mdt_lang_fast_nomgf_oh2_n3_fresh"]["suite_seed"] == 300100
