@@ -74,4 +74,4 @@ def test_every_row_that_reuses_a_checkpoint_names_a_row_that_trains_one():
             assert source["store"] == spec["store"], name
     one_step = bench.ROWS["mdt_image_fast_nomgf_1step_oh2_n5"]
     assert one_step["goal"] == "image" and one_step["eval"] == {"n_action_steps": 5, "num_inference_steps": 1}
-    assert bench.ROWS["mdt_lang_fast_nomgf_oh2_n3_fresh"]["suite_seed"] == 300100
+    assert bench.ROWS["mdt_lang_fast_nomgf_oh2_n3"]["eval"] == {"n_action_steps": 3}
