@@ -29,7 +29,7 @@ has every segment labelled (training paraphrases), the 64 px image store 10% (MD
                        training seed 1; a quarter of every batch labelled (dataset.language_fraction)
     (these rows carry their whole recipe: run them with --steps 8000 --minutes 30 and no --override)
     mdt_{lang,image}_fast_nomgf_lr8e4_oh2_n5  the MGF-off recipe at peak LR 8e-4
-    mdt_{lang,image}_fast_nomgf_2t_oh2_n5  the MGF-off recipe on both cores (2 torch threads; run it alone, with
+    mdt_{lang,image}_fast_nomgf_2t[_seed1]_oh2_n5  the MGF-off recipe on both cores (2 torch threads; run it alone, with
                        --steps 10000 so that the 30 minutes, not the schedule, end it)
     mdt_{lang,image}_fast_nomgf_1step_oh2_n5 / _fast_nomgf_oh2_n3
                        _fast_nomgf_oh2_n5's checkpoint sampled with 1 DDIM step / replanning every 3 actions
@@ -191,6 +191,9 @@ ROWS = {
     # what a 2-core CPU does in 30 minutes, and every row above had one core beside another job
     **mdt_rows("fast_nomgf_2t_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, 2 threads", MDT_NOMGF,
                threads=2),
+    # ... (3.67 with language, 7663 steps) and from training seed 1 (not run yet)
+    **mdt_rows("fast_nomgf_2t_seed1_oh2_n5", "MDT w128 d4 DDPM x0, stem stride 2, MGF off, 2 threads, training seed 1",
+               MDT_NOMGF, seed=1, threads=2),
     # MDT's sampled actions were twice as far from the demos' as MoDE's and the DiT's (demo-action error 0.10 vs
     # 0.05), but its one-step denoised actions were not (0.055): the x0 prediction from pure noise is the
     # conditional mean. The same checkpoint sampled with 1 DDIM step: 2.76 vs 3.36 with 10 (the mean is worse)
