@@ -94,12 +94,10 @@ MDT_NOMGF = [*MDT_RECIPE, *MDT_FAST, DDPM_X0, "policy.mgf_weight=0"]  # the best
 def mdt_reeval_rows(of: str, suffix: str, note: str, options: dict) -> dict[str, dict]:
     """Both goal rows of an MDT recipe (`mdt_rows(of, ...)`) evaluated again with other evaluation `options`
     (no training): `mdt_{lang,image}_<suffix>` reuse `mdt_lang_<of>`'s checkpoint."""
-    rows = {}
-    for goal, name in (("language", "lang"), ("goal image", "image")):
-        rows[f"mdt_{name}_{suffix}"] = {
-            "label": f"mdt_{name}_{of}'s checkpoint ({goal}), {note}", "reuse": f"mdt_lang_{of}", "store": "image",
-            "goal": "image" if name == "image" else "language", "eval": {"n_action_steps": 5, **options}}
-    return rows
+    return {f"mdt_{name}_{suffix}": {"label": f"mdt_lang_{of}'s checkpoint ({words}), {note}",
+                                     "reuse": f"mdt_lang_{of}", "store": "image", "goal": goal,
+                                     "eval": {"n_action_steps": 5, **options}}
+            for name, goal, words in (("lang", "language", "language"), ("image", "image", "goal image"))}
 
 
 def mdt_rows(suffix: str, model: str, overrides: list[str], seed: int | None = None,
