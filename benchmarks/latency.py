@@ -155,18 +155,19 @@ def policy_call(policy, obs, threads: int, bf16: bool = False):
     return call
 
 
-PATHS = ("eager", "onnx", "compile", "aoti")
+PATHS = ("eager", "onnx", "compile", "aoti", "native")
 
 
 def fast_path_call(policy, obs, path: str, threads: int, workdir: Path):
     """The same chunk through `path` (robodit.deploy.export traces DiffusionPolicy.chunk_from_noise once):
-    onnx / aoti load the exported directory behind predict_action; compile runs torch.compile (inductor, weights
-    frozen into the graph) on the traced program. Returns (call, its actions for seed 0)."""
+    onnx / aoti / native load the exported directory behind predict_action (native: DiT only, the loop in C);
+    compile runs torch.compile (inductor, weights frozen into the graph) on the traced program. Returns (call, its
+    actions for seed 0)."""
     from robodit.deploy.export import export_policy, trace
     from robodit.deploy.exported import ExportedPolicy
 
     gen = torch.Generator(device=policy.device).manual_seed(0)
-    if path in ("onnx", "aoti"):
+    if path in ("onnx", "aoti", "native"):
         if policy.device.type != "cpu":
             raise ValueError(f"the {path} artifact runs on the CPU")
         out = export_policy(policy, workdir / path, path)

@@ -154,14 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clients", type=int, default=8)
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the sampler's step count")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "aoti"],
-                   help="torch: a checkpoint; onnx / aoti: a directory written by `robodit export`")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "aoti", "native"],
+                   help="torch: a checkpoint; onnx / aoti / native: a directory written by `robodit export`")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("export", help="write a checkpoint's whole chunk computation as one ONNX / AOTInductor file")
+    p = sub.add_parser("export", help="write a checkpoint's whole chunk computation as one ONNX / AOTInductor file "
+                                      "(or, for a DiT, a condition graph plus a C denoising loop)")
     p.add_argument("checkpoint", help="checkpoint directory or training out_dir")
-    p.add_argument("--out", required=True, help="directory to write (policy.onnx or policy.pt2, export.json)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"])
+    p.add_argument("--out", required=True,
+                   help="directory to write (policy.onnx, policy.pt2 or encoder.onnx + denoiser.safetensors; export.json)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "native"],
+                   help="native: DiT only, the denoising loop in C (compiled on first load; fastest for small DiTs)")
     p.add_argument("--sampler", default=None, help="override the sampler (a deterministic one: the noise is an input)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="override the (fixed) step count")
     p.set_defaults(func=_cmd_export)

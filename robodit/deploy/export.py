@@ -8,9 +8,11 @@ noise gives the same actions as eager torch and a seeded caller reproduces a run
 state (future frames, then actions): the graph denoises both and returns the actions; a multi-task PAD holds every
 task's per-step modulations and gathers by the task-id input.
 
-Formats (both trace the same graph with torch.export):
+Formats (onnx and aoti trace the same graph with torch.export):
 - onnx: ONNX Runtime runs it; the robot computer needs onnxruntime and numpy (torch only to draw seeded noise).
 - aoti: torch's AOTInductor package, C++ compiled for this CPU; needs torch at run time, no robodit model code.
+- native (DiT only): the condition as a small ONNX graph, the denoising loop as one C call
+  (`robodit.deploy.native`): for small policies, whose graph is bound by per-operator dispatch.
 
 The directory holds policy.onnx or policy.pt2, export.json (what `robodit.deploy.exported` needs to feed it:
 inputs, shapes, horizons, the schedule it was traced with, task names) and the checkpoint's config.yaml.
@@ -28,8 +30,9 @@ from torch import nn
 
 from robodit.deploy.exported import MANIFEST  # the loader owns the manifest's name
 
-FORMATS = ("onnx", "aoti")
-ARTIFACT = {"onnx": "policy.onnx", "aoti": "policy.pt2"}
+FORMATS = ("onnx", "aoti", "native")
+ARTIFACT = {"onnx": "policy.onnx", "aoti": "policy.pt2", "native": "denoiser.safetensors"}
+NATIVE_ENCODER = "encoder.onnx"
 EXPORT_VERSION = 1
 # ONNX opset 23 has RMSNormalization and Attention: one node each where opset 18 spells out five to eight (dit/tiny
 # DDIM-10: 1025 nodes instead of 1483), 1.17x faster in ONNX Runtime on one thread (same-run A/B); needs
@@ -57,6 +60,21 @@ class ChunkGraph(nn.Module):
         obs = dict(zip(self.obs_keys, inputs[:n]))
         goal = dict(zip(self.goal_keys, inputs[n:-1]))
         return self.policy.chunk_from_noise(obs, goal, inputs[-1])
+
+
+class ConditionGraph(nn.Module):
+    """(observation tensors, [task_id]) → every block's cross-attention K and V, stacked
+    [depth, 2, 1, heads, context, head_dim]: the once-per-chunk half of a native export."""
+
+    def __init__(self, policy, obs_keys: list[str], goal_keys: list[str]):
+        super().__init__()
+        self.policy, self.obs_keys, self.goal_keys = policy, list(obs_keys), list(goal_keys)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        n = len(self.obs_keys)
+        obs, goal = dict(zip(self.obs_keys, inputs[:n])), dict(zip(self.goal_keys, inputs[n:]))
+        cond = self.policy.encode(self.policy.normalize_obs(obs), goal)
+        return torch.stack([torch.stack(kv) for kv in cond["kv"]])
 
 
 def check_exportable(policy) -> None:
@@ -120,23 +138,26 @@ def export_policy(policy, out_dir: str | Path, fmt: str = "onnx", config_yaml: s
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graph, args, program = trace(policy)
-    names = [*graph.obs_keys, *graph.goal_keys, "noise"]
-    artifact = out / ARTIFACT[fmt]
-    if fmt == "onnx":
-        _write_onnx(program, args, names, artifact)
+    artifact, extra = out / ARTIFACT[fmt], {}
+    if fmt == "native":
+        names, noise_shape, extra = _write_native(policy, out)
     else:
-        _write_aoti(program, artifact)
+        graph, args, program = trace(policy)
+        names, noise_shape = [*graph.obs_keys, *graph.goal_keys, "noise"], list(args[-1].shape[1:])
+        if fmt == "onnx":
+            _write_onnx(program, args, names, artifact)
+        else:
+            _write_aoti(program, artifact)
     manifest = {
         "format": fmt, "version": EXPORT_VERSION, "artifact": artifact.name, "policy": policy.name,
         "inputs": names, "output": "action", "batch": 1,
         "obs_shapes": {k: [list(s), d] for k, (s, d) in policy.obs_shapes.items()},
         "obs_horizon": policy.obs_horizon, "action_horizon": policy.action_horizon,
         "n_action_steps": policy.n_action_steps, "action_dim": policy.action_dim,
-        "noise_shape": list(args[-1].shape[1:]), "sampler": policy.sampler,
+        "noise_shape": noise_shape, "sampler": policy.sampler,
         "num_inference_steps": policy.num_inference_steps, "formulation": policy.formulation.config,
         "task_names": list(getattr(policy, "task_names", None) or []), "num_tasks": policy.num_tasks,
-        "torch": torch.__version__,
+        "torch": torch.__version__, **extra,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if config_yaml is not None and Path(config_yaml).exists():
@@ -144,7 +165,32 @@ def export_policy(policy, out_dir: str | Path, fmt: str = "onnx", config_yaml: s
     return out
 
 
-def _write_onnx(program, args, names: list[str], path: Path) -> None:
+def _write_native(policy, out: Path) -> tuple[list[str], list[int], dict]:
+    """encoder.onnx (the condition graph) and the loop's tensors; returns (inputs, noise shape, manifest entries)."""
+    from safetensors.numpy import save_file
+
+    from robodit.deploy.native import WEIGHTS, dit_tensors, native_refusal
+
+    check_exportable(policy)
+    policy = policy.to("cpu").float().eval()
+    reason = native_refusal(policy)
+    if reason:
+        raise ExportError(f"--format native: {reason}")
+    obs, goal, noise = example_inputs(policy)
+    graph = ConditionGraph(policy, list(obs), list(goal)).eval()
+    args = (*obs.values(), *goal.values())
+    with torch.no_grad():
+        policy.chunk_from_noise(obs, goal, noise)  # builds the inference caches the loop's tensors come from
+        kv = graph(*args)
+        program = torch.export.export(graph, args)
+    _write_onnx(program, args, [*graph.obs_keys, *graph.goal_keys], out / NATIVE_ENCODER, output="kv")
+    dims, floats, tensors = dit_tensors(policy, context_tokens=kv.shape[-2])
+    save_file(tensors, str(out / WEIGHTS))
+    native = {"encoder": NATIVE_ENCODER, "dims": dims, "floats": floats, "kv_shape": list(kv.shape)}
+    return [*graph.obs_keys, *graph.goal_keys, "noise"], list(noise.shape[1:]), {"native": native}
+
+
+def _write_onnx(program, args, names: list[str], path: Path, output: str = "action") -> None:
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; the error below says how to get it)
     except ImportError:
@@ -153,7 +199,7 @@ def _write_onnx(program, args, names: list[str], path: Path) -> None:
 
     from robodit.deploy.onnx_passes import optimize
 
-    torch.onnx.export(program, args, str(path), input_names=names, output_names=["action"], dynamo=True,
+    torch.onnx.export(program, args, str(path), input_names=names, output_names=[output], dynamo=True,
                       external_data=False, verbose=False, opset_version=ONNX_OPSET)
     onnx.save(optimize(onnx.load(str(path))), str(path))  # fewer nodes to dispatch (see onnx_passes)
 
@@ -165,7 +211,7 @@ def _write_aoti(program, path: Path) -> None:
 
 
 def export_command(args) -> None:
-    """`robodit export CHECKPOINT --out DIR [--format onnx|aoti] [--sampler S] [--num-inference-steps N]`."""
+    """`robodit export CHECKPOINT --out DIR [--format onnx|aoti|native] [--sampler S] [--num-inference-steps N]`."""
     from robodit.training.checkpoint import load_policy
 
     policy = load_policy(args.checkpoint, device="cpu")

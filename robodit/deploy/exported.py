@@ -1,7 +1,7 @@
 """An exported policy directory (`robodit export`) behind the Policy's `predict_action`.
 
 No model code, Hydra or simulator is imported: the ONNX file runs in ONNX Runtime, the AOTInductor package in
-torch's runtime. Inputs are checked as the server checks them (`wire.check_observation`: each problem names the
+torch's runtime, a native export's condition graph in ONNX Runtime and its loop in C (`robodit.deploy.native`). Inputs are checked as the server checks them (`wire.check_observation`: each problem names the
 key), images go in HWC or CHW, and the starting noise is drawn exactly as the eager policy draws it from the
 same generator, so `predict_action(obs, generator=torch.Generator().manual_seed(s))` gives the eager actions.
 """
@@ -45,10 +45,23 @@ class ExportedPolicy:
         artifact = self.checkpoint_dir / m["artifact"]
         if not artifact.exists():
             raise FileNotFoundError(f"{artifact} is missing (named by {self.checkpoint_dir / MANIFEST})")
-        self._run = self._onnx(artifact, threads) if self.format == "onnx" else self._aoti(artifact)
+        runtimes = {"onnx": self._onnx, "aoti": self._aoti, "native": self._native}
+        if self.format not in runtimes:
+            raise ValueError(f"{self.checkpoint_dir / MANIFEST}: format {self.format!r} is not one this robodit "
+                             f"runs ({', '.join(runtimes)})")
+        self._run = runtimes[self.format](artifact, threads)
 
     # -- runtimes -------------------------------------------------------------------------------------------------
     def _onnx(self, artifact: Path, threads: int | None):
+        session = self._onnx_session(artifact, threads)
+        names = [i.name for i in session.get_inputs()]
+
+        def run(arrays: list[np.ndarray]) -> np.ndarray:
+            return session.run(None, dict(zip(names, arrays)))[0]
+        return run
+
+    @staticmethod
+    def _onnx_session(artifact: Path, threads: int | None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -58,15 +71,24 @@ class ExportedPolicy:
         options.inter_op_num_threads = 1
         # MatMulAddFusion turns each linear on [B, N, D] tokens into Reshape, Gemm, Reshape: on a batch-1 chunk those
         # extra nodes cost more than the fused bias saves (1.11x dit/tiny, 1.10x dit/base without it, same-run A/B)
-        session = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=["MatMulAddFusion"])
-        names = [i.name for i in session.get_inputs()]
+        return ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["MatMulAddFusion"])
+
+    def _native(self, artifact: Path, threads: int | None):
+        """The condition graph in ONNX Runtime, then the denoising loop in C (compiled on first load)."""
+        from robodit.deploy.native import NativeLoop
+
+        native = self.manifest["native"]
+        encoder = self._onnx_session(self.checkpoint_dir / native["encoder"], threads)
+        names = [i.name for i in encoder.get_inputs()]
+        loop = NativeLoop(artifact, native["dims"], native["floats"])
 
         def run(arrays: list[np.ndarray]) -> np.ndarray:
-            return session.run(None, dict(zip(names, arrays)))[0]
+            kv = encoder.run(None, dict(zip(names, arrays[:-1])))[0]
+            return loop(kv, arrays[-1])[None]
         return run
 
-    def _aoti(self, artifact: Path):
+    def _aoti(self, artifact: Path, threads: int | None = None):
         runner = torch._inductor.aoti_load_package(str(artifact))
 
         def run(arrays: list[np.ndarray]) -> np.ndarray:

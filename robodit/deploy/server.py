@@ -273,7 +273,8 @@ class PolicyServer:
 
 
 def check_backend(path, backend: str) -> None:
-    """--backend onnx / aoti serve a directory written by `robodit export` in that format; torch a checkpoint."""
+    """--backend onnx / aoti / native serve a directory written by `robodit export` in that format; torch a
+    checkpoint."""
     from robodit.deploy.exported import MANIFEST, is_exported
 
     if backend == "torch":

@@ -1,0 +1,133 @@
+"""`robodit export --format native`: a DiT's condition as an ONNX graph and its denoising loop in C give the eager
+actions for the same noise (task tokens, images, x0-prediction with clipping, RMSNorm blocks), load behind
+`robodit.load_policy`, serve with `--backend native`, and refuse what the C loop does not hold, by name."""
+
+import numpy as np
+import pytest
+import torch
+from _control_fakes import tiny_dit
+
+import robodit
+from robodit.cli import main
+from robodit.deploy import native
+from robodit.deploy.export import ExportError, export_policy
+from robodit.deploy.exported import ExportedPolicy
+from robodit.deploy.server import check_backend
+from robodit.training.checkpoint import export_state, save_checkpoint
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+if not native.shutil.which("cc") and not native.shutil.which("gcc"):
+    pytest.skip("no C compiler", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    """A fresh compile cache for this module (the library is built once, on the first load)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ROBODIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def _trained_looking(policy):
+    """Random weights everywhere: a fresh policy's zero-initialised gates and head would predict zeros."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    policy.on_weights_changed()
+    return policy.eval()
+
+
+def _agree(policy, exported, obs, goal=None):
+    for seed in (0, 1):
+        eager = policy.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
+        got = exported.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
+        assert got.shape == eager.shape and eager.abs().max() > 0.05
+        assert torch.allclose(got, eager, atol=1e-4), (got - eager).abs().max()
+
+
+def _dit(**kw):
+    from robodit.datasets.normalizer import Normalizer
+    from robodit.policies.dit import DiTPolicy
+
+    shapes = kw.pop("shapes", {"state": {"shape": [6], "dtype": "float32"}})
+    st = lambda d: {"min": -np.ones(d), "max": np.ones(d) * 2, "mean": np.zeros(d), "std": np.ones(d)}  # noqa: E731
+    stats = {k: st(v["shape"][0]) for k, v in shapes.items() if len(v["shape"]) == 1}
+    meta = {"obs": shapes, "action": {"shape": [3]}, "num_tasks": kw.pop("num_tasks", 1)}
+    torch.manual_seed(0)
+    return _trained_looking(DiTPolicy(meta, Normalizer({**stats, "action": st(3)}), size="tiny",
+                                      action_horizon=8, n_action_steps=4, **kw))
+
+
+def test_cli_export_matches_eager_with_task_tokens_and_serves(tmp_path):
+    policy = _trained_looking(tiny_dit(state_dim=6, action_dim=4, steps=3, num_tasks=2))
+    cfg = {"policy": {"_target_": "robodit.policies.dit.DiTPolicy", "size": "tiny", "action_horizon": 8,
+                      "n_action_steps": 4, "num_inference_steps": 3},
+           "shape_meta": policy.shape_meta, "store": {"fps": 30.0, "tasks": ["reach", "push"]}}
+    ckpt = save_checkpoint(tmp_path / "ckpt" / "step_1", model_state=export_state(policy), ema_state=None,
+                           normalizer_state=policy.normalizer.state_dict_flat(), config=cfg)
+    out = tmp_path / "native"
+    assert main(["export", str(ckpt), "--out", str(out), "--format", "native"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"denoiser.safetensors", "encoder.onnx", "export.json"}
+    eager, exported = robodit.load_policy(ckpt), robodit.load_policy(out)
+    assert isinstance(exported, ExportedPolicy) and exported.format == "native"
+    obs = {"state": np.random.default_rng(0).normal(size=(3, 2, 6)).astype(np.float32)}
+    _agree(eager, exported, obs, {"task": ["push", "reach", "push"]})
+    # the same noise through the one-graph ONNX export: both artifacts compute the same chunk
+    onnx = ExportedPolicy(export_policy(eager, tmp_path / "onnx", "onnx"))
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.allclose(exported.predict_action(obs, {"task_id": [1, 0, 1]}, generator=gen()),
+                          onnx.predict_action(obs, {"task_id": [1, 0, 1]}, generator=gen()), atol=1e-4)
+    check_backend(out, "native")
+    with pytest.raises(ValueError, match="--backend native"):
+        check_backend(out, "onnx")
+
+
+@pytest.mark.parametrize("variant", ["x0_clip", "images", "single_task_10_steps"])
+def test_variants_match_eager(tmp_path, variant):
+    if variant == "x0_clip":  # the DDIM table's clamped-x0 branch
+        policy = _dit(formulation={"name": "ddpm", "prediction": "sample", "clip_sample": 1.0},
+                      num_inference_steps=4)
+        obs = {"state": torch.randn(2, 2, 6)}
+    elif variant == "images":  # the condition graph holds the image encoder
+        policy = _dit(shapes={"state": {"shape": [6], "dtype": "float32"},
+                              "cam": {"shape": [16, 16, 3], "dtype": "uint8"}}, num_inference_steps=2)
+        obs = {"state": torch.randn(1, 2, 6), "cam": torch.randint(0, 256, (1, 2, 3, 16, 16), dtype=torch.uint8)}
+    else:
+        policy = _dit(num_inference_steps=10)
+        obs = {"state": torch.randn(1, 2, 6)}
+    _agree(policy, ExportedPolicy(export_policy(policy, tmp_path, "native")), obs)
+
+
+def test_what_the_c_loop_does_not_hold_is_refused_by_name(tmp_path):
+    from test_policy_mode import _policy
+
+    with pytest.raises(ExportError, match="DiT family only.*--format onnx"):
+        export_policy(_policy(num_inference_steps=2), tmp_path, "native")
+    with pytest.raises(ExportError, match="DDIM sampler only"):
+        export_policy(_dit(formulation="edm", num_inference_steps=2), tmp_path, "native")
+    with pytest.raises(ExportError, match="token\\+global"):
+        export_policy(_dit(num_tasks=2, task_conditioning="token+global"), tmp_path, "native")
+
+
+def test_library_is_built_once_and_checks_its_inputs(tmp_path):
+    policy = _dit(num_inference_steps=2)
+    out = export_policy(policy, tmp_path, "native")
+    ExportedPolicy(out)
+    built = sorted(native._cache_dir().glob("dit-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    exported = ExportedPolicy(out)
+    assert sorted(native._cache_dir().glob("dit-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+    loop = native.NativeLoop(out / native.WEIGHTS, exported.manifest["native"]["dims"],
+                             exported.manifest["native"]["floats"])
+    with pytest.raises(ValueError, match="context tokens"):
+        loop(np.zeros(5, np.float32), np.zeros((1, 8, 3), np.float32))
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(native.NativeBuildError, match="does not run"):
+        native.build_library()
