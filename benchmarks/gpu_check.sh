@@ -75,10 +75,11 @@ make_toy_store('/tmp/toy.zarr')" || echo "STEP 4 FAILED (store)"
     timeout 200 python3 benchmarks/latency.py --device cuda --repeats 50 --paths eager,compile \
         --only "dit/base ddim-10,mode/base ddim-5 To1 c10 cached" --out "$OUT/latency_cuda_compiled.json" \
         || echo "STEP 5 (GPU compiled) FAILED"
-    timeout 360 python3 benchmarks/latency.py --device cpu --threads 2 --repeats 20 --paths eager,onnx,aoti \
+    timeout 360 python3 benchmarks/latency.py --device cpu --threads 2 --repeats 20 --paths eager,onnx,aoti,native \
         --only "dit/tiny ddim-10,dit/base ddim-10" --out "$OUT/latency_cpu_exported.json" \
         || echo "STEP 5 (CPU exported) FAILED"
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_export.py || echo "STEP 5 (export tests) FAILED"
+    timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_export.py tests/test_export_native.py \
+        || echo "STEP 5 (export tests) FAILED"
     echo "== done"
     ;;
 *)

@@ -1,17 +1,19 @@
 """Why a tiny exported policy misses its FLOP floor: what one chunk costs depends on what ran before it, and on
 how many graph nodes it dispatches, not on its arithmetic.
 
-    python benchmarks/latency_context.py [--policy "dit/tiny ddim-10"] [--steps 2,5,10,20] [--repeats 150]
-        [--json benchmarks/results/latency_context.json]
+    python benchmarks/latency_context.py [--policy "dit/tiny ddim-10"] [--paths onnx,native] [--steps 2,5,10,20]
+        [--repeats 150] [--json benchmarks/results/latency_context.json]
 
-Two tables, both from ONNX Runtime on one thread, batch 1, the policy built as `benchmarks/latency.py` builds it:
+Two tables, one thread, batch 1, the policy built as `benchmarks/latency.py` builds it:
 
-1. **Context.** The chunk timed right after: the same chunk (back to back, as a loop computing chunk after chunk),
-   a 512³ matmul, the same policy's eager `predict_action` (what `latency.py`'s round-robin puts before it), a
-   3 ms and a 50 ms sleep (a policy server idle between requests). Each context is timed round-robin with the
-   others. The 512³ matmul's rate is measured in the same rounds: the floor is FLOPs ÷ that rate.
-2. **Graph size.** The same policy exported with 2, 5, 10, 20 DDIM steps: node count against time, back to back
-   and after the eager policy. The slope is what one more node costs; the intercept is the per-call cost.
+1. **Context.** The chunk of each exported path (ONNX Runtime; `native`: the condition graph in ONNX Runtime, the
+   denoising loop in C, DiT only) timed right after: the same chunk (back to back, as a loop computing chunk after
+   chunk), a 512³ matmul, the same policy's eager `predict_action` (what `latency.py`'s round-robin puts before
+   it), a 3 ms and a 50 ms sleep (a policy server idle between requests). Each (path, context) is timed
+   round-robin with the others. The 512³ matmul's rate is measured in the same rounds: the floor is FLOPs ÷ that
+   rate.
+2. **Graph size.** The ONNX export with 2, 5, 10, 20 DDIM steps: node count against time, back to back and after
+   the eager policy. The slope is what one more node costs; the intercept is the per-call cost.
 
 Prints both tables and writes JSON with the CPU model and load.
 """
@@ -55,6 +57,7 @@ def median_ms(times: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="dit/tiny ddim-10")
+    ap.add_argument("--paths", default="onnx,native", help="exported paths for the context table")
     ap.add_argument("--steps", default="2,5,10,20", help="DDIM step counts for the graph-size table")
     ap.add_argument("--repeats", type=int, default=150)
     ap.add_argument("--json", default="benchmarks/results/latency_context.json")
@@ -73,32 +76,37 @@ def main() -> None:
         out = export_policy(policy, work / f"ddim{steps}", "onnx")
         policy.num_inference_steps = saved
         exported[steps] = (ExportedPolicy(out, threads=1), len(onnx.load(str(out / "policy.onnx")).graph.node))
-    chunk, nodes = exported[policy.num_inference_steps]
+    nodes = exported[policy.num_inference_steps][1]
+    chunks = {"onnx": exported[policy.num_inference_steps][0]}
+    if "native" in args.paths.split(","):
+        chunks["native"] = ExportedPolicy(export_policy(policy, work / "native", "native"), threads=1)
     eager = lambda: policy.predict_action(obs, generator=gen)  # noqa: E731
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     matmul = lambda: torch.mm(a, b)  # noqa: E731
     call = lambda e: e.predict_action(obs, generator=gen)  # noqa: E731
-    contexts = {"back to back": lambda: call(chunk), "after a 512^3 matmul": matmul, "after the eager policy": eager,
+    contexts = {"back to back": None, "after a 512^3 matmul": matmul, "after the eager policy": eager,
                 "after 3 ms idle": lambda: time.sleep(0.003), "after 50 ms idle": lambda: time.sleep(0.05)}
-    for _ in range(20):
-        call(chunk), eager(), matmul()
+    for _ in range(20):  # warm-up
+        for warm in [*(lambda c=c: call(c) for c in chunks.values()), eager, matmul]:
+            warm()
 
-    times = {name: [] for name in contexts}
+    times = {(path, name): [] for path in chunks for name in contexts}
     mm_times = []
     rounds = max(20, args.repeats // 3)
     for _ in range(rounds):
-        for name, before in contexts.items():
-            before()
+        for (path, name), t in times.items():
+            chunk = chunks[path]
+            (contexts[name] or (lambda: call(chunk)))()
             t0 = time.perf_counter()
             call(chunk)
-            times[name].append(time.perf_counter() - t0)
+            t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         matmul()
         mm_times.append(time.perf_counter() - t0)
     rate = 2 * 512 ** 3 / statistics.median(mm_times)
     floor_ms = 1000 * flops / rate
-    context_rows = [{"context": name, "median_ms": median_ms(t), "x_floor": round(median_ms(t) / floor_ms, 2)}
-                    for name, t in times.items()]
+    context_rows = [{"path": path, "context": name, "median_ms": median_ms(t),
+                     "x_floor": round(median_ms(t) / floor_ms, 2)} for (path, name), t in times.items()]
 
     size_times = {s: {"back to back": [], "after the eager policy": []} for s in exported}
     for _ in range(args.repeats):
@@ -117,17 +125,17 @@ def main() -> None:
         slope, intercept = np.polyfit([r["nodes"] for r in size_rows], [r[key] for r in size_rows], 1)
         fits[key] = {"us_per_node": round(1000 * slope, 3), "intercept_ms": round(intercept, 3)}
 
-    print(f"{args.policy} [onnx], {nodes} nodes, {flops / 1e9:.3f} GFLOP; 512^3 matmul {rate / 1e9:.1f} GFLOP/s "
+    print(f"{args.policy} [onnx: {nodes} nodes], {flops / 1e9:.3f} GFLOP; 512^3 matmul {rate / 1e9:.1f} GFLOP/s "
           f"-> floor {floor_ms:.3f} ms; {cpu_model()}, 1 thread, load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
-    print("\n| chunk timed | median ms | x FLOP floor |\n|---|---:|---:|")
+    print("\n| path | chunk timed | median ms | x FLOP floor |\n|---|---|---:|---:|")
     for r in context_rows:
-        print(f"| {r['context']} | {r['median_ms']:.3f} | {r['x_floor']:.2f} |")
+        print(f"| {r['path']} | {r['context']} | {r['median_ms']:.3f} | {r['x_floor']:.2f} |")
     print("\n| DDIM steps | nodes | back to back ms | after the eager policy ms |\n|---:|---:|---:|---:|")
     for r in size_rows:
         print(f"| {r['ddim_steps']} | {r['nodes']} | {r['back to back']:.3f} | {r['after the eager policy']:.3f} |")
     for key, fit in fits.items():
         print(f"{key}: {fit['us_per_node']:.2f} us per node + {fit['intercept_ms']:.3f} ms per call")
-    result = {"policy": args.policy, "path": "onnx", "nodes": nodes, "gflops": round(flops / 1e9, 4),
+    result = {"policy": args.policy, "paths": list(chunks), "nodes": nodes, "gflops": round(flops / 1e9, 4),
               "matmul_gflops_per_s": round(rate / 1e9, 1), "floor_ms": round(floor_ms, 3),
               "machine": {"cpu": cpu_model(), "threads": 1, "torch": torch.__version__,
                           "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)]},

@@ -36,6 +36,8 @@ DIMS = ("tokens", "width", "heads", "depth", "action_dim", "steps", "context_tok
         "qk_norm", "clip")
 FLOATS = ("norm_eps", "qk_eps", "clip")
 GLOBALS = ("action_w", "action_add", "table", "head_mod", "head_w", "head_b", "un_scale", "un_offset")
+# GEMM weights [in, out]: the loader packs them in csrc/dit.c's column groups
+PACKED = ("action_w", "head_w", "qkv_w", "out_w", "cross_q_w", "cross_out_w", "mlp1_w", "mlp2_w")
 BLOCK = ("mod", "qkv_w", "qkv_b", "q_norm", "k_norm", "out_w", "out_b", "normx_w", "normx_b", "cross_q_w",
          "cross_q_b", "cross_q_norm", "cross_out_w", "cross_out_b", "cross_gate", "mlp1_w", "mlp1_b", "mlp2_w",
          "mlp2_b")
@@ -173,6 +175,17 @@ def build_library(source: Path = SOURCE) -> ctypes.CDLL:
     return dll
 
 
+def pack_columns(w: np.ndarray) -> np.ndarray:
+    """[K, N] → its column groups of 16 (then one of 8, then the rest), each [K, width] contiguous: the layout
+    csrc/dit.c's `gemm_w` streams."""
+    parts, j, n = [], 0, w.shape[1]
+    while j < n:
+        width = 16 if n - j >= 16 else 8 if n - j >= 8 else n - j
+        parts.append(w[:, j:j + width].reshape(-1))
+        j += width
+    return np.concatenate(parts)
+
+
 class NativeLoop:
     """`loop(kv, noise) -> actions [Tp, A]`: the exported denoising loop, un-normalisation included.
 
@@ -195,7 +208,8 @@ class NativeLoop:
                 offsets.append(-1)
                 continue
             offsets.append(at)
-            chunks.append(np.ascontiguousarray(arr, np.float32).reshape(-1))
+            arr = np.ascontiguousarray(arr, np.float32)
+            chunks.append(pack_columns(arr) if name.rsplit(".", 1)[-1] in PACKED else arr.reshape(-1))
             at += chunks[-1].size
         self._params = np.concatenate(chunks)
         self._offsets = np.asarray(offsets, np.int64)
