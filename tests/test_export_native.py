@@ -55,6 +55,7 @@ def _dit(**kw):
     shapes = kw.pop("shapes", {"state": {"shape": [6], "dtype": "float32"}})
     st = lambda d: {"min": -np.ones(d), "max": np.ones(d) * 2, "mean": np.zeros(d), "std": np.ones(d)}  # noqa: E731
     stats = {k: st(v["shape"][0]) for k, v in shapes.items() if len(v["shape"]) == 1}
+    stats = {k: {**v, "min": v["min"] - i, "max": v["max"] + i} for i, (k, v) in enumerate(stats.items())}
     meta = {"obs": shapes, "action": {"shape": [3]}, "num_tasks": kw.pop("num_tasks", 1)}
     torch.manual_seed(0)
     return _trained_looking(DiTPolicy(meta, Normalizer({**stats, "action": st(3)}), size="tiny",
@@ -98,7 +99,22 @@ def test_variants_match_eager(tmp_path, variant):
     else:
         policy = _dit(num_inference_steps=10)
         obs = {"state": torch.randn(1, 2, 6)}
-    _agree(policy, ExportedPolicy(export_policy(policy, tmp_path, "native")), obs)
+    exported = ExportedPolicy(export_policy(policy, tmp_path, "native"))
+    assert exported.manifest["native"]["condition"] == ("onnx" if variant == "images" else "native")
+    _agree(policy, exported, obs)
+
+
+def test_state_condition_runs_in_c_with_several_keys_and_tasks(tmp_path):
+    """Two state keys whose sorted order is not the observation's order (the encoder sorts them), two tasks: the
+    condition runs in C (no ONNX Runtime session), its actions equal eager's, and a bad task id is refused."""
+    policy = _dit(shapes={"z_joints": {"shape": [5], "dtype": "float32"}, "a_gripper": {"shape": [2], "dtype": "float32"}},
+                  num_tasks=2, num_inference_steps=3)
+    exported = ExportedPolicy(export_policy(policy, tmp_path, "native"))
+    assert exported.manifest["native"]["condition"] == "native"
+    obs = {"z_joints": torch.randn(2, 2, 5), "a_gripper": torch.randn(2, 2, 2)}
+    _agree(policy, exported, obs, {"task_id": torch.tensor([1, 0])})
+    with pytest.raises(ValueError, match="task id 2 is out of range"):
+        exported.predict_action(obs, {"task_id": torch.tensor([2, 0])})
 
 
 def test_what_the_c_loop_does_not_hold_is_refused_by_name(tmp_path):

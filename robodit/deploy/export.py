@@ -186,7 +186,10 @@ def _write_native(policy, out: Path) -> tuple[list[str], list[int], dict]:
     _write_onnx(program, args, [*graph.obs_keys, *graph.goal_keys], out / NATIVE_ENCODER, output="kv")
     dims, floats, tensors = dit_tensors(policy, context_tokens=kv.shape[-2])
     save_file(tensors, str(out / WEIGHTS))
-    native = {"encoder": NATIVE_ENCODER, "dims": dims, "floats": floats, "kv_shape": list(kv.shape)}
+    # the condition runs in C when the observations are states (no ONNX Runtime needed); encoder.onnx is written
+    # either way (images need it; for states it is the reference the C condition is tested against)
+    native = {"encoder": NATIVE_ENCODER, "dims": dims, "floats": floats, "kv_shape": list(kv.shape),
+              "condition": "native" if dims["keys"] else "onnx", "state_keys": list(policy.obs_encoder.keys)}
     return [*graph.obs_keys, *graph.goal_keys, "noise"], list(noise.shape[1:]), {"native": native}
 
 

@@ -75,13 +75,22 @@ class ExportedPolicy:
                                     disabled_optimizers=["MatMulAddFusion"])
 
     def _native(self, artifact: Path, threads: int | None):
-        """The condition graph in ONNX Runtime, then the denoising loop in C (compiled on first load)."""
+        """The denoising loop in C (compiled on first load); the condition in C too for state observations, else the
+        condition graph in ONNX Runtime."""
         from robodit.deploy.native import NativeLoop
 
         native = self.manifest["native"]
+        loop = NativeLoop(artifact, native["dims"], native["floats"])
+        if loop.has_condition:
+            index = {name: i for i, name in enumerate(self.inputs)}
+            order, task_at = [index[k] for k in native["state_keys"]], index.get("task_id")
+
+            def run(arrays: list[np.ndarray]) -> np.ndarray:
+                task = int(arrays[task_at][0]) if task_at is not None else 0
+                return loop.from_states([arrays[i][0] for i in order], task, arrays[-1])[None]
+            return run
         encoder = self._onnx_session(self.checkpoint_dir / native["encoder"], threads)
         names = [i.name for i in encoder.get_inputs()]
-        loop = NativeLoop(artifact, native["dims"], native["floats"])
 
         def run(arrays: list[np.ndarray]) -> np.ndarray:
             kv = encoder.run(None, dict(zip(names, arrays[:-1])))[0]

@@ -33,14 +33,18 @@ SOURCE = Path(__file__).parent / "csrc" / "dit.c"
 WEIGHTS = "denoiser.safetensors"
 # The C side's layout (csrc/dit.c's enums, same order): checked against the library at load.
 DIMS = ("tokens", "width", "heads", "depth", "action_dim", "steps", "context_tokens", "hidden", "rmsnorm",
-        "qk_norm", "clip")
+        "qk_norm", "clip", "keys", "obs_horizon", "state_hidden", "enc_depth", "enc_hidden", "task_token")
 FLOATS = ("norm_eps", "qk_eps", "clip")
-GLOBALS = ("action_w", "action_add", "table", "head_mod", "head_w", "head_b", "un_scale", "un_offset")
-# GEMM weights [in, out]: the loader packs them in csrc/dit.c's column groups
-PACKED = ("action_w", "head_w", "qkv_w", "out_w", "cross_q_w", "cross_out_w", "mlp1_w", "mlp2_w")
+GLOBALS = ("action_w", "action_add", "table", "head_mod", "head_w", "head_b", "un_scale", "un_offset", "pos",
+           "task_emb")
 BLOCK = ("mod", "qkv_w", "qkv_b", "q_norm", "k_norm", "out_w", "out_b", "normx_w", "normx_b", "cross_q_w",
          "cross_q_b", "cross_q_norm", "cross_out_w", "cross_out_b", "cross_gate", "mlp1_w", "mlp1_b", "mlp2_w",
-         "mlp2_b")
+         "mlp2_b", "kv_w", "kv_b", "cross_k_norm")
+KEY = ("offset", "scale", "w1", "b1", "w2", "b2")  # a state observation's normaliser and embedding MLP
+ENCODER = ("norm1_w", "norm1_b", "qkv_w", "qkv_b", "q_norm", "k_norm", "out_w", "out_b", "norm2_w", "norm2_b",
+           "mlp1_w", "mlp1_b", "mlp2_w", "mlp2_b")
+# GEMM weights [in, out]: the loader packs them in csrc/dit.c's column groups
+PACKED = ("action_w", "head_w", "qkv_w", "out_w", "cross_q_w", "cross_out_w", "mlp1_w", "mlp2_w", "kv_w", "w1", "w2")
 
 
 class NativeBuildError(RuntimeError):
@@ -70,6 +74,24 @@ def native_refusal(policy) -> str | None:
         norms = {type(m) for m in (block.norm1, block.norm2, block.norm_x, policy.head.norm)}
         if not (norms <= {nn.LayerNorm} or norms <= {RMSNorm}):
             return f"dit block {i} mixes norm kinds {sorted(t.__name__ for t in norms)}"
+    return None
+
+
+def condition_refusal(policy) -> str | None:
+    """Why the condition (observations -> K/V) cannot run in C too, or None: it can for state observations
+    embedded by the state MLP and LayerNorm context blocks; images keep the ONNX condition graph."""
+    from torch import nn
+
+    from robodit.nn.attention import TransformerEncoderBlock
+
+    encoder = policy.obs_encoder
+    for key in encoder.keys:
+        mlp = encoder.encoders[key]
+        if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], nn.SiLU)):
+            return f"observation {key!r} is not a state vector"
+    for block in policy.context_encoder:
+        if not isinstance(block, TransformerEncoderBlock) or not isinstance(block.norm1, nn.LayerNorm):
+            return "the context encoder is not LayerNorm TransformerEncoderBlocks"
     return None
 
 
@@ -106,12 +128,35 @@ def dit_tensors(policy, context_tokens: int) -> tuple[dict, dict, dict[str, np.n
              "cross_q_norm": cross.q_norm.weight if qk else None,
              "cross_out_w": cross.out.weight.t(), "cross_out_b": cross.out.bias, "cross_gate": block.cross_gate,
              "mlp1_w": mlp[0].weight.t(), "mlp1_b": mlp[0].bias, "mlp2_w": mlp[-1].weight.t(), "mlp2_b": mlp[-1].bias}
+        b.update(kv_w=cross.kv.weight.t(), kv_b=cross.kv.bias, cross_k_norm=cross.k_norm.weight if qk else None)
         t.update({f"block{i}.{k}": _np(v) for k, v in b.items() if v is not None})
+    native_condition = condition_refusal(policy) is None
+    encoder, key_dims, state_hidden, enc_hidden = policy.obs_encoder, [], 0, 0
+    if native_condition:
+        t["pos"] = _np(encoder.pos.reshape(-1, width))
+        if policy.task_embedding is not None:
+            t["task_emb"] = _np(policy.task_embedding.weight)
+        for k, key in enumerate(encoder.keys):
+            mlp = encoder.encoders[key]
+            off_k, sc_k = policy.normalizer._params(key, torch.zeros(mlp[0].in_features))
+            t.update({f"key{k}.{n}": _np(v) for n, v in zip(KEY, (off_k, sc_k, mlp[0].weight.t(), mlp[0].bias,
+                                                                   mlp[2].weight.t(), mlp[2].bias))})
+            key_dims.append(mlp[0].in_features)
+            state_hidden = mlp[0].out_features
+        for e, block in enumerate(policy.context_encoder):
+            fused, net = block.attn.fused_qkv(), block.mlp.net
+            parts = (block.norm1.weight, block.norm1.bias, fused.weight.t(), fused.bias, fused.q_norm, fused.k_norm,
+                     block.attn.out.weight.t(), block.attn.out.bias, block.norm2.weight, block.norm2.bias,
+                     net[0].weight.t(), net[0].bias, net[-1].weight.t(), net[-1].bias)
+            t.update({f"enc{e}.{n}": _np(v) for n, v in zip(ENCODER, parts) if v is not None})
+            enc_hidden = net[0].out_features
     norm = blocks[0].norm1
     dims = {"tokens": policy.action_horizon, "width": width, "heads": heads, "depth": len(blocks),
             "action_dim": policy.action_dim, "steps": steps, "context_tokens": context_tokens,
             "hidden": blocks[0].mlp.net[0].out_features, "rmsnorm": int(rms), "qk_norm": int(qk),
-            "clip": int(clip is not None)}
+            "clip": int(clip is not None), "keys": len(key_dims), "obs_horizon": policy.obs_horizon,
+            "state_hidden": state_hidden, "enc_depth": len(policy.context_encoder) if native_condition else 0,
+            "enc_hidden": enc_hidden, "task_token": int(policy.task_embedding is not None), "key_dims": key_dims}
     floats = {"norm_eps": float(norm.eps), "qk_eps": float(blocks[0].attn.q_norm.eps) if qk else 0.0,
               "clip": float(clip or 0.0)}
     return dims, floats, t
@@ -168,9 +213,13 @@ def build_library(source: Path = SOURCE) -> ctypes.CDLL:
     dll.robodit_dit_workspace.argtypes = [ctypes.c_void_p]
     dll.robodit_dit_chunk.restype = ctypes.c_int
     dll.robodit_dit_chunk.argtypes = [ctypes.c_void_p] * 7
-    counts = (ctypes.c_int * 4)()
+    dll.robodit_dit_condition_workspace.restype = ctypes.c_int64
+    dll.robodit_dit_condition_workspace.argtypes = [ctypes.c_void_p]
+    dll.robodit_dit_condition.restype = ctypes.c_int
+    dll.robodit_dit_condition.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+    counts = (ctypes.c_int * 6)()
     dll.robodit_layout(counts)
-    if tuple(counts) != (len(DIMS), len(FLOATS), len(GLOBALS), len(BLOCK)):
+    if tuple(counts) != (len(DIMS), len(FLOATS), len(GLOBALS), len(BLOCK), len(KEY), len(ENCODER)):
         raise NativeBuildError(f"{lib}: layout {tuple(counts)} does not match robodit.deploy.native's")
     return dll
 
@@ -187,18 +236,20 @@ def pack_columns(w: np.ndarray) -> np.ndarray:
 
 
 class NativeLoop:
-    """`loop(kv, noise) -> actions [Tp, A]`: the exported denoising loop, un-normalisation included.
-
-    kv is the encoder graph's output ([depth, 2, 1, heads, context, head_dim]); noise the unit Gaussian [1, Tp, A].
-    One workspace per loop: calls are serialised by a lock (a server's threads may share one policy)."""
+    """The exported denoising loop, un-normalisation included: `loop(kv, noise)` from the condition graph's K/V
+    ([depth, 2, 1, heads, context, head_dim]), or `loop.from_states(states, task, noise)` with the condition
+    computed in C too (state observations: `has_condition`). noise: the unit Gaussian [1, Tp, A]; returns actions
+    [Tp, A]. One workspace per loop: calls are serialised by a lock (a server's threads may share one policy)."""
 
     def __init__(self, weights: str | Path, dims: dict, floats: dict):
         from safetensors.numpy import load_file
 
         self.dims = dims
         tensors = load_file(str(weights))
-        names = list(GLOBALS) + [f"block{i}.{k}" for i in range(dims["depth"]) for k in BLOCK]
-        missing = [n for n in GLOBALS if n not in tensors]
+        names = [*GLOBALS, *(f"block{i}.{k}" for i in range(dims["depth"]) for k in BLOCK),
+                 *(f"key{i}.{k}" for i in range(dims.get("keys", 0)) for k in KEY),
+                 *(f"enc{i}.{k}" for i in range(dims.get("enc_depth", 0)) for k in ENCODER)]
+        missing = [n for n in ("action_w", "table", "head_w") if n not in tensors]
         if missing:
             raise ValueError(f"{weights} lacks {missing}: not a native DiT export")
         chunks, offsets, at = [], [], 0
@@ -213,24 +264,60 @@ class NativeLoop:
             at += chunks[-1].size
         self._params = np.concatenate(chunks)
         self._offsets = np.asarray(offsets, np.int64)
-        self._dims = np.asarray([int(dims[k]) for k in DIMS], np.int32)
+        self._dims = np.asarray([int(dims.get(k, 0)) for k in DIMS] + list(dims.get("key_dims", [])), np.int32)
         self._floats = np.asarray([float(floats[k]) for k in FLOATS], np.float32)
         self._lib = build_library()
-        self._work = np.zeros(int(self._lib.robodit_dit_workspace(self._dims.ctypes.data)), np.float32)
+        size = max(self._lib.robodit_dit_workspace(self._dims.ctypes.data),
+                   self._lib.robodit_dit_condition_workspace(self._dims.ctypes.data))
+        self._work = np.zeros(int(size), np.float32)
         self._static = [a.ctypes.data for a in (self._dims, self._floats, self._params, self._offsets)]
-        self._kv_size = dims["depth"] * 2 * dims["width"] * dims["context_tokens"]
+        self._kv = np.zeros(dims["depth"] * 2 * dims["width"] * dims["context_tokens"], np.float32)
         self._shape = (dims["tokens"], dims["action_dim"])
+        self._state_shape = (dims.get("obs_horizon", 0), sum(dims.get("key_dims", [])))
+        self._num_tasks = tensors["task_emb"].shape[0] if "task_emb" in tensors else 1
         self._lock = threading.Lock()
 
-    def __call__(self, kv: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        kv = np.ascontiguousarray(kv, np.float32)
-        if kv.size != self._kv_size:
-            raise ValueError(f"condition K/V has {kv.size} values; this loop reads {self._kv_size} "
-                             f"(depth x 2 x width x {self.dims['context_tokens']} context tokens)")
+    @property
+    def has_condition(self) -> bool:
+        """Whether the condition runs here too (state observations), so no ONNX Runtime is needed."""
+        return self.dims.get("keys", 0) > 0
+
+    def _chunk(self, kv: np.ndarray, noise: np.ndarray) -> np.ndarray:
         x = np.array(noise, np.float32).reshape(self._shape)  # a copy: the loop works in place
-        with self._lock:
-            status = self._lib.robodit_dit_chunk(*self._static[:2], self._static[2], self._static[3], kv.ctypes.data,
-                                                 x.ctypes.data, self._work.ctypes.data)
+        status = self._lib.robodit_dit_chunk(*self._static, kv.ctypes.data, x.ctypes.data, self._work.ctypes.data)
         if status:
             raise RuntimeError(f"native loop returned {status}")
         return x
+
+    def __call__(self, kv: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        kv = np.ascontiguousarray(kv, np.float32)
+        if kv.size != self._kv.size:
+            raise ValueError(f"condition K/V has {kv.size} values; this loop reads {self._kv.size} "
+                             f"(depth x 2 x width x {self.dims['context_tokens']} context tokens)")
+        with self._lock:
+            return self._chunk(kv, noise)
+
+    def from_states(self, states: list[np.ndarray], task: int, noise: np.ndarray) -> np.ndarray:
+        """`states`: each state key's [obs_horizon, width] (or [1, obs_horizon, width]) in the policy's sorted key
+        order; `task`: the task id (0 for a single-task policy)."""
+        obs = np.concatenate([np.asarray(x, np.float32).reshape(self._state_shape[0], -1) for x in states], axis=1)
+        if obs.shape != self._state_shape:
+            raise ValueError(f"states {[np.shape(x) for x in states]}: this loop reads {self._state_shape[1]} "
+                             f"state values per step over {self._state_shape[0]} steps")
+        if not 0 <= int(task) < self._num_tasks:
+            raise ValueError(f"task id {task} is out of range: this policy has {self._num_tasks} task(s)")
+        obs = self._key_major(obs)
+        with self._lock:
+            status = self._lib.robodit_dit_condition(*self._static, obs.ctypes.data, int(task), self._kv.ctypes.data,
+                                                     self._work.ctypes.data)
+            if status:
+                raise RuntimeError(f"native condition returned {status} (this export holds no condition weights)")
+            return self._chunk(self._kv, noise)
+
+    def _key_major(self, obs: np.ndarray) -> np.ndarray:
+        """[To, sum of widths] → each key's [To, width] block back to back (what csrc/dit.c reads)."""
+        widths = self.dims["key_dims"]
+        if len(widths) == 1:
+            return np.ascontiguousarray(obs).reshape(-1)
+        bounds = np.cumsum([0, *widths])
+        return np.concatenate([obs[:, a:b].reshape(-1) for a, b in zip(bounds[:-1], bounds[1:])])

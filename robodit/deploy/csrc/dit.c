@@ -25,22 +25,29 @@
 #define ROBODIT_AVX2 0
 #endif
 
-/* integer dims */
+/* integer dims (then, when the condition runs here, one state width per observation key) */
 enum { D_TOKENS, D_WIDTH, D_HEADS, D_DEPTH, D_ACTION, D_STEPS, D_CTX, D_HIDDEN, D_RMSNORM, D_QKNORM, D_CLIP,
-       D_COUNT };
+       D_KEYS, D_OBS_T, D_STATE_HIDDEN, D_ENC_DEPTH, D_ENC_HIDDEN, D_TASK_TOKEN, D_COUNT };
 /* float params */
 enum { F_NORM_EPS, F_QK_EPS, F_CLIP, F_COUNT };
 /* global tensors */
-enum { G_ACTION_W, G_ACTION_ADD, G_TABLE, G_HEAD_MOD, G_HEAD_W, G_HEAD_B, G_UN_SCALE, G_UN_OFFSET, G_COUNT };
-/* per-block tensors */
+enum { G_ACTION_W, G_ACTION_ADD, G_TABLE, G_HEAD_MOD, G_HEAD_W, G_HEAD_B, G_UN_SCALE, G_UN_OFFSET, G_POS, G_TASK_EMB,
+       G_COUNT };
+/* per decoder block tensors (the last three: the cross-attention's K/V projection, for the condition) */
 enum { B_MOD, B_QKV_W, B_QKV_B, B_QN, B_KN, B_OUT_W, B_OUT_B, B_NX_W, B_NX_B, B_CQ_W, B_CQ_B, B_CQN, B_COUT_W,
-       B_COUT_B, B_CGATE, B_M1_W, B_M1_B, B_M2_W, B_M2_B, B_COUNT };
+       B_COUT_B, B_CGATE, B_M1_W, B_M1_B, B_M2_W, B_M2_B, B_KV_W, B_KV_B, B_CKN, B_COUNT };
+/* per observation key (a state vector: normalise, Linear, SiLU, Linear) */
+enum { K_OFFSET, K_SCALE, K_W1, K_B1, K_W2, K_B2, K_COUNT };
+/* per context-encoder block (pre-norm self-attention + MLP, affine LayerNorms) */
+enum { E_N1_W, E_N1_B, E_QKV_W, E_QKV_B, E_QN, E_KN, E_OUT_W, E_OUT_B, E_N2_W, E_N2_B, E_M1_W, E_M1_B, E_M2_W,
+       E_M2_B, E_COUNT };
 
-int robodit_abi_version(void) { return 1; }
+int robodit_abi_version(void) { return 2; }
 int robodit_simd(void) { return ROBODIT_AVX2; }
 int robodit_layout(int *counts) {
-    counts[0] = D_COUNT; counts[1] = F_COUNT; counts[2] = G_COUNT; counts[3] = B_COUNT;
-    return 4;
+    counts[0] = D_COUNT; counts[1] = F_COUNT; counts[2] = G_COUNT; counts[3] = B_COUNT; counts[4] = K_COUNT;
+    counts[5] = E_COUNT;
+    return 6;
 }
 
 /* ---- GEMM: y[M x N] (row stride ldy) = x[M x K] (ldx) @ w[K x N] (ldw) + b[N] (b may be NULL) ---------------- */
@@ -210,6 +217,20 @@ static void gelu_tanh(float *x, int n) {
         const float v = x[i];
         x[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     }
+}
+
+/* SiLU in place: x / (1 + e^-x) */
+static void silu(float *x, int n) {
+    int i = 0;
+#if ROBODIT_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 d = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))), r0 = _mm256_rcp_ps(d);
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(v, _mm256_mul_ps(r0, _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(2.0f)))));
+    }
+#endif
+    for (; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
 }
 
 /* softmax over each of `rows` rows of length n (row stride ld), in place */
@@ -482,5 +503,84 @@ int robodit_dit_chunk(const int32_t *dims, const float *fp, const float *P, cons
     const float *un_scale = at(P, off, G_UN_SCALE), *un_off = at(P, off, G_UN_OFFSET);
     for (int i = 0; i < T; i++)
         for (int j = 0; j < A; j++) x[i * A + j] = x[i * A + j] * un_scale[j] + un_off[j];
+    return 0;
+}
+
+/* ---- the condition: state observations -> every decoder block's cross-attention K/V -------------------------- */
+
+int64_t robodit_dit_condition_workspace(const int32_t *dims) {
+    const int64_t W = dims[D_WIDTH], C = dims[D_CTX], hd = W / dims[D_HEADS];
+    const int64_t hidden = dims[D_ENC_HIDDEN] > dims[D_STATE_HIDDEN] ? dims[D_ENC_HIDDEN] : dims[D_STATE_HIDDEN];
+    int64_t widest = 0;
+    for (int k = 0; k < dims[D_KEYS]; k++) widest = dims[D_COUNT + k] > widest ? dims[D_COUNT + k] : widest;
+    return C * W * 3 + C * 3 * W + C * hidden + C * C + hd * C + widest + 64;
+}
+
+/* What `DiTPolicy.encode` computes for state-only observations: each key normalised ((x - offset) / scale) and
+   embedded (Linear, SiLU, Linear) per time step, tokens ordered time-major (t * keys + k) plus their positions, the
+   task token first when the policy has one, the context-encoder blocks, then each decoder block's normalised K
+   and V. obs: the keys' [obs_horizon x width] rows back to back, in the policy's (sorted) key order. kv: as
+   `robodit_dit_chunk` reads it. Returns -1 when this export holds no condition weights (image observations). */
+int robodit_dit_condition(const int32_t *dims, const float *fp, const float *P, const int64_t *off,
+                          const float *obs, int64_t task, float *kv, float *work) {
+    const int W = dims[D_WIDTH], heads = dims[D_HEADS], depth = dims[D_DEPTH], C = dims[D_CTX];
+    const int keys = dims[D_KEYS], To = dims[D_OBS_T], Hs = dims[D_STATE_HIDDEN], He = dims[D_ENC_HIDDEN];
+    const int qknorm = dims[D_QKNORM], hd = W / heads, base = dims[D_TASK_TOKEN] ? 1 : 0;
+    const float eps = fp[F_NORM_EPS], qk_eps = fp[F_QK_EPS], qscale = 1.0f / sqrtf((float)hd);
+    if (keys <= 0 || off[G_POS] < 0) return -1;
+    const int64_t *boff = off + G_COUNT, *koff = boff + (size_t)depth * B_COUNT;
+    const int64_t *eoff = koff + (size_t)keys * K_COUNT;
+    const int hidden = He > Hs ? He : Hs;
+    float *ctx = work, *hbuf = ctx + (size_t)C * W, *ybuf = hbuf + (size_t)C * W, *qkv = ybuf + (size_t)C * W;
+    float *mlp = qkv + (size_t)C * 3 * W, *s = mlp + (size_t)C * hidden, *kt = s + (size_t)C * C;
+    float *xn = kt + (size_t)hd * C;
+
+    if (base) memcpy(ctx, at(P, off, G_TASK_EMB) + (size_t)task * W, sizeof(float) * W);
+    const float *pos = at(P, off, G_POS);
+    for (int k = 0, col = 0; k < keys; k++) {
+        const int64_t *o = koff + (size_t)k * K_COUNT;
+        const int d = dims[D_COUNT + k];
+        const float *offset = at(P, o, K_OFFSET), *scale = at(P, o, K_SCALE);
+        for (int t = 0; t < To; t++) {
+            const float *x = obs + (size_t)col * To + (size_t)t * d;
+            for (int j = 0; j < d; j++) xn[j] = (x[j] - offset[j]) / scale[j];
+            gemm_w(1, Hs, d, xn, d, at(P, o, K_W1), at(P, o, K_B1), mlp, Hs);
+            silu(mlp, Hs);
+            float *row = ctx + (size_t)(base + t * keys + k) * W;
+            gemm_w(1, W, Hs, mlp, Hs, at(P, o, K_W2), at(P, o, K_B2), row, W);
+            for (int j = 0; j < W; j++) row[j] += pos[(size_t)(t * keys + k) * W + j];
+        }
+        col += d;
+    }
+    for (int e = 0; e < dims[D_ENC_DEPTH]; e++) {
+        const int64_t *o = eoff + (size_t)e * E_COUNT;
+        norm_rows(ctx, hbuf, C, W, 0, eps, at(P, o, E_N1_W), at(P, o, E_N1_B));
+        gemm_w(C, 3 * W, W, hbuf, W, at(P, o, E_QKV_W), at(P, o, E_QKV_B), qkv, 3 * W);
+        if (qknorm) {
+            head_rms(qkv, C, heads, hd, 3 * W, at(P, o, E_QN), qk_eps, qscale);
+            head_rms(qkv + W, C, heads, hd, 3 * W, at(P, o, E_KN), qk_eps, 1.0f);
+        } else {
+            scale_rows(qkv, C, W, 3 * W, qscale);
+        }
+        attention(qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, C, C, heads, hd, ybuf, W, kt, s);
+        gemm_w(C, W, W, ybuf, W, at(P, o, E_OUT_W), at(P, o, E_OUT_B), hbuf, W);
+        for (int i = 0; i < C * W; i++) ctx[i] += hbuf[i];
+        norm_rows(ctx, hbuf, C, W, 0, eps, at(P, o, E_N2_W), at(P, o, E_N2_B));
+        gemm_w(C, He, W, hbuf, W, at(P, o, E_M1_W), at(P, o, E_M1_B), mlp, He);
+        gelu_tanh(mlp, C * He);
+        gemm_w(C, W, He, mlp, He, at(P, o, E_M2_W), at(P, o, E_M2_B), hbuf, W);
+        for (int i = 0; i < C * W; i++) ctx[i] += hbuf[i];
+    }
+    for (int blk = 0; blk < depth; blk++) {
+        const int64_t *o = boff + (size_t)blk * B_COUNT;
+        gemm_w(C, 2 * W, W, ctx, W, at(P, o, B_KV_W), at(P, o, B_KV_B), qkv, 2 * W);
+        if (qknorm) head_rms(qkv, C, heads, hd, 2 * W, at(P, o, B_CKN), qk_eps, 1.0f);
+        float *kb = kv + (size_t)blk * 2 * heads * C * hd, *vb = kb + (size_t)heads * C * hd;
+        for (int h = 0; h < heads; h++)
+            for (int c = 0; c < C; c++) {
+                memcpy(kb + ((size_t)h * C + c) * hd, qkv + (size_t)c * 2 * W + h * hd, sizeof(float) * hd);
+                memcpy(vb + ((size_t)h * C + c) * hd, qkv + (size_t)c * 2 * W + W + h * hd, sizeof(float) * hd);
+            }
+    }
     return 0;
 }
