@@ -1,6 +1,7 @@
-"""`robodit export --format native`: a DiT's condition as an ONNX graph and its denoising loop in C give the eager
-actions for the same noise (task tokens, images, x0-prediction with clipping, RMSNorm blocks), load behind
-`robodit.load_policy`, serve with `--backend native`, and refuse what the C loop does not hold, by name."""
+"""`robodit export --format native`: a DiT's denoising loop in C, its condition in C too for state observations (an
+ONNX graph for images), gives the eager actions for the same noise (task tokens, several state keys, images,
+x0-prediction with clipping, 10 steps), loads behind `robodit.load_policy`, serves with `--backend native`, and
+refuses what the C loop does not hold, by name."""
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from robodit.deploy.export import ExportError, export_policy
 from robodit.deploy.exported import ExportedPolicy
 from robodit.deploy.server import check_backend
 from robodit.training.checkpoint import export_state, save_checkpoint
+from test_export import _agree, _trained_looking  # noqa: E402  (random weights; eager vs exported, two seeds)
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -28,24 +30,6 @@ def _cache(tmp_path_factory):
     mp.setenv("ROBODIT_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
-
-
-def _trained_looking(policy):
-    """Random weights everywhere: a fresh policy's zero-initialised gates and head would predict zeros."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    policy.on_weights_changed()
-    return policy.eval()
-
-
-def _agree(policy, exported, obs, goal=None):
-    for seed in (0, 1):
-        eager = policy.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
-        got = exported.predict_action(obs, goal, generator=torch.Generator().manual_seed(seed))
-        assert got.shape == eager.shape and eager.abs().max() > 0.05
-        assert torch.allclose(got, eager, atol=1e-4), (got - eager).abs().max()
 
 
 def _dit(**kw):
@@ -132,15 +116,23 @@ def test_library_is_built_once_and_checks_its_inputs(tmp_path):
     policy = _dit(num_inference_steps=2)
     out = export_policy(policy, tmp_path, "native")
     ExportedPolicy(out)
-    built = sorted(native._cache_dir().glob("dit-*.so"))
-    assert len(built) == 1
-    mtime = built[0].stat().st_mtime_ns
-    exported = ExportedPolicy(out)
-    assert sorted(native._cache_dir().glob("dit-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+    built = {p: p.stat().st_mtime_ns for p in native._cache_dir().glob("dit-*.so")}
+    assert built
+    exported = ExportedPolicy(out)  # loads the cached library: nothing compiled or rewritten
+    assert {p: p.stat().st_mtime_ns for p in native._cache_dir().glob("dit-*.so")} == built
     loop = native.NativeLoop(out / native.WEIGHTS, exported.manifest["native"]["dims"],
                              exported.manifest["native"]["floats"])
     with pytest.raises(ValueError, match="context tokens"):
         loop(np.zeros(5, np.float32), np.zeros((1, 8, 3), np.float32))
+
+
+def test_portable_c_path_agrees_too(monkeypatch, tmp_path):
+    """Without -march=native (a CPU without AVX2, or ROBODIT_NATIVE_ARCH=portable) the plain C loops run."""
+    monkeypatch.setenv("ROBODIT_NATIVE_ARCH", "portable")
+    assert native.build_library().robodit_simd() == 0
+    policy = _dit(num_tasks=2, num_inference_steps=3)
+    _agree(policy, ExportedPolicy(export_policy(policy, tmp_path, "native")), {"state": torch.randn(2, 2, 6)},
+           {"task_id": torch.tensor([0, 1])})
 
 
 def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):

@@ -7,9 +7,10 @@ chunk and stays an ONNX graph (`encoder.onnx`), so every observation kind the po
 
 The directory holds encoder.onnx, denoiser.safetensors (the loop's tensors, every step-only quantity precomputed:
 AdaLN modulations per step, the stacked Q/K/V, the DDIM step table, the action un-normalisation) and export.json.
-The loader compiles csrc/dit.c once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
-directory ($ROBODIT_CACHE, else ~/.cache/robodit), so a robot computer needs a C compiler, numpy, onnxruntime and
-safetensors, and no training code.
+The loader compiles csrc/dit.c once per machine with the system C compiler (`cc -O3 -march=native`; AVX2/FMA
+kernels where the CPU has them, plain C elsewhere or with ROBODIT_NATIVE_ARCH=portable) into a cache directory
+($ROBODIT_CACHE, else ~/.cache/robodit), so a robot computer needs a C compiler, numpy and safetensors (and
+onnxruntime for image observations), and no training code.
 
 What it holds: the DiT family (`policy=dit`), DDPM's DDIM sampler, task ids as a condition token. Anything else is
 refused by name (`ExportError`); `--format onnx` exports every family.
@@ -191,12 +192,21 @@ def build_library(source: Path = SOURCE) -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"C compiler {cc!r} does not run: {exc}") from None
     code = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([code, cc.encode(), version.encode(), _cpu_signature().encode()])).hexdigest()
+    # ROBODIT_NATIVE_ARCH=portable: no -march=native (plain C loops; a library for several CPUs, or a check of the
+    # portable path on an AVX2 machine)
+    portable = os.environ.get("ROBODIT_NATIVE_ARCH", "native") == "portable"
+    archs = [[]] if portable else [["-march=native"], []]  # a compiler without -march=native still gets plain C
+    key = hashlib.sha256(b"\0".join([code, cc.encode(), version.encode(), _cpu_signature().encode(),
+                                      str(portable).encode()])).hexdigest()
     lib = _cache_dir() / f"dit-{key[:16]}.so"
-    if not lib.exists():
+    try:
         lib.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (a service user on a robot computer): the system's temp directory
+        lib = Path(tempfile.gettempdir()) / f"robodit-native-{os.getuid() if hasattr(os, 'getuid') else 0}" / lib.name
+        lib.parent.mkdir(parents=True, exist_ok=True)
+    if not lib.exists():
         errors = []
-        for arch in (["-march=native"], []):  # a compiler without -march=native still gets portable C
+        for arch in archs:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
             cmd = [cc, "-O3", *arch, "-std=gnu11", "-fPIC", "-shared", str(source), "-o", tmp, "-lm"]
@@ -209,6 +219,8 @@ def build_library(source: Path = SOURCE) -> ctypes.CDLL:
         else:
             raise NativeBuildError("compiling the native loop failed:\n" + "\n".join(errors))
     dll = ctypes.CDLL(str(lib))
+    if portable and dll.robodit_simd():
+        raise NativeBuildError(f"{lib}: ROBODIT_NATIVE_ARCH=portable built the AVX2 path")
     dll.robodit_dit_workspace.restype = ctypes.c_int64
     dll.robodit_dit_workspace.argtypes = [ctypes.c_void_p]
     dll.robodit_dit_chunk.restype = ctypes.c_int

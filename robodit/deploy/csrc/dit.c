@@ -107,24 +107,20 @@ static void gemm_any(int M, int N, int K, const float *x, int ldx, const float *
                      const float *b, float *y, int ldy) {
     int j = 0;
 #if ROBODIT_AVX2
-    for (; j + 16 <= N; j += 16) {
-        const float *wj = packed ? w + (size_t)j * K : w + j;
-        const int ld = packed ? 16 : ldw;
-        for (int i = 0; i < M; i += 6) {
-            const int mr = M - i < 6 ? M - i : 6;
-            ROWS_DISPATCH(tile16, mr, K, x + (size_t)i * ldx, ldx, wj, ld, b ? b + j : NULL,
-                          y + (size_t)i * ldy + j, ldy)
-        }
+/* every whole group of WIDTH columns from j on, through TILE (rows 6 at a time) */
+#define COLUMN_GROUPS(WIDTH, TILE)                                                                              \
+    for (; j + WIDTH <= N; j += WIDTH) {                                                                        \
+        const float *wj = packed ? w + (size_t)j * K : w + j;                                                   \
+        const int ld = packed ? WIDTH : ldw;                                                                    \
+        for (int i = 0; i < M; i += 6) {                                                                        \
+            const int mr = M - i < 6 ? M - i : 6;                                                               \
+            ROWS_DISPATCH(TILE, mr, K, x + (size_t)i * ldx, ldx, wj, ld, b ? b + j : NULL,                      \
+                          y + (size_t)i * ldy + j, ldy)                                                         \
+        }                                                                                                       \
     }
-    for (; j + 8 <= N; j += 8) {
-        const float *wj = packed ? w + (size_t)j * K : w + j;
-        const int ld = packed ? 8 : ldw;
-        for (int i = 0; i < M; i += 6) {
-            const int mr = M - i < 6 ? M - i : 6;
-            ROWS_DISPATCH(tile8, mr, K, x + (size_t)i * ldx, ldx, wj, ld, b ? b + j : NULL,
-                          y + (size_t)i * ldy + j, ldy)
-        }
-    }
+    COLUMN_GROUPS(16, tile16)
+    COLUMN_GROUPS(8, tile8)
+#undef COLUMN_GROUPS
 #else
     if (packed) {  /* the portable build walks the same groups */
         for (; j < N;) {
@@ -373,6 +369,22 @@ static void attention(const float *q, int ldq, const float *k, int ldk, const fl
     }
 }
 
+/* Self-attention of n tokens from their stacked projection qkv [n x 3W] (Q, K, V; head h at column h*hd of each):
+   Q and K RMS-normalised per head when the block has QK-norm (weights qn, kn), Q scaled by 1/sqrt(hd); output
+   y [n x W]. */
+static void self_attention(float *qkv, int n, int W, int heads, int qknorm, const float *qn, const float *kn,
+                           float qk_eps, float *y, float *kt, float *s) {
+    const int hd = W / heads;
+    const float qscale = 1.0f / sqrtf((float)hd);
+    if (qknorm) {
+        head_rms(qkv, n, heads, hd, 3 * W, qn, qk_eps, qscale);
+        head_rms(qkv + W, n, heads, hd, 3 * W, kn, qk_eps, 1.0f);
+    } else {
+        scale_rows(qkv, n, W, 3 * W, qscale);
+    }
+    attention(qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, n, n, heads, hd, y, W, kt, s);
+}
+
 /* Cross-attention to a few condition tokens (C <= 8), per query row and head: C dot products, one 8-lane exp,
    C axpys. Through `attention` (a K transpose, two GEMMs of width C, C scalar exps per row) it took 12% of dit/tiny's
    loop for 3% of its FLOPs. K and V are head-major: [heads x C x hd]. */
@@ -456,13 +468,7 @@ int robodit_dit_chunk(const int32_t *dims, const float *fp, const float *P, cons
             /* self-attention */
             norm_rows(tok, hbuf, T, W, rms, eps, sc1, sh1);
             gemm_w(T, 3 * W, W, hbuf, W, at(P, o, B_QKV_W), at(P, o, B_QKV_B), qkv, 3 * W);
-            if (qknorm) {
-                head_rms(qkv, T, heads, hd, 3 * W, at(P, o, B_QN), qk_eps, qscale);
-                head_rms(qkv + W, T, heads, hd, 3 * W, at(P, o, B_KN), qk_eps, 1.0f);
-            } else {
-                scale_rows(qkv, T, W, 3 * W, qscale);
-            }
-            attention(qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, T, T, heads, hd, ybuf, W, kt, s);
+            self_attention(qkv, T, W, heads, qknorm, at(P, o, B_QN), at(P, o, B_KN), qk_eps, ybuf, kt, s);
             gemm_w(T, W, W, ybuf, W, at(P, o, B_OUT_W), at(P, o, B_OUT_B), hbuf, W);
             gated_add(tok, hbuf, g1, T, W);
             /* cross-attention to the chunk's condition */
@@ -526,7 +532,7 @@ int robodit_dit_condition(const int32_t *dims, const float *fp, const float *P, 
     const int W = dims[D_WIDTH], heads = dims[D_HEADS], depth = dims[D_DEPTH], C = dims[D_CTX];
     const int keys = dims[D_KEYS], To = dims[D_OBS_T], Hs = dims[D_STATE_HIDDEN], He = dims[D_ENC_HIDDEN];
     const int qknorm = dims[D_QKNORM], hd = W / heads, base = dims[D_TASK_TOKEN] ? 1 : 0;
-    const float eps = fp[F_NORM_EPS], qk_eps = fp[F_QK_EPS], qscale = 1.0f / sqrtf((float)hd);
+    const float eps = fp[F_NORM_EPS], qk_eps = fp[F_QK_EPS];
     if (keys <= 0 || off[G_POS] < 0) return -1;
     const int64_t *boff = off + G_COUNT, *koff = boff + (size_t)depth * B_COUNT;
     const int64_t *eoff = koff + (size_t)keys * K_COUNT;
@@ -556,13 +562,7 @@ int robodit_dit_condition(const int32_t *dims, const float *fp, const float *P, 
         const int64_t *o = eoff + (size_t)e * E_COUNT;
         norm_rows(ctx, hbuf, C, W, 0, eps, at(P, o, E_N1_W), at(P, o, E_N1_B));
         gemm_w(C, 3 * W, W, hbuf, W, at(P, o, E_QKV_W), at(P, o, E_QKV_B), qkv, 3 * W);
-        if (qknorm) {
-            head_rms(qkv, C, heads, hd, 3 * W, at(P, o, E_QN), qk_eps, qscale);
-            head_rms(qkv + W, C, heads, hd, 3 * W, at(P, o, E_KN), qk_eps, 1.0f);
-        } else {
-            scale_rows(qkv, C, W, 3 * W, qscale);
-        }
-        attention(qkv, 3 * W, qkv + W, 3 * W, qkv + 2 * W, 3 * W, C, C, heads, hd, ybuf, W, kt, s);
+        self_attention(qkv, C, W, heads, qknorm, at(P, o, E_QN), at(P, o, E_KN), qk_eps, ybuf, kt, s);
         gemm_w(C, W, W, ybuf, W, at(P, o, E_OUT_W), at(P, o, E_OUT_B), hbuf, W);
         for (int i = 0; i < C * W; i++) ctx[i] += hbuf[i];
         norm_rows(ctx, hbuf, C, W, 0, eps, at(P, o, E_N2_W), at(P, o, E_N2_B));
