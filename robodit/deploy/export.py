@@ -11,10 +11,11 @@ task's per-step modulations and gathers by the task-id input.
 Formats (onnx and aoti trace the same graph with torch.export):
 - onnx: ONNX Runtime runs it; the robot computer needs onnxruntime and numpy (torch only to draw seeded noise).
 - aoti: torch's AOTInductor package, C++ compiled for this CPU; needs torch at run time, no robodit model code.
-- native (DiT only): the condition as a small ONNX graph, the denoising loop as one C call
-  (`robodit.deploy.native`): for small policies, whose graph is bound by per-operator dispatch.
+- native (DiT only): the denoising loop as one C call, the condition in C too for state observations (a small ONNX
+  graph for images; `robodit.deploy.native`): for small policies, whose graph is bound by per-operator dispatch.
 
-The directory holds policy.onnx or policy.pt2, export.json (what `robodit.deploy.exported` needs to feed it:
+The directory holds policy.onnx, policy.pt2 or denoiser.safetensors + encoder.onnx, export.json (what
+`robodit.deploy.exported` needs to feed it:
 inputs, shapes, horizons, the schedule it was traced with, task names) and the checkpoint's config.yaml.
 Batch is fixed at 1 (a robot's control loop); the loader runs a larger batch row by row.
 """

@@ -1,8 +1,9 @@
 """An exported policy directory (`robodit export`) behind the Policy's `predict_action`.
 
 No model code, Hydra or simulator is imported: the ONNX file runs in ONNX Runtime, the AOTInductor package in
-torch's runtime, a native export's condition graph in ONNX Runtime and its loop in C (`robodit.deploy.native`). Inputs are checked as the server checks them (`wire.check_observation`: each problem names the
-key), images go in HWC or CHW, and the starting noise is drawn exactly as the eager policy draws it from the
+torch's runtime, a native export in C (`robodit.deploy.native`; its condition graph in ONNX Runtime for images).
+Inputs are checked as the server checks them (`wire.check_observation`: each problem names the key), images go in
+HWC or CHW, and the starting noise is drawn exactly as the eager policy draws it from the
 same generator, so `predict_action(obs, generator=torch.Generator().manual_seed(s))` gives the eager actions.
 """
 

@@ -2,11 +2,13 @@
 
 Why: at batch 1 a small DiT is bound by operator dispatch, not arithmetic. ONNX Runtime runs dit/tiny's ~700 graph
 nodes at ~2 us each, more than their FLOPs cost; the C loop runs the same steps as straight-line code over one
-workspace. The condition (observations -> each block's cross-attention keys and values) is computed once per
-chunk and stays an ONNX graph (`encoder.onnx`), so every observation kind the policy reads still works.
+workspace. The condition (observations -> each block's cross-attention keys and values, once per chunk) runs in C
+too when every observation is a state vector; with images it stays an ONNX graph (`encoder.onnx`, written for
+every native export), so every observation kind the policy reads still works.
 
 The directory holds encoder.onnx, denoiser.safetensors (the loop's tensors, every step-only quantity precomputed:
-AdaLN modulations per step, the stacked Q/K/V, the DDIM step table, the action un-normalisation) and export.json.
+AdaLN modulations per step, the stacked Q/K/V, the DDIM step table, the action un-normalisation; and for states
+the observation normaliser, embedding MLPs, positions, task embedding and context-encoder blocks) and export.json.
 The loader compiles csrc/dit.c once per machine with the system C compiler (`cc -O3 -march=native`; AVX2/FMA
 kernels where the CPU has them, plain C elsewhere or with ROBODIT_NATIVE_ARCH=portable) into a cache directory
 ($ROBODIT_CACHE, else ~/.cache/robodit), so a robot computer needs a C compiler, numpy and safetensors (and
