@@ -65,8 +65,10 @@ def test_dit_export_matches_eager_and_loads_behind_load_policy(dit_export):
         exported.predict_action(obs)
 
 
-def test_served_with_the_onnx_backend(dit_export):
+def test_served_with_the_onnx_backend(dit_export, capsys):
     ckpt, out = dit_export
+    assert main(["info", str(out)]) == 0  # `robodit info` describes an export directory
+    assert "dit exported as onnx (ddim-2" in capsys.readouterr().out
     check_backend(out, "onnx")
     with pytest.raises(ValueError, match="--backend onnx"):
         check_backend(out, "torch")

@@ -46,7 +46,7 @@ def _dit(**kw):
                                       action_horizon=8, n_action_steps=4, **kw))
 
 
-def test_cli_export_matches_eager_with_task_tokens_and_serves(tmp_path):
+def test_cli_export_matches_eager_with_task_tokens_and_serves(tmp_path, capsys):
     policy = _trained_looking(tiny_dit(state_dim=6, action_dim=4, steps=3, num_tasks=2))
     cfg = {"policy": {"_target_": "robodit.policies.dit.DiTPolicy", "size": "tiny", "action_horizon": 8,
                       "n_action_steps": 4, "num_inference_steps": 3},
@@ -65,6 +65,9 @@ def test_cli_export_matches_eager_with_task_tokens_and_serves(tmp_path):
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.allclose(exported.predict_action(obs, {"task_id": [1, 0, 1]}, generator=gen()),
                           onnx.predict_action(obs, {"task_id": [1, 0, 1]}, generator=gen()), atol=1e-4)
+    main(["info", str(out)])
+    info = capsys.readouterr().out
+    assert "dit exported as native (ddim-3" in info and "condition: in C" in info and "reach, push" in info
     check_backend(out, "native")
     with pytest.raises(ValueError, match="--backend native"):
         check_backend(out, "onnx")

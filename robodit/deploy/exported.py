@@ -26,6 +26,29 @@ def is_exported(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def describe_export(path: str | Path, as_json: bool = False) -> str:
+    """`robodit info EXPORT_DIR`: what the artifact computes and what running it needs (or the manifest as JSON)."""
+    path = Path(path)
+    m = json.loads((path / MANIFEST).read_text())
+    if as_json:
+        return json.dumps(m, indent=2)
+    native = m.get("native", {})
+    needs = {"onnx": "onnxruntime", "aoti": "torch (AOTInductor runtime)",
+             "native": "a C compiler" + ("" if native.get("condition") == "native" else " and onnxruntime")}
+    files = ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in sorted(path.iterdir()) if f.is_file())
+    lines = [f"{path}: {m['policy']} exported as {m['format']} ({m['sampler']}-{m['num_inference_steps']}, batch "
+             f"{m.get('batch', 1)} per call), torch {m.get('torch', '?')} at export",
+             f"  inputs: {', '.join(m['inputs'])}; observations "
+             + ", ".join(f"{k} {s} {d}" for k, (s, d) in m["obs_shapes"].items()),
+             f"  actions: {m['action_horizon']} x {m['action_dim']} per chunk, {m['n_action_steps']} executed",
+             f"  tasks: {', '.join(m.get('task_names') or []) or m.get('num_tasks', 1)}",
+             f"  runs with: numpy, torch (seeded noise), {needs.get(m['format'], '?')}"]
+    if native:
+        lines.append(f"  condition: {'in C (state observations)' if native.get('condition') == 'native' else 'ONNX graph'}")
+    lines.append(f"  files: {files}")
+    return "\n".join(lines)
+
+
 class ExportedPolicy:
     """`predict_action(obs, goal=None, generator=None) -> [B, Tp, A]` in the robot's units, from an export dir."""
 
