@@ -341,8 +341,10 @@ def run_row(name: str, store: Path | None, args, suite, rows: dict) -> dict:
         threads = spec.get("threads", args.threads)  # a row's own count: both cores of a quiet machine
         torch.set_num_threads(threads)
         t0 = time.time()
-        ckpt = train(cfg)
-        torch.set_num_threads(args.threads)
+        try:
+            ckpt = train(cfg)
+        finally:
+            torch.set_num_threads(args.threads)
         record.update(train_steps=int(ckpt.name.split("_")[1]), train_minutes=round((time.time() - t0) / 60, 2),
                       train_seed=spec.get("seed", args.seed), train_threads=threads, overrides=overrides,
                       store=str(store), store_frames=sum(frames_per_task(store).values()), checkpoint=str(ckpt),

@@ -6,8 +6,8 @@ how many graph nodes it dispatches, not on its arithmetic.
 
 Two tables, one thread, batch 1, the policy built as `benchmarks/latency.py` builds it:
 
-1. **Context.** The chunk of each exported path (ONNX Runtime; `native`: the condition graph in ONNX Runtime, the
-   denoising loop in C, DiT only) timed right after: the same chunk (back to back, as a loop computing chunk after
+1. **Context.** The chunk of each exported path (ONNX Runtime; `native`: the DiT's loop and, for state
+   observations, its condition in C) timed right after: the same chunk (back to back, as a loop computing chunk after
    chunk), a 512³ matmul, the same policy's eager `predict_action` (what `latency.py`'s round-robin puts before
    it), a 3 ms and a 50 ms sleep (a policy server idle between requests). Each (path, context) is timed
    round-robin with the others. The 512³ matmul's rate is measured in the same rounds: the floor is FLOPs ÷ that
@@ -87,16 +87,17 @@ def main() -> None:
     contexts = {"back to back": None, "after a 512^3 matmul": matmul, "after the eager policy": eager,
                 "after 3 ms idle": lambda: time.sleep(0.003), "after 50 ms idle": lambda: time.sleep(0.05)}
     for _ in range(20):  # warm-up
-        for warm in [*(lambda c=c: call(c) for c in chunks.values()), eager, matmul]:
-            warm()
+        for chunk in chunks.values():
+            call(chunk)
+        eager(), matmul()
 
     times = {(path, name): [] for path in chunks for name in contexts}
     mm_times = []
     rounds = max(20, args.repeats // 3)
     for _ in range(rounds):
         for (path, name), t in times.items():
-            chunk = chunks[path]
-            (contexts[name] or (lambda: call(chunk)))()
+            chunk, before = chunks[path], contexts[name]
+            before() if before else call(chunk)  # back to back: the same chunk just ran
             t0 = time.perf_counter()
             call(chunk)
             t.append(time.perf_counter() - t0)

@@ -45,11 +45,9 @@ def _cmd_info(args: argparse.Namespace) -> None:
         return
     if args.routes:
         raise CLIError(f"--routes is for checkpoints; {args.path} is not one")
-    from robodit.deploy.exported import is_exported
+    from robodit.deploy.exported import describe_export, is_exported
 
     if is_exported(args.path):
-        from robodit.deploy.exported import describe_export
-
         print(describe_export(args.path, as_json=args.json))
         return
     from robodit.datasets.info import info_command

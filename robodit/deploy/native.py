@@ -130,8 +130,8 @@ def dit_tensors(policy, context_tokens: int) -> tuple[dict, dict, dict[str, np.n
              "cross_q_w": cross.q.weight.t(), "cross_q_b": cross.q.bias,
              "cross_q_norm": cross.q_norm.weight if qk else None,
              "cross_out_w": cross.out.weight.t(), "cross_out_b": cross.out.bias, "cross_gate": block.cross_gate,
-             "mlp1_w": mlp[0].weight.t(), "mlp1_b": mlp[0].bias, "mlp2_w": mlp[-1].weight.t(), "mlp2_b": mlp[-1].bias}
-        b.update(kv_w=cross.kv.weight.t(), kv_b=cross.kv.bias, cross_k_norm=cross.k_norm.weight if qk else None)
+             "mlp1_w": mlp[0].weight.t(), "mlp1_b": mlp[0].bias, "mlp2_w": mlp[-1].weight.t(), "mlp2_b": mlp[-1].bias,
+             "kv_w": cross.kv.weight.t(), "kv_b": cross.kv.bias, "cross_k_norm": cross.k_norm.weight if qk else None}
         t.update({f"block{i}.{k}": _np(v) for k, v in b.items() if v is not None})
     native_condition = condition_refusal(policy) is None
     encoder, key_dims, state_hidden, enc_hidden = policy.obs_encoder, [], 0, 0
@@ -261,8 +261,8 @@ class NativeLoop:
         self.dims = dims
         tensors = load_file(str(weights))
         names = [*GLOBALS, *(f"block{i}.{k}" for i in range(dims["depth"]) for k in BLOCK),
-                 *(f"key{i}.{k}" for i in range(dims.get("keys", 0)) for k in KEY),
-                 *(f"enc{i}.{k}" for i in range(dims.get("enc_depth", 0)) for k in ENCODER)]
+                 *(f"key{i}.{k}" for i in range(dims["keys"]) for k in KEY),
+                 *(f"enc{i}.{k}" for i in range(dims["enc_depth"]) for k in ENCODER)]
         missing = [n for n in ("action_w", "table", "head_w") if n not in tensors]
         if missing:
             raise ValueError(f"{weights} lacks {missing}: not a native DiT export")
@@ -278,7 +278,7 @@ class NativeLoop:
             at += chunks[-1].size
         self._params = np.concatenate(chunks)
         self._offsets = np.asarray(offsets, np.int64)
-        self._dims = np.asarray([int(dims.get(k, 0)) for k in DIMS] + list(dims.get("key_dims", [])), np.int32)
+        self._dims = np.asarray([int(dims[k]) for k in DIMS] + list(dims["key_dims"]), np.int32)
         self._floats = np.asarray([float(floats[k]) for k in FLOATS], np.float32)
         self._lib = build_library()
         size = max(self._lib.robodit_dit_workspace(self._dims.ctypes.data),
@@ -287,14 +287,13 @@ class NativeLoop:
         self._static = [a.ctypes.data for a in (self._dims, self._floats, self._params, self._offsets)]
         self._kv = np.zeros(dims["depth"] * 2 * dims["width"] * dims["context_tokens"], np.float32)
         self._shape = (dims["tokens"], dims["action_dim"])
-        self._state_shape = (dims.get("obs_horizon", 0), sum(dims.get("key_dims", [])))
         self._num_tasks = tensors["task_emb"].shape[0] if "task_emb" in tensors else 1
         self._lock = threading.Lock()
 
     @property
     def has_condition(self) -> bool:
         """Whether the condition runs here too (state observations), so no ONNX Runtime is needed."""
-        return self.dims.get("keys", 0) > 0
+        return self.dims["keys"] > 0
 
     def _chunk(self, kv: np.ndarray, noise: np.ndarray) -> np.ndarray:
         x = np.array(noise, np.float32).reshape(self._shape)  # a copy: the loop works in place
@@ -313,25 +312,17 @@ class NativeLoop:
 
     def from_states(self, states: list[np.ndarray], task: int, noise: np.ndarray) -> np.ndarray:
         """`states`: each state key's [obs_horizon, width] (or [1, obs_horizon, width]) in the policy's sorted key
-        order; `task`: the task id (0 for a single-task policy)."""
-        obs = np.concatenate([np.asarray(x, np.float32).reshape(self._state_shape[0], -1) for x in states], axis=1)
-        if obs.shape != self._state_shape:
-            raise ValueError(f"states {[np.shape(x) for x in states]}: this loop reads {self._state_shape[1]} "
-                             f"state values per step over {self._state_shape[0]} steps")
+        order, which back to back is the layout csrc/dit.c reads; `task`: the task id (0 for a single task)."""
+        steps, widths = self.dims["obs_horizon"], self.dims["key_dims"]
+        if [np.size(x) for x in states] != [steps * w for w in widths]:
+            raise ValueError(f"states {[np.shape(x) for x in states]}: this loop reads {steps} steps of "
+                             f"{widths} values (one array per key)")
         if not 0 <= int(task) < self._num_tasks:
             raise ValueError(f"task id {task} is out of range: this policy has {self._num_tasks} task(s)")
-        obs = self._key_major(obs)
+        obs = np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in states])
         with self._lock:
             status = self._lib.robodit_dit_condition(*self._static, obs.ctypes.data, int(task), self._kv.ctypes.data,
                                                      self._work.ctypes.data)
             if status:
                 raise RuntimeError(f"native condition returned {status} (this export holds no condition weights)")
             return self._chunk(self._kv, noise)
-
-    def _key_major(self, obs: np.ndarray) -> np.ndarray:
-        """[To, sum of widths] → each key's [To, width] block back to back (what csrc/dit.c reads)."""
-        widths = self.dims["key_dims"]
-        if len(widths) == 1:
-            return np.ascontiguousarray(obs).reshape(-1)
-        bounds = np.cumsum([0, *widths])
-        return np.concatenate([obs[:, a:b].reshape(-1) for a, b in zip(bounds[:-1], bounds[1:])])
